@@ -1,0 +1,43 @@
+# recipe-lab: `make demo` runs the embedded lab end to end; `make test` is what CI runs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CACHE  := $(CURDIR)/.cache
+
+# Offline by construction: nothing is fetched from a model hub (NOTES.md).
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_CLI_PROMPT := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
+export TORCH_EXTENSIONS_DIR := $(CACHE)/torch_extensions
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(VENV)/.installed
+
+# torch is pinned in every pip call (constraints.txt): unpinned, pip pulls the CUDA build.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/pip check
+	touch $@
+
+demo: install
+	$(BIN)/lab demo
+
+test: install
+	RECIPE_LAB_CACHE=$(CACHE)/recipe-lab HF_HOME=$(CACHE)/hf PREFECT_HOME=$(CACHE)/prefect-test \
+		$(BIN)/python -m pytest -q -ra --durations=15
+
+test-fast: install
+	RECIPE_LAB_CACHE=$(CACHE)/recipe-lab $(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	RECIPE_LAB_CACHE=$(CACHE)/recipe-lab $(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) $(CACHE) runs

@@ -1,0 +1,145 @@
+"""lm-evaluation-harness on a checkpoint: one model load for all of its tasks.
+
+Real models use standard task names (mmlu, arc_challenge, gsm8k, ...). The embedded lab has
+three local tasks whose YAMLs are written at run time next to the data, because lm-eval
+resolves `data_files` against the working directory unless they are absolute (NOTES.md):
+
+    lab_instruction   generate_until, rule_acc (the curriculum's rule checker)
+    lab_knowledge     multiple_choice, acc / acc_norm
+    lab_skills        generate_until, exact_match (stripped answer)
+
+Results are flattened to {"task/metric": value}; a metric with a filter other than "none"
+keeps it ("gsm8k/exact_match,strict-match").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from training import storage
+from training.recipe import EvaluationConfig
+
+LAB_TASKS = ("lab_instruction", "lab_knowledge", "lab_skills")
+
+# Loaded by lm-eval from next to the YAMLs (`!function lab_results.instruction`).
+LAB_RESULTS_MODULE = '''\
+from evaluation.lab_metrics import instruction, skills  # noqa: F401
+'''
+
+
+class FunctionTag(str):
+    """Dumps as lm-eval's `!function module.name` YAML tag."""
+
+
+yaml.SafeDumper.add_representer(FunctionTag, lambda d, v: d.represent_scalar("!function", str(v)))
+
+
+def lab_task_configs(curriculum_dir: Path, max_gen_tokens: int) -> dict[str, dict[str, Any]]:
+    generation = {"until": [], "do_sample": False, "max_gen_toks": max_gen_tokens}
+
+    def data(phase: str) -> dict[str, Any]:
+        path = (curriculum_dir / phase / "eval.jsonl").resolve()
+        return {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(path)}}, "test_split": "test"}
+
+    return {
+        "lab_instruction": {
+            **data("phase00"),
+            "output_type": "generate_until",
+            "doc_to_text": "{{prompt}}",
+            "doc_to_target": "",
+            "generation_kwargs": generation,
+            "process_results": FunctionTag("lab_results.instruction"),
+            "metric_list": [{"metric": "rule_acc", "aggregation": "mean", "higher_is_better": True}],
+        },
+        "lab_knowledge": {
+            **data("phase05"),
+            "output_type": "multiple_choice",
+            "doc_to_text": "{{question}}",
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "{{answer}}",
+            # The chat template puts the answer right after the assistant header.
+            "target_delimiter": "",
+            "metric_list": [
+                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+            ],
+        },
+        "lab_skills": {
+            **data("phase10"),
+            "output_type": "generate_until",
+            "doc_to_text": "{{question}}",
+            "doc_to_target": "{{answer}}",
+            "generation_kwargs": generation,
+            "process_results": FunctionTag("lab_results.skills"),
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        },
+    }
+
+
+def write_lab_tasks(task_dir: Path, curriculum_dir: Path, max_gen_tokens: int) -> Path:
+    task_dir.mkdir(parents=True, exist_ok=True)
+    (task_dir / "lab_results.py").write_text(LAB_RESULTS_MODULE)
+    for name, config in lab_task_configs(curriculum_dir, max_gen_tokens).items():
+        (task_dir / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **config}, sort_keys=False))
+    return task_dir
+
+
+def flatten_results(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """lm-eval's results dict -> ({"task/metric": value}, {"task/metric": stderr})."""
+    values, stderrs = {}, {}
+    for task, entries in results.items():
+        for key, value in entries.items():
+            if "," not in key or not isinstance(value, (int, float)):
+                continue
+            metric, filt = key.split(",", 1)
+            if metric.endswith("_stderr"):
+                continue
+            name = f"{task}/{metric}" if filt == "none" else f"{task}/{metric},{filt}"
+            values[name] = float(value)
+            stderr = entries.get(f"{metric}_stderr,{filt}")
+            if isinstance(stderr, (int, float)):
+                stderrs[name] = float(stderr)
+    return values, stderrs
+
+
+def evaluate_model(model_dir: str, config: EvaluationConfig, task_dir: Path | None) -> dict[str, Any]:
+    """Run every configured task on one model directory with a single model load."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    include = [str(p) for p in (task_dir, config.include_path) if p]
+    only_local = all(t in LAB_TASKS for t in config.tasks)
+    # Indexing lm-eval's ~15k built-in tasks costs seconds; skip it when all tasks are local.
+    manager = TaskManager(include_path=include or None, include_defaults=not only_local)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=str(model.device))
+    output = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(config.tasks),
+        num_fewshot=config.num_fewshot,
+        limit=config.limit,
+        apply_chat_template=config.apply_chat_template,
+        task_manager=manager,
+        log_samples=False,
+        bootstrap_iters=1000,
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
+    )
+    metrics, stderr = flatten_results(output["results"])
+    return {"metrics": metrics, "stderr": stderr, "results": output["results"], "n_samples": output.get("n-samples", {})}
+
+
+def evaluate_checkpoint(model_dir: str, config: EvaluationConfig, task_dir: Path | None, out_uri: str, label: str, samples: int) -> dict[str, Any]:
+    """Evaluate and write `<out_uri>` (lm_eval.json); return what was written."""
+    result = {"checkpoint": label, "samples": samples, **evaluate_model(model_dir, config, task_dir)}
+    storage.write_text(out_uri, json.dumps(result, indent=2, default=str) + "\n")
+    return result

@@ -1,0 +1,133 @@
+"""Run reports: the per-phase table (markdown + csv) and plots (PNG).
+
+Samples on the x axis are cumulative over the run: a phase's curve starts where the previous
+phases' samples end, as in the paper's figures, so phased and stacked runs share an axis.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from evaluation.selection import Selection
+from training import storage
+
+
+def read_metrics(phase_uri: str) -> list[dict[str, Any]]:
+    uri = storage.join(phase_uri, "metrics.jsonl")
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+
+
+def phase_rows(run_uri: str, phases: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(summary rows, per-step rows, per-checkpoint rows) with cumulative samples."""
+    summary, steps, checkpoints = [], [], []
+    offset = 0
+    for phase in phases:
+        phase_uri = storage.join(run_uri, phase)
+        selection = Selection.model_validate(storage.read_json(storage.join(phase_uri, "selection.json")))
+        metrics = read_metrics(phase_uri)
+        for m in metrics:
+            if "loss" in m:
+                steps.append({"phase": phase, "run_samples": offset + m["samples_seen"], **m})
+        for c in [selection.start, *selection.candidates]:
+            if c.name == "start" and phase != phases[0]:
+                continue  # the previous phase's winner, already plotted there
+            checkpoints.append({"phase": phase, "checkpoint": c.name, "run_samples": offset + c.samples, **c.metrics})
+        w = selection.winner
+        summary.append(
+            {
+                "phase": phase,
+                "selected": w.name,
+                "samples": w.samples,
+                "run_samples": offset + w.samples,
+                "objective": round(w.objective, 4),
+                "start_objective": round(selection.start.objective, 4),
+                "gate": "pass" if selection.gate.passed else "FAIL",
+                "train_wall_s": metrics[-1]["wall_s"] if metrics else None,
+                **{k: round(v, 4) for k, v in w.metrics.items()},
+            }
+        )
+        offset += metrics[-1]["samples_seen"] if metrics else 0
+    return summary, steps, checkpoints
+
+
+def save_png(fig: plt.Figure, uri: str) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    fs, path = storage.filesystem(uri)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(buffer.getvalue())
+
+
+def plot_training(steps: pd.DataFrame, title: str, uri: str) -> None:
+    fig, (ax_loss, ax_grad) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for phase, rows in steps.groupby("phase", sort=False):
+        ax_loss.plot(rows["run_samples"], rows["loss"], label=phase)
+        ax_grad.plot(rows["run_samples"], rows["grad_norm"], label=phase)
+    ax_loss.set_ylabel("loss (token mean)")
+    ax_grad.set_ylabel("grad norm (before clip)")
+    ax_grad.set_xlabel("samples seen (cumulative)")
+    ax_loss.set_title(title)
+    ax_loss.legend()
+    save_png(fig, uri)
+
+
+def plot_scores(checkpoints: pd.DataFrame, metrics: list[str], title: str, uri: str) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for metric in metrics:
+        if metric in checkpoints:
+            ax.plot(checkpoints["run_samples"], checkpoints[metric], marker="o", label=metric)
+    ax.set_xlabel("samples seen (cumulative)")
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.legend()
+    save_png(fig, uri)
+
+
+def write_run_report(run_uri: str, phases: list[str], metrics: list[str]) -> pd.DataFrame:
+    """Write <run>/report/{summary.md,summary.csv,training.png,scores.png}; return the summary."""
+    summary, steps, checkpoints = phase_rows(run_uri, phases)
+    report = storage.join(run_uri, "report")
+    table = pd.DataFrame(summary)
+    storage.write_text(storage.join(report, "summary.csv"), table.to_csv(index=False))
+    storage.write_text(storage.join(report, "summary.md"), table.to_markdown(index=False) + "\n")
+    storage.write_text(storage.join(report, "checkpoints.csv"), pd.DataFrame(checkpoints).to_csv(index=False))
+    name = run_uri.rstrip("/").rsplit("/", 1)[-1]
+    if steps:
+        plot_training(pd.DataFrame(steps), f"{name}: training dynamics", storage.join(report, "training.png"))
+    plot_scores(pd.DataFrame(checkpoints), metrics, f"{name}: score per checkpoint", storage.join(report, "scores.png"))
+    return table
+
+
+def write_comparison(out_uri: str, runs: dict[str, str], phases: dict[str, list[str]], metrics: list[str]) -> pd.DataFrame:
+    """Compare runs (e.g. phased vs stacked): one row per run's phase, and overlaid score curves."""
+    rows, curves = [], []
+    for label, run_uri in runs.items():
+        summary, _, checkpoints = phase_rows(run_uri, phases[label])
+        rows += [{"run": label, **r} for r in summary]
+        curves += [{"run": label, **c} for c in checkpoints]
+    table = pd.DataFrame(rows)
+    storage.write_text(storage.join(out_uri, "comparison.csv"), table.to_csv(index=False))
+    storage.write_text(storage.join(out_uri, "comparison.md"), table.to_markdown(index=False) + "\n")
+    frame = pd.DataFrame(curves)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for label, rows_of_run in frame.groupby("run", sort=False):
+            if metric in rows_of_run:
+                ax.plot(rows_of_run["run_samples"], rows_of_run[metric], marker="o", label=label)
+        ax.set_title(metric)
+        ax.set_xlabel("samples seen (cumulative)")
+        ax.legend()
+    save_png(fig, storage.join(out_uri, "comparison.png"))
+    return table

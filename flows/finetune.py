@@ -1,0 +1,81 @@
+"""The `finetune` flow: phased (or stacked) SFT with evaluation and gated checkpoint selection.
+
+Control flow only; the work is in tasks/. Run it locally with `lab run demo`, or deployed:
+`prefect deployment run finetune/phased-lab --params '{"smoke": true}'`.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from prefect import flow
+
+from evaluation.selection import Selection
+from tasks.finetune import (
+    ModelRef,
+    evaluate_model,
+    init_run,
+    mark_phase_done,
+    prepare_data,
+    select_checkpoint,
+    train_phase,
+    write_report,
+)
+from training import storage
+from training.recipe import Recipe, resolve
+
+
+class GateFailed(RuntimeError):
+    """A phase's selected checkpoint missed its gate; selection.json says by how much."""
+
+
+def default_run_id(recipe: Recipe) -> str:
+    return f"{recipe.name}-{recipe.strategy}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+@flow(name="finetune")
+def finetune(
+    recipe: str | Recipe = "demo",
+    strategy: Literal["phased", "stacked"] | None = None,
+    overrides: dict[str, Any] | None = None,
+    storage_root: str = "./runs",
+    smoke: bool = False,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """Fine-tune phase by phase; each phase starts from the previous phase's selected checkpoint.
+
+    Args:
+        recipe: a recipe name in recipes/ (lab, tulu, tulu-plus, demo), a YAML path, or a full recipe.
+        strategy: override the recipe's strategy: phased, or stacked (all phases' data in one run).
+        overrides: dotted keys to change, e.g. {"training.learning_rate": 1e-5}.
+        storage_root: local directory or s3://bucket/prefix holding runs.
+        smoke: shrink the recipe to a few CPU minutes on the embedded lab.
+        run_id: reuse to resume a run: phases its manifest marks done are skipped.
+    """
+    cfg = resolve(recipe, strategy, overrides, smoke)
+    run_id = run_id or default_run_id(cfg)
+    root = os.path.abspath(storage_root) if storage.is_local(storage_root) else storage_root
+    run_uri = storage.join(root, run_id)
+    manifest = init_run(run_uri, run_id, cfg)
+
+    start = ModelRef(name="base", uri=cfg.model.name_or_path, samples=0, phase=cfg.phases[0].name)
+    start_score = evaluate_model(cfg, start, run_uri)
+    for phase in cfg.phases:
+        if phase.name in manifest["phases"]:
+            selection = Selection.model_validate(storage.read_json(storage.join(run_uri, phase.name, "selection.json")))
+        else:
+            prepare_data(cfg, phase, run_uri)
+            checkpoints = train_phase(cfg, phase, run_uri, run_id, start)
+            scores = [evaluate_model(cfg, checkpoint, run_uri) for checkpoint in checkpoints]
+            selection = select_checkpoint(phase, start_score, scores, run_uri, run_id)
+            if not selection.gate.passed:
+                raise GateFailed(f"phase {phase.name}: gate failed\n" + "\n".join(selection.gate.reasons))
+            manifest = mark_phase_done(run_uri, manifest, selection)
+        winner = selection.winner
+        start = ModelRef(name=winner.name, uri=winner.checkpoint, samples=winner.samples, phase=phase.name)
+        start_score = winner.model_copy(update={"name": f"start ({phase.name}/{winner.name})", "samples": 0})
+
+    summary = write_report(run_uri, run_id, cfg)
+    return {"run_id": run_id, "run_uri": run_uri, "strategy": cfg.strategy, "phases": summary}

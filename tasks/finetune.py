@@ -1,0 +1,181 @@
+"""Prefect tasks of the finetune flow: thin, typed wrappers over training/ and evaluation/.
+
+They pass URIs and small pydantic results, never tensors or datasets. Behaviour that belongs
+to orchestration (retries, timeouts, artifacts, logging) lives here, not in the libraries.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from pydantic import BaseModel
+
+from evaluation import lm_eval_runner, report
+from evaluation.selection import CheckpointScore, Selection, gate_markdown, select
+from training import storage
+from training.data import PrepStats, prepare
+from training.launch import run_training
+from training.recipe import PhaseConfig, Recipe
+from training.train import TrainJob
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        return sha.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class ModelRef(BaseModel):
+    """A model to evaluate or start from: a checkpoint, or the recipe's base model."""
+
+    name: str  # samples_<N> or "base"
+    uri: str
+    samples: int
+    phase: str  # the phase whose eval/ directory holds its results
+
+
+@task(name="init-run")
+def init_run(run_uri: str, run_id: str, recipe: Recipe) -> dict[str, Any]:
+    """Create or load the run journal (manifest.json). A re-run with the same run_id resumes."""
+    uri = storage.join(run_uri, "manifest.json")
+    if storage.exists(uri):
+        manifest = storage.read_json(uri)
+        if manifest["recipe"] != recipe.model_dump(mode="json"):
+            raise ValueError(f"{uri}: run {run_id} exists with a different recipe; use a new run_id")
+        get_run_logger().info(f"resuming run {run_id}: phases done {list(manifest['phases'])}")
+        return manifest
+    manifest = {
+        "run_id": run_id,
+        "created": datetime.now(timezone.utc).isoformat(),
+        "code_version": code_version(),
+        "recipe": recipe.model_dump(mode="json"),
+        "phases": {},
+    }
+    storage.write_json(uri, manifest)
+    return manifest
+
+
+@task(name="mark-phase-done")
+def mark_phase_done(run_uri: str, manifest: dict[str, Any], selection: Selection) -> dict[str, Any]:
+    manifest = {**manifest, "phases": {**manifest["phases"], selection.phase: {"selected": selection.winner.checkpoint, "objective": selection.winner.objective}}}
+    storage.write_json(storage.join(run_uri, "manifest.json"), manifest)
+    return manifest
+
+
+@task(name="prepare-data")
+def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(storage.resolve_embedded(recipe.model.name_or_path))
+    stats: PrepStats = prepare(
+        phase.data,
+        tokenizer,
+        storage.join(run_uri, "data", phase.name),
+        recipe.training.max_seq_len,
+        recipe.training.train_on_prompt,
+        shuffle_seed=recipe.training.seed if recipe.strategy == "stacked" else None,
+    )
+    get_run_logger().info(
+        f"{phase.name}: {stats.samples} samples, {stats.tokens} tokens ({stats.loss_tokens} with loss), "
+        f"dropped {stats.dropped_too_long} longer than {recipe.training.max_seq_len}"
+    )
+    return stats.to_dict()
+
+
+@task(name="train-phase")
+def train_phase(recipe: Recipe, phase: PhaseConfig, run_uri: str, run_id: str, start: ModelRef) -> list[ModelRef]:
+    """Run the phase's `accelerate launch`; stream rank-0 output to the log; return checkpoints."""
+    logger = get_run_logger()
+    progress = create_progress_artifact(progress=0.0, key=artifact_key(run_id, phase.name, "training"), description=f"training {phase.name}")
+    step_line = re.compile(r"^step (\d+)/(\d+) ")
+
+    def on_line(line: str) -> None:
+        logger.info(line)
+        if match := step_line.match(line):
+            update_progress_artifact(progress, progress=100.0 * int(match[1]) / int(match[2]))
+
+    job = TrainJob(
+        run_id=run_id,
+        phase=phase.name,
+        recipe=recipe,
+        model_path=storage.resolve_embedded(start.uri),
+        parent_checkpoint=start.uri,
+        data_dir=storage.join(run_uri, "data", phase.name),
+        output_dir=storage.join(run_uri, phase.name),
+        code_version=code_version(),
+    )
+    checkpoints = run_training(job, on_line=on_line)
+    return [
+        ModelRef(name=p.name, uri=str(p), samples=int(p.name.removeprefix("samples_")), phase=phase.name)
+        for p in checkpoints
+    ]
+
+
+@task(name="evaluate-model")
+def evaluate_model(recipe: Recipe, model: ModelRef, run_uri: str) -> CheckpointScore:
+    """lm-eval on one model (one load for all tasks). Skipped when its results already exist."""
+    out = storage.join(run_uri, model.phase, "eval", model.name, "lm_eval.json")
+    if storage.exists(out):
+        result = storage.read_json(out)
+        get_run_logger().info(f"{model.name}: reusing {out}")
+    else:
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            task_dir = None
+            if any(t in lm_eval_runner.LAB_TASKS for t in recipe.evaluation.tasks):
+                curriculum = Path(storage.resolve_embedded("embedded://curriculum/"))
+                task_dir = lm_eval_runner.write_lab_tasks(Path(tmp), curriculum, recipe.evaluation.max_gen_tokens)
+            result = lm_eval_runner.evaluate_checkpoint(
+                storage.resolve_embedded(model.uri), recipe.evaluation, task_dir, out, model.uri, model.samples
+            )
+        get_run_logger().info(f"{model.name}: {result['metrics']} ({time.perf_counter() - t0:.1f}s)")
+    return CheckpointScore(
+        checkpoint=model.uri, name=model.name, samples=model.samples, metrics=result["metrics"], stderr=result["stderr"]
+    )
+
+
+@task(name="select-checkpoint")
+def select_checkpoint(phase: PhaseConfig, start: CheckpointScore, candidates: list[CheckpointScore], run_uri: str, run_id: str) -> Selection:
+    """Pick the phase's best checkpoint, judge the gate, write selection.json and artifacts."""
+    selection = select(phase, start, candidates)
+    storage.write_json(storage.join(run_uri, phase.name, "selection.json"), selection.model_dump(mode="json"))
+    create_table_artifact(
+        key=artifact_key(run_id, phase.name, "scores"),
+        table=[
+            {"checkpoint": c.name, "samples": c.samples, "objective": round(c.objective, 4), **{k: round(v, 4) for k, v in c.metrics.items()}}
+            for c in [selection.start, *selection.candidates]
+        ],
+        description=f"{phase.name}: score of every checkpoint",
+    )
+    create_markdown_artifact(key=artifact_key(run_id, phase.name, "gate"), markdown=gate_markdown(selection), description=f"{phase.name}: gate decision")
+    get_run_logger().info("\n".join([f"{phase.name}: winner {selection.winner.name}", *selection.gate.reasons]))
+    return selection
+
+
+@task(name="write-report")
+def write_report(run_uri: str, run_id: str, recipe: Recipe) -> list[dict[str, Any]]:
+    metrics = sorted({k for p in recipe.phases for k in p.objective})
+    table = report.write_run_report(run_uri, [p.name for p in recipe.phases], metrics)
+    create_markdown_artifact(
+        key=artifact_key(run_id, "report"),
+        markdown=f"# Run `{run_id}`\n\n{table.to_markdown(index=False)}\n\nReport files: `{storage.join(run_uri, 'report')}`\n",
+        description="per-phase summary",
+    )
+    return table.to_dict(orient="records")

@@ -1,0 +1,53 @@
+"""Shared fixtures. Offline by construction: nothing here may reach a model hub."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# Set before transformers / prefect are imported anywhere.
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_CLI_PROMPT": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "RECIPE_LAB_CACHE": str(REPO / ".cache" / "recipe-lab"),
+    "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+}.items():
+    os.environ.setdefault(key, value)
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="recipe-lab-prefect-"))
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="recipe-lab-hf-"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def assets():
+    """The embedded lab (tiny base model + curriculum), built once and cached across runs."""
+    from training.embedded import build_assets
+
+    return build_assets()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(assets):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(assets.base_model_dir)
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A temporary Prefect API (its own SQLite db) for flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

@@ -1,0 +1,314 @@
+"""Recipe models: one YAML file = one recipe, validated here.
+
+These pydantic models are also the Prefect flow parameters, so every field carries a
+description (the Prefect UI renders it as a form) and closed choices are `Literal`s.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED = "embedded://"  # prefix of references to the locally built lab assets
+
+
+class Strict(BaseModel):
+    """Unknown fields are errors: a typo in a recipe must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    name_or_path: str = Field(
+        description="Hub id (e.g. ibm-granite/granite-3.0-8b-base), local directory, or "
+        "'embedded://base-model' for the locally built tiny lab model."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Training dtype. float32 on CPU for exactness, bfloat16 on GPUs."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="flash_attention_2 enables padding-free packing; needs the gpu extra."
+    )
+
+
+class PhaseConfig(Strict):
+    name: str = Field(description="Phase name; also its directory under the run (e.g. phase00).")
+    data: list[str] = Field(
+        min_length=1,
+        description="Training files (JSONL/Parquet, local path or fsspec URL, or embedded://...). "
+        "Formats: OpenAI `messages`, ShareGPT `conversations`, Alpaca instruction/input/output.",
+    )
+    objective: dict[str, float] = Field(
+        min_length=1,
+        description="Selection objective: weights of 'task/metric' keys, e.g. "
+        "{'lab_knowledge/acc': 1.0}. The best checkpoint maximises the weighted sum."
+    )
+    min_score: dict[str, float] = Field(
+        default_factory=dict,
+        description="Gate floors: the selected checkpoint must reach each 'task/metric' value.",
+    )
+    min_gain: float | None = Field(
+        None,
+        description="Gate: the objective must beat the phase's starting model by at least this much.",
+    )
+
+    @field_validator("objective", "min_score")
+    @classmethod
+    def _metric_keys(cls, weights: dict[str, float]) -> dict[str, float]:
+        for key in weights:
+            if key.count("/") != 1:
+                raise ValueError(f"metric key {key!r} must look like 'task/metric'")
+        return weights
+
+
+class TrainingConfig(Strict):
+    effective_batch_size: int = Field(
+        gt=0,
+        description="Samples per optimizer step, exactly, across all ranks and micro-batches. "
+        "The paper's main lever: LAB uses 3,840; TULU 128.",
+    )
+    max_tokens_per_micro_batch: int = Field(
+        8192,
+        gt=0,
+        description="Token cap (padded) of one micro-batch on one rank. Bigger = fewer "
+        "accumulation steps and more memory; it never changes the maths of a step.",
+    )
+    learning_rate: float = Field(gt=0, description="Peak learning rate.")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="After warmup: constant (LAB), linear decay to 0 (TULU), or cosine to 0.",
+    )
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Linear warmup in optimizer steps (LAB: 25). Exclusive with warmup_ratio."
+    )
+    warmup_ratio: float | None = Field(
+        None, ge=0, lt=1, description="Linear warmup as a fraction of all steps (TULU: 0.03)."
+    )
+    epochs: float = Field(gt=0, description="Passes over the phase's data (may be fractional).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (paper: 0.9).")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2 (paper: 0.95).")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the global gradient norm to this; None disables clipping."
+    )
+    max_seq_len: int = Field(
+        4096, gt=0, description="Samples longer than this (in tokens) are dropped and counted, never truncated."
+    )
+    train_on_prompt: bool = Field(
+        False, description="Also put loss on user/system tokens (default: assistant tokens only)."
+    )
+    seed: int = Field(42, description="Seeds data order and initialisation.")
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainingConfig:
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        return self
+
+
+class CheckpointConfig(Strict):
+    save_every_samples: int | None = Field(
+        None,
+        gt=0,
+        description="Save a checkpoint every N samples (rounded to whole optimizer steps). "
+        "Phased training evaluates each one, so this sets the resolution of the search.",
+    )
+    save_every_epoch: bool = Field(True, description="Also save at the end of every epoch.")
+
+
+class EvaluationConfig(Strict):
+    tasks: list[str] = Field(
+        min_length=1,
+        description="lm-eval task names run on every checkpoint (e.g. mmlu, gsm8k), or the lab's "
+        "local tasks lab_instruction, lab_knowledge, lab_skills.",
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None = task default).")
+    limit: int | None = Field(None, gt=0, description="Evaluate only the first N items of each task.")
+    batch_size: int = Field(16, gt=0, description="lm-eval batch size.")
+    apply_chat_template: bool = Field(
+        True, description="Render prompts with the model's chat template (SFT models expect it)."
+    )
+    include_path: str | None = Field(None, description="Directory of extra lm-eval task YAMLs.")
+    max_gen_tokens: int = Field(64, gt=0, description="Generation cap for generate_until tasks of the lab.")
+
+
+class LaunchConfig(Strict):
+    backend: Literal["cpu", "ddp"] = Field(
+        "cpu",
+        description="cpu: processes on CPU over gloo; ddp: one process per GPU over nccl.",
+    )
+    num_processes: int = Field(1, gt=0, description="Processes (ranks) on this machine.")
+
+
+class Recipe(Strict):
+    name: str = Field(description="Recipe name, used in run ids and reports.")
+    description: str = Field("", description="What this recipe is for.")
+    strategy: Literal["phased", "stacked"] = Field(
+        "phased",
+        description="phased: one training run per phase, each starting from the previous phase's "
+        "selected checkpoint; stacked: all phases' data mixed into one run.",
+    )
+    model: ModelConfig
+    phases: list[PhaseConfig] = Field(min_length=1, description="Phases in training order.")
+    training: TrainingConfig
+    checkpointing: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    evaluation: EvaluationConfig
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @model_validator(mode="after")
+    def _unique_phase_names(self) -> Recipe:
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phase names must be unique, got {names}")
+        return self
+
+    def stacked(self) -> Recipe:
+        """The single phase of stacked training: all data, objective = sum of the phases'."""
+        objective: dict[str, float] = {}
+        for phase in self.phases:
+            for key, weight in phase.objective.items():
+                objective[key] = objective.get(key, 0.0) + weight
+        phase = PhaseConfig(
+            name="stacked",
+            data=[path for p in self.phases for path in p.data],
+            objective=objective,
+        )
+        return self.model_copy(update={"phases": [phase], "strategy": "stacked"})
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate; the message names the file and the fields."""
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for err in error.errors():
+        field = ".".join(str(part) for part in err["loc"]) or "<root>"
+        lines.append(f"  {field}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of `data` with dotted keys set: {"training.learning_rate": 1e-5}.
+
+    A list index is a number: {"phases.0.data": [...]}. Unknown keys are left for validation
+    to reject, so a typo in an override is reported like a typo in the YAML.
+    """
+    data = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node: Any = data
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        if isinstance(node, list):
+            node[int(leaf)] = value
+        else:
+            node[leaf] = value
+    return data
+
+
+def load_recipe(source: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None) -> Recipe:
+    """Load a recipe from a YAML path, a name in recipes/, or a dict; apply overrides; validate."""
+    if isinstance(source, dict):
+        label, data = "<recipe>", source
+    else:
+        path = resolve_recipe_path(source)
+        label = str(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(apply_overrides(data, overrides or {}))
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(label, exc)) from None
+
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def resolve_recipe_path(source: str | Path) -> Path:
+    """A path to a YAML file, or the bare name of one in recipes/ ('lab', 'demo')."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    named = RECIPES_DIR / f"{source}.yaml"
+    if named.is_file():
+        return named
+    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise RecipeError(f"recipe {source!r}: no such file, and not one of recipes/ ({known})")
+
+
+def smoke(recipe: Recipe) -> Recipe:
+    """Shrink any recipe to a few CPU minutes on the embedded lab, keeping its shape.
+
+    The phases (their count, order and gates' metric names aside) map onto the lab's three
+    phases in order; the lab tasks replace the recipe's evaluation tasks. Batch arithmetic,
+    schedule and strategy are kept so a smoke run exercises the same code paths.
+    """
+    lab_phases = ["phase00", "phase05", "phase10"]
+    lab_objectives = ["lab_instruction/rule_acc", "lab_knowledge/acc", "lab_skills/exact_match"]
+    phases = [
+        PhaseConfig(
+            name=phase.name,
+            data=[f"{EMBEDDED}curriculum/{lab_phases[i % 3]}/train.jsonl"],
+            objective={lab_objectives[i % 3]: 1.0},
+        )
+        for i, phase in enumerate(recipe.phases)
+    ]
+    training = recipe.training.model_copy(
+        update={
+            "effective_batch_size": 32,
+            "max_tokens_per_micro_batch": 2048,
+            "epochs": 1.0,
+            "max_seq_len": 256,
+            "learning_rate": 2e-3,
+            "warmup_steps": None if recipe.training.warmup_ratio is not None else 2,
+        }
+    )
+    return recipe.model_copy(
+        update={
+            "model": ModelConfig(name_or_path=f"{EMBEDDED}base-model", dtype="float32"),
+            "phases": phases,
+            "training": training,
+            "checkpointing": CheckpointConfig(save_every_samples=1024, save_every_epoch=True),
+            "evaluation": EvaluationConfig(
+                tasks=["lab_instruction", "lab_knowledge", "lab_skills"], limit=40, batch_size=32
+            ),
+            "launch": LaunchConfig(backend="cpu", num_processes=1),
+        }
+    )
+
+
+def warmup_steps(training: TrainingConfig, total_steps: int) -> int:
+    if training.warmup_steps is not None:
+        return training.warmup_steps
+    if training.warmup_ratio is not None:
+        return math.ceil(training.warmup_ratio * total_steps)
+    return 0
+
+
+def resolve(
+    recipe: str | Recipe | dict[str, Any],
+    strategy: Literal["phased", "stacked"] | None = None,
+    overrides: dict[str, Any] | None = None,
+    smoke_run: bool = False,
+) -> Recipe:
+    """The recipe a run trains with: loaded, overridden, shrunk for smoke, stacked if asked.
+
+    A stacked recipe has a single phase holding every phase's data (see Recipe.stacked).
+    """
+    source = recipe.model_dump(mode="json") if isinstance(recipe, Recipe) else recipe
+    resolved = load_recipe(source, overrides)
+    if strategy is not None:
+        resolved = resolved.model_copy(update={"strategy": strategy})
+    if smoke_run:
+        resolved = smoke(resolved)
+    return resolved.stacked() if resolved.strategy == "stacked" else resolved

@@ -1,0 +1,242 @@
+"""One phase of supervised fine-tuning: the whole loop, readable in one sitting.
+
+Launch (the Prefect task does this for you, with a generated accelerate config):
+
+    accelerate launch --config_file accelerate.yaml -m training.train --config job.json
+
+`job.json` is a `TrainJob`: the resolved recipe, the phase, the model to start from, the
+prepared data and the output directory. Outputs, under `output_dir`:
+
+    metrics.jsonl                       one line per optimizer step (rank 0)
+    checkpoints/samples_<N>/            save_pretrained + tokenizer + meta.json (written last)
+
+Batch arithmetic: each optimizer step takes exactly `effective_batch_size` samples, split
+across ranks and into token-capped micro-batches by `training.sampler.plan_steps`. The loss
+of a step is the mean over every unmasked token of the step (all micro-batches, all ranks),
+so the number of micro-batches never changes the gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, InitProcessGroupKwargs
+from pydantic import BaseModel, Field
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from training.data import IGNORE_INDEX, TokenizedData, load_tokenized
+from training.recipe import Recipe, TrainingConfig, warmup_steps
+from training.sampler import Step, plan_steps, save_points
+
+EXIT_WATCHDOG = 3  # exit code of a run stopped by the watchdog (NaN/inf)
+
+
+class TrainJob(BaseModel):
+    """What the training script needs; written as JSON by the launcher."""
+
+    run_id: str
+    phase: str
+    recipe: Recipe
+    model_path: str = Field(description="Local directory of the model (and tokenizer) to start from.")
+    parent_checkpoint: str = Field(description="URI of the starting model, recorded in meta.json.")
+    data_dir: str = Field(description="Directory with tokens.parquet from training.data.prepare.")
+    output_dir: str = Field(description="Local phase directory: metrics.jsonl and checkpoints/.")
+    code_version: str = "unknown"
+
+
+def lr_multiplier(step: int, total_steps: int, warmup: int, schedule: str) -> float:
+    """Fraction of the peak rate used by optimizer step `step` (0-based).
+
+    Warmup is linear and reaches the peak on its last step (step k of W runs at k/W), so
+    warmup 0 starts at the peak. After warmup: constant, or linear / cosine decay towards 0.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def collate(data: TokenizedData, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; padding is masked out of attention and loss."""
+    width = max(len(data.input_ids[i]) for i in indices)
+    input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+    for row, i in enumerate(indices):
+        n = len(data.input_ids[i])
+        input_ids[row, :n] = torch.tensor(data.input_ids[i])
+        labels[row, :n] = torch.tensor(data.labels[i])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over unmasked tokens: the step divides once."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        batch["labels"][:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def save_checkpoint(accelerator: Accelerator, model, tokenizer, job: TrainJob, step: Step, metrics: dict) -> None:
+    """save_pretrained + tokenizer, then meta.json last: a directory without meta.json is
+    incomplete by contract and is never evaluated or selected."""
+    path = Path(job.output_dir) / "checkpoints" / f"samples_{step.samples_seen}"
+    if accelerator.is_main_process:
+        shutil.rmtree(path, ignore_errors=True)  # an incomplete leftover of a killed run
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(model).save_pretrained(
+        path, is_main_process=accelerator.is_main_process, save_function=accelerator.save, safe_serialization=True
+    )
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(path)
+        meta = {
+            "phase": job.phase,
+            "run_id": job.run_id,
+            "samples_seen": step.samples_seen,
+            "step": step.index,
+            "parent_checkpoint": job.parent_checkpoint,
+            "code_version": job.code_version,
+            "metrics": metrics,
+            "recipe": job.recipe.model_dump(mode="json"),
+        }
+        (path / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+
+
+def log(accelerator: Accelerator, message: str) -> None:
+    if accelerator.is_main_process:
+        print(message, flush=True)
+
+
+def train(job: TrainJob) -> None:
+    cfg: TrainingConfig = job.recipe.training
+    dtype = getattr(torch, job.recipe.model.dtype)
+    # gloo: CPU ranks (and DeepSpeed on CPU) need it explicitly, see NOTES.md.
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if not torch.cuda.is_available() else [])
+    torch.manual_seed(cfg.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    tokenizer = AutoTokenizer.from_pretrained(job.model_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        job.model_path, dtype=dtype, attn_implementation=job.recipe.model.attn_implementation
+    )
+    data = load_tokenized(job.data_dir)
+    lengths, loss_tokens = data.lengths(), data.loss_tokens()
+    steps = plan_steps(lengths, cfg.effective_batch_size, cfg.epochs, cfg.seed, world, cfg.max_tokens_per_micro_batch)
+    total_steps = len(steps)
+    warmup = warmup_steps(cfg, total_steps)
+    every = job.recipe.checkpointing.save_every_samples
+    saves = save_points(steps, len(data), every, job.recipe.checkpointing.save_every_epoch)
+
+    log(accelerator, f"world_size={world} rank={rank}")
+    log(
+        accelerator,
+        f"batch arithmetic: {len(data)} samples x {cfg.epochs} epochs = {steps[-1].samples_seen} samples; "
+        f"EBS {cfg.effective_batch_size} samples/step -> {total_steps} optimizer steps; "
+        f"{world} rank(s); micro-batches capped at {cfg.max_tokens_per_micro_batch} padded tokens; "
+        f"warmup {warmup} steps, schedule {cfg.schedule}, peak lr {cfg.learning_rate:g}",
+    )
+    if every and every % cfg.effective_batch_size:
+        log(accelerator, f"warning: save_every_samples={every} is not a multiple of EBS; saving at the first step past each multiple")
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, total_steps, warmup, job.recipe.training.schedule)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    out = Path(job.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_file = open(out / "metrics.jsonl", "w") if accelerator.is_main_process else None
+    started = time.perf_counter()
+    tokens_seen = 0
+    for step in steps:
+        t0 = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        step_loss_tokens = sum(loss_tokens[i] for i in step.samples)  # global, known from the plan
+        mine = step.micro_batches[rank] or [[step.samples[0]]]  # a rank with no samples still joins the all-reduce
+        weight = 1.0 if step.micro_batches[rank] else 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for m, indices in enumerate(mine):
+            batch = {k: v.to(accelerator.device) for k, v in collate(data, indices, tokenizer.pad_token_id).items()}
+            # Gradients are synchronised once per step, on each rank's last micro-batch.
+            sync = nullcontext() if m == len(mine) - 1 else accelerator.no_sync(model)
+            with sync:
+                token_loss = summed_token_loss(model, batch) * weight
+                # DDP averages over ranks; scaling by world / tokens makes the result the token mean.
+                accelerator.backward(token_loss * world / step_loss_tokens)
+            loss_sum += token_loss.detach().double()
+        loss = accelerator.reduce(loss_sum, reduction="sum").item() / step_loss_tokens
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf")).item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            reason = f"watchdog: non-finite {'loss' if not math.isfinite(loss) else 'grad_norm'} at step {step.index} (loss={loss}, grad_norm={grad_norm})"
+            if metrics_file:
+                metrics_file.write(json.dumps({"step": step.index, "stopped": reason}) + "\n")
+                metrics_file.close()
+            log(accelerator, reason)
+            sys.exit(EXIT_WATCHDOG)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        step_tokens = sum(lengths[i] for i in step.samples)
+        padded = sum(len(mb) * max(lengths[i] for i in mb) for per_rank in step.micro_batches for mb in per_rank)
+        tokens_seen += step_tokens
+        wall = time.perf_counter() - t0
+        record = {
+            "step": step.index,
+            "epoch": round(step.epoch, 4),
+            "samples_seen": step.samples_seen,
+            "tokens_seen": tokens_seen,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_per_s": round(step_tokens / wall, 1),
+            "padding_efficiency": round(step_tokens / padded, 4),
+            "micro_batches": sum(len(per_rank) for per_rank in step.micro_batches),
+            "wall_s": round(time.perf_counter() - started, 3),
+        }
+        if metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        log(accelerator, f"step {step.index}/{total_steps} samples {step.samples_seen} loss {loss:.4f} grad_norm {grad_norm:.3f} lr {lr:.3g}")
+
+        if step.index in saves:  # once in a while: checkpoint
+            save_checkpoint(accelerator, model, tokenizer, job, step, record)
+            log(accelerator, f"checkpoint samples_{step.samples_seen}")
+    if metrics_file:
+        metrics_file.close()
+    accelerator.end_training()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="Path to the TrainJob JSON.")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train(TrainJob.model_validate_json(Path(args.config).read_text()))
+
+
+if __name__ == "__main__":
+    main()
