@@ -61,13 +61,14 @@ def finetune(
     manifest = init_run(run_uri, run_id, cfg)
 
     start = ModelRef(name="base", uri=cfg.model.name_or_path, samples=0, phase=cfg.phases[0].name)
-    start_score = evaluate_model(cfg, start, run_uri)
+    start_score = None  # the base model is evaluated after the first training, so that fails fast
     for phase in cfg.phases:
         if phase.name in manifest["phases"]:
             selection = Selection.model_validate(storage.read_json(storage.join(run_uri, phase.name, "selection.json")))
         else:
             prepare_data(cfg, phase, run_uri)
             checkpoints = train_phase(cfg, phase, run_uri, run_id, start)
+            start_score = start_score or evaluate_model(cfg, start, run_uri)
             scores = [evaluate_model(cfg, checkpoint, run_uri) for checkpoint in checkpoints]
             selection = select_checkpoint(phase, start_score, scores, run_uri, run_id)
             if not selection.gate.passed:

@@ -52,7 +52,8 @@ def accelerate_config(launch: LaunchConfig) -> dict:
 def launch_env(launch: LaunchConfig) -> dict[str, str]:
     env = dict(os.environ)
     if launch.backend == "cpu":
-        env["ACCELERATE_USE_CPU"] = "true"
+        if launch.num_processes > 1:  # gloo DDP on CPU; with one process it breaks PartialState
+            env["ACCELERATE_USE_CPU"] = "true"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.num_processes)))
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -26,6 +26,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -95,6 +96,32 @@ def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     )
 
 
+def backward_step(
+    model: torch.nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    step_loss_tokens: int,
+    world_size: int,
+    weight: float = 1.0,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+) -> torch.Tensor:
+    """Accumulate one optimizer step's gradients over this rank's micro-batches.
+
+    Returns this rank's summed token loss. Each micro-batch's summed loss is scaled by
+    world_size / step_loss_tokens: DDP averages gradients over ranks, so the result is the
+    gradient of the token mean over the whole step, however the samples were split.
+    Gradients are synchronised once, on the last micro-batch (`no_sync` on the others).
+    """
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for m, batch in enumerate(batches):
+        last = m == len(batches) - 1
+        sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            token_loss = summed_token_loss(model, batch) * weight
+            backward(token_loss * world_size / step_loss_tokens)
+        loss_sum += token_loss.detach().double().cpu()
+    return loss_sum
+
+
 def save_checkpoint(accelerator: Accelerator, model, tokenizer, job: TrainJob, step: Step, metrics: dict) -> None:
     """save_pretrained + tokenizer, then meta.json last: a directory without meta.json is
     incomplete by contract and is never evaluated or selected."""
@@ -129,8 +156,10 @@ def log(accelerator: Accelerator, message: str) -> None:
 def train(job: TrainJob) -> None:
     cfg: TrainingConfig = job.recipe.training
     dtype = getattr(torch, job.recipe.model.dtype)
-    # gloo: CPU ranks (and DeepSpeed on CPU) need it explicitly, see NOTES.md.
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if not torch.cuda.is_available() else [])
+    # Several CPU ranks (and DeepSpeed on CPU) need gloo named explicitly (NOTES.md); with one
+    # process, naming a backend makes accelerate look for a process group that does not exist.
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [])
     torch.manual_seed(cfg.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
 
@@ -176,17 +205,10 @@ def train(job: TrainJob) -> None:
         lr = scheduler.get_last_lr()[0]
         step_loss_tokens = sum(loss_tokens[i] for i in step.samples)  # global, known from the plan
         mine = step.micro_batches[rank] or [[step.samples[0]]]  # a rank with no samples still joins the all-reduce
-        weight = 1.0 if step.micro_batches[rank] else 0.0
-        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        for m, indices in enumerate(mine):
-            batch = {k: v.to(accelerator.device) for k, v in collate(data, indices, tokenizer.pad_token_id).items()}
-            # Gradients are synchronised once per step, on each rank's last micro-batch.
-            sync = nullcontext() if m == len(mine) - 1 else accelerator.no_sync(model)
-            with sync:
-                token_loss = summed_token_loss(model, batch) * weight
-                # DDP averages over ranks; scaling by world / tokens makes the result the token mean.
-                accelerator.backward(token_loss * world / step_loss_tokens)
-            loss_sum += token_loss.detach().double()
+        batches = [{k: v.to(accelerator.device) for k, v in collate(data, mb, tokenizer.pad_token_id).items()} for mb in mine]
+        loss_sum = backward_step(
+            model, batches, step_loss_tokens, world, weight=1.0 if step.micro_batches[rank] else 0.0, backward=accelerator.backward
+        ).to(accelerator.device)
         loss = accelerator.reduce(loss_sum, reduction="sum").item() / step_loss_tokens
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf")).item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):

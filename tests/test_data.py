@@ -1,0 +1,84 @@
+"""Data prep: normalisation, loss masks, dropped samples, and errors that name file and line."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.data import IGNORE_INDEX, DataError, load_tokenized, prepare, tokenize
+
+GOOD = {"messages": [{"role": "user", "content": "Write the word tower in uppercase."}, {"role": "assistant", "content": "TOWER"}]}
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "expected"),
+    [
+        ('{"messages": [', "invalid JSON"),
+        ('{"text": "hello"}', "no 'messages'"),
+        ('{"messages": [{"role": "wizard", "content": "x"}]}', "unknown role 'wizard'"),
+        ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}', "empty assistant turn"),
+        ('{"messages": [{"role": "user", "content": ["not", "a", "string"]}, {"role": "assistant", "content": "a"}]}', "content must be a string"),
+        ('{"messages": [{"role": "user", "content": "only a question"}]}', "no assistant turn"),
+    ],
+)
+def test_bad_line_names_file_and_line_and_writes_nothing(tmp_path, tokenizer, bad_line, expected):
+    source = write_jsonl(tmp_path / "train.jsonl", [json.dumps(GOOD), json.dumps(GOOD), bad_line])
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as err:
+        prepare([str(source)], tokenizer, str(out), max_seq_len=256)
+    assert str(err.value).startswith(f"{source}:3: ")
+    assert expected in str(err.value)
+    assert not out.exists()
+
+
+def test_sharegpt_and_alpaca_are_normalised(tmp_path, tokenizer):
+    sharegpt = {"conversations": [{"from": "human", "value": "Write the word tower in uppercase."}, {"from": "gpt", "value": "TOWER"}]}
+    alpaca = {"instruction": "Write the word tower in uppercase.", "input": "", "output": "TOWER"}
+    source = write_jsonl(tmp_path / "mixed.jsonl", [json.dumps(GOOD), json.dumps(sharegpt), json.dumps(alpaca)])
+    prepare([str(source)], tokenizer, str(tmp_path / "out"), max_seq_len=256)
+    data = load_tokenized(str(tmp_path / "out"))
+    assert data.input_ids[0] == data.input_ids[1] == data.input_ids[2]
+
+
+def test_loss_only_on_assistant_tokens(tokenizer):
+    messages = [
+        {"role": "user", "content": "Write the word tower in uppercase."},
+        {"role": "assistant", "content": "TOWER"},
+        {"role": "user", "content": "Again."},
+        {"role": "assistant", "content": "TOWER TOWER"},
+    ]
+    input_ids, labels = tokenize(tokenizer, messages)
+    trained = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+    assert "TOWER" in trained and "TOWER TOWER" in trained
+    assert "uppercase" not in trained and "Again" not in trained
+    assert trained.count(tokenizer.eos_token) == 2  # each answer learns to stop
+    _, unmasked = tokenize(tokenizer, messages, train_on_prompt=True)
+    assert IGNORE_INDEX not in unmasked
+
+
+def test_over_long_samples_are_dropped_and_counted(tmp_path, tokenizer):
+    long = {"messages": [{"role": "user", "content": "tower " * 200}, {"role": "assistant", "content": "TOWER"}]}
+    source = write_jsonl(tmp_path / "t.jsonl", [json.dumps(GOOD), json.dumps(long), json.dumps(GOOD)])
+    stats = prepare([str(source)], tokenizer, str(tmp_path / "out"), max_seq_len=64)
+    assert (stats.samples, stats.dropped_too_long) == (2, 1)
+    written = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert written["dropped_too_long"] == 1 and written["files"] == {str(source): 3}
+    assert max(load_tokenized(str(tmp_path / "out")).lengths()) <= 64
+
+
+def test_parquet_input_and_stacked_shuffle(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": str(i)}]} for i in range(40)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    prepare([str(tmp_path / "d.parquet")], tokenizer, str(tmp_path / "plain"), 256)
+    prepare([str(tmp_path / "d.parquet")], tokenizer, str(tmp_path / "mixed"), 256, shuffle_seed=0)
+    plain, mixed = load_tokenized(str(tmp_path / "plain")), load_tokenized(str(tmp_path / "mixed"))
+    assert plain.ids == [f"q{i}" for i in range(40)]
+    assert mixed.ids != plain.ids and sorted(mixed.ids) == sorted(plain.ids)

@@ -1,0 +1,104 @@
+"""The real training script under `accelerate launch` on the tiny embedded model."""
+
+import json
+import math
+import shutil
+from itertools import islice
+from pathlib import Path
+
+import pytest
+
+from training.data import prepare
+from training.launch import TrainingFailed, run_training
+from training.recipe import load_recipe
+from training.train import TrainJob, lr_multiplier
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, assets, tokenizer) -> str:
+    """200 phase00 samples, prepared once for the module."""
+    tmp = tmp_path_factory.mktemp("data")
+    with open(assets.train_file("phase00")) as f:
+        (tmp / "train.jsonl").write_text("".join(islice(f, 200)))
+    prepare([str(tmp / "train.jsonl")], tokenizer, str(tmp / "prepared"), max_seq_len=256)
+    return str(tmp / "prepared")
+
+
+def job_for(tmp_path: Path, assets, data_dir: str, **overrides) -> TrainJob:
+    recipe = load_recipe("demo", {"training.epochs": 1, "checkpointing.save_every_samples": 64, **overrides})
+    model = str(assets.base_model_dir)
+    return TrainJob(run_id="t", phase="phase00", recipe=recipe, model_path=model, parent_checkpoint=model, data_dir=data_dir, output_dir=str(tmp_path / "phase00"))
+
+
+def read_metrics(job: TrainJob) -> list[dict]:
+    return [json.loads(line) for line in (Path(job.output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_writes_metrics_and_complete_checkpoints(tmp_path, assets, small_data):
+    from transformers import AutoModelForCausalLM
+
+    job = job_for(tmp_path, assets, small_data, **{"training.epochs": 2})
+    lines: list[str] = []
+    checkpoints = run_training(job, on_line=lines.append)
+
+    metrics = read_metrics(job)
+    ebs = job.recipe.training.effective_batch_size
+    assert len(metrics) == math.ceil(200 * 2 / ebs)
+    assert {"step", "epoch", "samples_seen", "tokens_seen", "loss", "grad_norm", "lr", "tokens_per_s",
+            "padding_efficiency", "micro_batches", "wall_s"} <= set(metrics[0])
+    assert metrics[-1]["samples_seen"] == 400
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert any(line.startswith("batch arithmetic: 200 samples x 2.0 epochs") for line in lines)
+    # every 64 samples rounded up to whole steps of 32, plus epoch ends, plus the end
+    assert [p.name for p in checkpoints] == ["samples_64", "samples_128", "samples_192", "samples_200", "samples_256", "samples_320", "samples_384", "samples_400"]
+    for path in checkpoints:
+        meta = json.loads((path / "meta.json").read_text())
+        assert meta["samples_seen"] == int(path.name.split("_")[1]) and meta["phase"] == "phase00"
+        assert meta["parent_checkpoint"] == job.parent_checkpoint and meta["recipe"]["name"] == "demo"
+        assert (path / "model.safetensors").exists() and (path / "tokenizer.json").exists()
+    AutoModelForCausalLM.from_pretrained(checkpoints[-1])
+
+
+@pytest.mark.parametrize(("schedule", "warmup"), [("constant", 0), ("cosine", 0), ("linear", 3)])
+def test_logged_lr_follows_the_schedule(tmp_path, assets, small_data, schedule, warmup):
+    job = job_for(tmp_path, assets, small_data, **{"training.schedule": schedule, "training.warmup_steps": warmup, "checkpointing.save_every_samples": None, "checkpointing.save_every_epoch": False})
+    run_training(job, on_line=lambda _: None)
+    lrs = [m["lr"] for m in read_metrics(job)]
+    peak = job.recipe.training.learning_rate
+    assert lrs == pytest.approx([peak * lr_multiplier(s, len(lrs), warmup, schedule) for s in range(len(lrs))], rel=1e-9)
+    if warmup == 0:
+        assert lrs[0] == pytest.approx(peak)
+    if schedule == "cosine":
+        assert lrs[-1] < 0.1 * peak
+
+
+def test_a_failing_subprocess_raises_with_its_own_error_and_leaves_no_incomplete_checkpoint(tmp_path, assets, small_data):
+    job = job_for(tmp_path, assets, small_data).model_copy(update={"model_path": str(tmp_path / "no-such-model")})
+    with pytest.raises(TrainingFailed) as err:
+        run_training(job, on_line=lambda _: None)
+    assert "no-such-model" in str(err.value) and "Traceback" in str(err.value)
+
+    # A crash mid-save: a checkpoint dir without meta.json is removed after the failure.
+    broken = tmp_path / "broken"
+    shutil.copytree(assets.base_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"truncated")
+    stale = Path(job.output_dir) / "checkpoints" / "samples_32"
+    stale.mkdir(parents=True)
+    with pytest.raises(TrainingFailed, match="safetensors|header|Error"):
+        run_training(job.model_copy(update={"model_path": str(broken)}), on_line=lambda _: None)
+    assert not stale.exists()
+
+
+def test_two_cpu_ranks_are_really_distributed_and_match_one_rank(tmp_path, assets, small_data):
+    one = job_for(tmp_path / "one", assets, small_data, **{"checkpointing.save_every_samples": None, "checkpointing.save_every_epoch": False})
+    two = job_for(tmp_path / "two", assets, small_data, **{"launch.num_processes": 2, "checkpointing.save_every_samples": None, "checkpointing.save_every_epoch": False})
+    run_training(one, on_line=lambda _: None)
+    lines: list[str] = []
+    run_training(two, on_line=lines.append)
+    assert "world_size=2 rank=0" in lines
+    loss_one = [m["loss"] for m in read_metrics(one)]
+    loss_two = [m["loss"] for m in read_metrics(two)]
+    # Same samples per step, token-mean loss over both ranks: the same numbers up to float order.
+    assert loss_two == pytest.approx(loss_one, rel=1e-5)
