@@ -102,3 +102,52 @@ def test_two_cpu_ranks_are_really_distributed_and_match_one_rank(tmp_path, asset
     loss_two = [m["loss"] for m in read_metrics(two)]
     # Same samples per step, token-mean loss over both ranks: the same numbers up to float order.
     assert loss_two == pytest.approx(loss_one, rel=1e-5)
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, assets, small_data):
+    import os
+    import signal
+    import time
+
+    from training.launch import start_training
+
+    settings = {"training.epochs": 2, "training.effective_batch_size": 16, "checkpointing.save_every_samples": None, "checkpointing.state_every_steps": 4}
+    straight = job_for(tmp_path / "straight", assets, small_data, **settings)
+    run_training(straight, on_line=lambda _: None)
+
+    job = job_for(tmp_path / "killed", assets, small_data, **settings)
+    proc = start_training(job)
+    metrics = Path(job.output_dir) / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 10) and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = len(metrics.read_text().splitlines())
+    assert 10 <= killed_at < 25, "killed mid-run"
+
+    lines: list[str] = []
+    run_training(job, on_line=lines.append)
+    resumed = [int(line.split()[3]) for line in lines if line.startswith("resuming after step")]
+    assert resumed and resumed[0] % 4 == 0 and 8 <= resumed[0] <= killed_at
+
+    a, b = read_metrics(straight), read_metrics(job)
+    assert [m["step"] for m in b] == list(range(1, 26))
+    assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-6)
+    assert [m["lr"] for m in b] == [m["lr"] for m in a]
+    ids = [json.loads(line)["ids"] for line in (Path(job.output_dir) / "samples" / "rank0.jsonl").read_text().splitlines()]
+    flat = [i for step in ids for i in step]
+    assert len(flat) == 400
+    assert sorted(flat[:200]) == sorted(flat[200:]) and len(set(flat[:200])) == 200  # each epoch: every sample once
+    assert not (Path(job.output_dir) / "state").exists()  # finished runs drop the rolling state
+
+
+def test_watchdog_stops_a_diverging_run_with_its_reason(tmp_path, assets, small_data):
+    job = job_for(tmp_path, assets, small_data, **{"training.learning_rate": 5.0, "training.warmup_steps": 0, "training.max_grad_norm": None,
+                                                      "watchdog.min_steps": 1, "watchdog.loss_spike_factor": 1.5})
+    with pytest.raises(TrainingFailed, match="stopped by the watchdog") as err:
+        run_training(job, on_line=lambda _: None)
+    stopped = json.loads((Path(job.output_dir) / "stopped.json").read_text())
+    assert "loss spike" in stopped["reason"] or "non-finite" in stopped["reason"]
+    assert stopped["reason"] in str(err.value)
+    assert read_metrics(job)[-1]["stopped"] == stopped["reason"]

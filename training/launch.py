@@ -84,30 +84,35 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("samples_")))
 
 
-def run_training(
-    job: TrainJob,
-    on_line: Callable[[str], None] = print,
-    timeout_s: float | None = None,
-) -> list[Path]:
-    """Launch one phase's training; return its complete checkpoints. Raises TrainingFailed."""
+def start_training(job: TrainJob) -> subprocess.Popen:
+    """Write job.json and accelerate.yaml into the phase directory and start the launch in
+    its own process group (session), so that all ranks can be killed at once."""
     output_dir = Path(job.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     job_file = output_dir / "job.json"
     job_file.write_text(job.model_dump_json(indent=2))
     config_file = output_dir / "accelerate.yaml"
     config_file.write_text(yaml.safe_dump(accelerate_config(job.recipe.launch)))
-    cmd = launch_command(config_file, job_file, job.recipe.launch)
-    on_line("launch: " + " ".join(cmd))
-
-    tail: deque[str] = deque(maxlen=40)
-    proc = subprocess.Popen(
-        cmd,
+    return subprocess.Popen(
+        launch_command(config_file, job_file, job.recipe.launch),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=launch_env(job.recipe.launch),
-        start_new_session=True,  # its own process group, so we can kill all ranks at once
+        start_new_session=True,
     )
+
+
+def run_training(
+    job: TrainJob,
+    on_line: Callable[[str], None] = print,
+    timeout_s: float | None = None,
+) -> list[Path]:
+    """Launch one phase's training (resuming from its rolling state if there is one), stream
+    its output, and return its complete checkpoints. Raises TrainingFailed."""
+    proc = start_training(job)
+    on_line("launch: " + " ".join(proc.args))
+    tail: deque[str] = deque(maxlen=40)
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -124,11 +129,11 @@ def run_training(
         kill_group(proc)
         raise
     finally:
-        remove_incomplete_checkpoints(output_dir)
+        remove_incomplete_checkpoints(Path(job.output_dir))
     if returncode != 0:
         what = "stopped by the watchdog" if returncode == EXIT_WATCHDOG else f"failed (exit {returncode})"
         raise TrainingFailed(f"training of phase {job.phase} {what}:\n" + "\n".join(tail))
-    return complete_checkpoints(output_dir)
+    return complete_checkpoints(Path(job.output_dir))
 
 
 def kill_group(proc: subprocess.Popen) -> None:

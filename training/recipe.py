@@ -119,6 +119,23 @@ class CheckpointConfig(Strict):
         "Phased training evaluates each one, so this sets the resolution of the search.",
     )
     save_every_epoch: bool = Field(True, description="Also save at the end of every epoch.")
+    state_every_steps: int | None = Field(
+        50,
+        gt=0,
+        description="Write the rolling full training state (model, optimizer, scheduler, RNG) every "
+        "K steps, for exact resume after a crash. Costs ~3x the model size on disk; None disables.",
+    )
+
+
+class WatchdogConfig(Strict):
+    loss_spike_factor: float | None = Field(
+        5.0,
+        gt=1,
+        description="Stop the run when a step's loss exceeds this multiple of the running median "
+        "(non-finite loss or grad norm always stops it). None disables spike detection.",
+    )
+    window: int = Field(20, gt=0, description="Steps in the running median.")
+    min_steps: int = Field(10, ge=1, description="Steps before spike detection starts.")
 
 
 class EvaluationConfig(Strict):
@@ -159,6 +176,7 @@ class Recipe(Strict):
     checkpointing: CheckpointConfig = Field(default_factory=CheckpointConfig)
     evaluation: EvaluationConfig
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
 
     @model_validator(mode="after")
     def _unique_phase_names(self) -> Recipe:

@@ -23,11 +23,13 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from contextlib import nullcontext
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,7 @@ from pydantic import BaseModel, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from training.data import IGNORE_INDEX, TokenizedData, load_tokenized
-from training.recipe import Recipe, TrainingConfig, warmup_steps
+from training.recipe import Recipe, TrainingConfig, WatchdogConfig, warmup_steps
 from training.sampler import Step, plan_steps, save_points
 
 EXIT_WATCHDOG = 3  # exit code of a run stopped by the watchdog (NaN/inf)
@@ -53,6 +55,11 @@ class TrainJob(BaseModel):
     data_dir: str = Field(description="Directory with tokens.parquet from training.data.prepare.")
     output_dir: str = Field(description="Local phase directory: metrics.jsonl and checkpoints/.")
     code_version: str = "unknown"
+    stop_after_samples: int | None = Field(
+        None,
+        description="Probe: pause after the first step at or past this many samples, saving the "
+        "rolling state, so that a later launch of the same job continues exactly (sweeps).",
+    )
 
 
 def lr_multiplier(step: int, total_steps: int, warmup: int, schedule: str) -> float:
@@ -197,10 +204,17 @@ def train(job: TrainJob) -> None:
 
     out = Path(job.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics_file = open(out / "metrics.jsonl", "w") if accelerator.is_main_process else None
+    state_dir = out / "state"
+    accelerator.register_for_checkpointing(scheduler)  # not prepare()d: that would step it once per rank
+    done_steps, tokens_seen = load_state(accelerator, state_dir)
+    if done_steps:
+        log(accelerator, f"resuming after step {done_steps} from {state_dir}")
+    metrics_log = open_jsonl(out / "metrics.jsonl", done_steps) if accelerator.is_main_process else None
+    # Each rank records the sample ids it trained on: proof of no repeats or gaps, and of disjoint ranks.
+    samples_log = open_jsonl(out / "samples" / f"rank{rank}.jsonl", done_steps)
+    watchdog = Watchdog(job.recipe.watchdog)
     started = time.perf_counter()
-    tokens_seen = 0
-    for step in steps:
+    for step in steps[done_steps:]:
         t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
         step_loss_tokens = sum(loss_tokens[i] for i in step.samples)  # global, known from the plan
@@ -211,13 +225,8 @@ def train(job: TrainJob) -> None:
         ).to(accelerator.device)
         loss = accelerator.reduce(loss_sum, reduction="sum").item() / step_loss_tokens
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf")).item()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            reason = f"watchdog: non-finite {'loss' if not math.isfinite(loss) else 'grad_norm'} at step {step.index} (loss={loss}, grad_norm={grad_norm})"
-            if metrics_file:
-                metrics_file.write(json.dumps({"step": step.index, "stopped": reason}) + "\n")
-                metrics_file.close()
-            log(accelerator, reason)
-            sys.exit(EXIT_WATCHDOG)
+        if reason := watchdog.check(step.index, loss, grad_norm):  # before the update: a bad step never lands
+            stop(accelerator, out, metrics_log, step, reason)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -239,17 +248,103 @@ def train(job: TrainJob) -> None:
             "micro_batches": sum(len(per_rank) for per_rank in step.micro_batches),
             "wall_s": round(time.perf_counter() - started, 3),
         }
-        if metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+        samples_log.write(json.dumps({"step": step.index, "ids": [data.ids[i] for mb in step.micro_batches[rank] for i in mb]}) + "\n")
+        samples_log.flush()
+        if metrics_log:
+            metrics_log.write(json.dumps(record) + "\n")
+            metrics_log.flush()
         log(accelerator, f"step {step.index}/{total_steps} samples {step.samples_seen} loss {loss:.4f} grad_norm {grad_norm:.3f} lr {lr:.3g}")
 
-        if step.index in saves:  # once in a while: checkpoint
+        # Once in a while: checkpoint (for evaluation) and rolling state (for resume).
+        if step.index in saves:
             save_checkpoint(accelerator, model, tokenizer, job, step, record)
             log(accelerator, f"checkpoint samples_{step.samples_seen}")
-    if metrics_file:
-        metrics_file.close()
+        state_every = job.recipe.checkpointing.state_every_steps
+        probe_done = job.stop_after_samples is not None and step.samples_seen >= job.stop_after_samples
+        if step.index < total_steps and (probe_done or (state_every and step.index % state_every == 0)):
+            save_state(accelerator, state_dir, step.index, tokens_seen)
+        if probe_done and step.index < total_steps:
+            log(accelerator, f"paused after step {step.index} ({step.samples_seen} samples): probe done")
+            break
+    else:
+        if accelerator.is_main_process:
+            shutil.rmtree(state_dir, ignore_errors=True)  # finished: the full state is only for resume
+    samples_log.close()
+    if metrics_log:
+        metrics_log.close()
     accelerator.end_training()
+
+
+class Watchdog:
+    """Stops a run whose loss or gradient norm is non-finite, or whose loss spikes above
+    `loss_spike_factor` x the median of the last `window` steps."""
+
+    def __init__(self, config: WatchdogConfig) -> None:
+        self.config = config
+        self.recent: list[float] = []
+
+    def check(self, step: int, loss: float, grad_norm: float) -> str | None:
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            return f"non-finite {'loss' if not math.isfinite(loss) else 'grad_norm'} at step {step} (loss={loss}, grad_norm={grad_norm})"
+        factor = self.config.loss_spike_factor
+        if factor and len(self.recent) >= self.config.min_steps:
+            median = statistics.median(self.recent[-self.config.window :])
+            if loss > factor * median:
+                return f"loss spike at step {step}: {loss:.4f} > {factor:g} x running median {median:.4f}"
+        self.recent.append(loss)
+        return None
+
+
+def stop(accelerator: Accelerator, out: Path, metrics_log: TextIO | None, step: Step, reason: str) -> NoReturn:
+    """End the run for the watchdog: the reason goes to metrics.jsonl and stopped.json."""
+    if accelerator.is_main_process:
+        assert metrics_log is not None
+        metrics_log.write(json.dumps({"step": step.index, "samples_seen": step.samples_seen, "stopped": reason}) + "\n")
+        metrics_log.close()
+        (out / "stopped.json").write_text(json.dumps({"step": step.index, "samples_seen": step.samples_seen, "reason": reason}) + "\n")
+    log(accelerator, f"watchdog: {reason}")
+    sys.exit(EXIT_WATCHDOG)
+
+
+def open_jsonl(path: Path, keep_through_step: int) -> TextIO:
+    """Append to a per-step JSONL log, first dropping the steps after `keep_through_step`
+    (a resumed run redoes them; a fresh run keeps nothing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if keep_through_step and path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= keep_through_step]
+    path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a")
+
+
+def save_state(accelerator: Accelerator, state_dir: Path, step: int, tokens_seen: int) -> None:
+    """Full training state (model, optimizer, scheduler, RNG of every rank) after `step`.
+
+    Written to state.tmp and swapped in, so a kill at any moment leaves one complete state.
+    """
+    tmp, old = state_dir.with_name("state.tmp"), state_dir.with_name("state.old")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=False)
+    if accelerator.is_main_process:
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "tokens_seen": tokens_seen}))
+        if state_dir.exists():
+            state_dir.rename(old)
+        tmp.rename(state_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_state(accelerator: Accelerator, state_dir: Path) -> tuple[int, int]:
+    """(steps done, tokens seen) of the saved state, loaded into the prepared objects; (0, 0) if none."""
+    old = state_dir.with_name("state.old")
+    source = state_dir if (state_dir / "progress.json").exists() else old  # killed mid-swap: the old one is whole
+    if not (source / "progress.json").exists():
+        return 0, 0
+    accelerator.load_state(str(source))
+    progress = json.loads((source / "progress.json").read_text())
+    return progress["step"], progress["tokens_seen"]
 
 
 def main(argv: list[str] | None = None) -> None:
