@@ -60,6 +60,26 @@ def phase_rows(run_uri: str, phases: list[str]) -> tuple[list[dict], list[dict],
     return summary, steps, checkpoints
 
 
+TIDY_COLUMNS = ["run", "phase", "checkpoint", "samples", "suite", "task", "metric", "value", "stderr"]
+
+
+def results_table(run_uri: str, phases: list[str]) -> pd.DataFrame:
+    """Every evaluation result of a run as one tidy table (one row per metric value)."""
+    run = run_uri.rstrip("/").rsplit("/", 1)[-1]
+    fs, _ = storage.filesystem(run_uri)
+    rows = []
+    for phase in phases:
+        for path in sorted(fs.glob(storage.filesystem(storage.join(run_uri, phase, "eval", "*", "*.json"))[1])):
+            checkpoint, suite = path.split("/")[-2], path.rsplit("/", 1)[-1].removesuffix(".json")
+            with fs.open(path) as f:
+                result = json.load(f)
+            for key, value in result["metrics"].items():
+                task, metric = key.split("/", 1)
+                rows.append(dict(run=run, phase=phase, checkpoint=checkpoint, samples=result["samples"], suite=suite,
+                                 task=task, metric=metric, value=value, stderr=result.get("stderr", {}).get(key)))
+    return pd.DataFrame(rows, columns=TIDY_COLUMNS)
+
+
 def save_png(fig: plt.Figure, uri: str) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -95,19 +115,24 @@ def plot_scores(checkpoints: pd.DataFrame, metrics: list[str], title: str, uri: 
     save_png(fig, uri)
 
 
-def write_run_report(run_uri: str, phases: list[str], metrics: list[str]) -> pd.DataFrame:
-    """Write <run>/report/{summary.md,summary.csv,training.png,scores.png}; return the summary."""
+def write_run_report(run_uri: str, phases: list[str], metrics: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write <run>/report/: summary.{md,csv}, checkpoints.csv, results.parquet (tidy),
+    training.png, scores.png. Return (summary, tidy results)."""
     summary, steps, checkpoints = phase_rows(run_uri, phases)
     report = storage.join(run_uri, "report")
     table = pd.DataFrame(summary)
     storage.write_text(storage.join(report, "summary.csv"), table.to_csv(index=False))
     storage.write_text(storage.join(report, "summary.md"), table.to_markdown(index=False) + "\n")
     storage.write_text(storage.join(report, "checkpoints.csv"), pd.DataFrame(checkpoints).to_csv(index=False))
+    tidy = results_table(run_uri, phases)
+    fs, path = storage.filesystem(storage.join(report, "results.parquet"))
+    with fs.open(path, "wb") as f:
+        tidy.to_parquet(f, index=False)
     name = run_uri.rstrip("/").rsplit("/", 1)[-1]
     if steps:
         plot_training(pd.DataFrame(steps), f"{name}: training dynamics", storage.join(report, "training.png"))
     plot_scores(pd.DataFrame(checkpoints), metrics, f"{name}: score per checkpoint", storage.join(report, "scores.png"))
-    return table
+    return table, tidy
 
 
 def write_comparison(out_uri: str, runs: dict[str, str], phases: dict[str, list[str]], metrics: list[str]) -> pd.DataFrame:

@@ -5,6 +5,10 @@ on the metrics' own scale (lm-eval accuracies in [0, 1]) and `min_gain` reads as
 that scale. The best objective wins; ties go to the checkpoint with fewer samples (cheaper,
 and the paper's 'samples to peak').
 
+Forgetting guard: with `max_forgetting` set, a checkpoint whose score on any earlier phase's
+objective metric fell by more than that below the phase's starting model is ineligible; if
+no checkpoint is eligible, the gate fails.
+
 Gate: every `min_score` floor holds for the winner, and the winner beats the phase's starting
 model by at least `min_gain`. The verdict says which metric missed and by how much.
 """
@@ -23,6 +27,7 @@ class CheckpointScore(BaseModel):
     metrics: dict[str, float]
     stderr: dict[str, float] = Field(default_factory=dict)
     objective: float | None = None
+    rejected: str | None = Field(None, description="Why the forgetting guard made it ineligible.")
 
 
 class Gate(BaseModel):
@@ -50,17 +55,41 @@ def objective_value(weights: dict[str, float], metrics: dict[str, float], label:
     return sum(w * metrics[k] for k, w in weights.items()) / sum(weights.values())
 
 
-def select(phase: PhaseConfig, start: CheckpointScore, candidates: list[CheckpointScore]) -> Selection:
+def forgetting(phase: PhaseConfig, start: CheckpointScore, candidate: CheckpointScore, guarded: list[str]) -> str | None:
+    """Why the candidate forgot too much of an earlier phase, or None."""
+    if phase.max_forgetting is None:
+        return None
+    for key in guarded:
+        drop = start.metrics[key] - candidate.metrics[key]
+        if drop > phase.max_forgetting:
+            return f"{key} fell {drop:.4f} ({start.metrics[key]:.4f} -> {candidate.metrics[key]:.4f}) > max_forgetting {phase.max_forgetting:.4f}"
+    return None
+
+
+def select(phase: PhaseConfig, start: CheckpointScore, candidates: list[CheckpointScore], guarded: list[str] = ()) -> Selection:
+    """Pick the best eligible checkpoint and judge the gate.
+
+    `guarded` are the earlier phases' objective metrics that the forgetting guard watches.
+    """
     if not candidates:
         raise SelectionError(f"phase {phase.name}: no complete checkpoint to select from")
     scored = [
         c.model_copy(update={"objective": objective_value(phase.objective, c.metrics, c.name)})
         for c in [start, *candidates]
     ]
-    start, candidates = scored[0], scored[1:]
-    winner = min(candidates, key=lambda c: (-c.objective, c.samples))
+    start = scored[0]
+    candidates = [c.model_copy(update={"rejected": forgetting(phase, start, c, list(guarded))}) for c in scored[1:]]
+    eligible = [c for c in candidates if c.rejected is None]
+    # With nothing eligible the best rejected one is reported as the winner and the gate fails.
+    winner = min(eligible or candidates, key=lambda c: (-c.objective, c.samples))
 
     reasons, passed = [], True
+    if not eligible:
+        passed = False
+        reasons.append(f"FAIL forgetting guard rejected every checkpoint; best: {winner.name}: {winner.rejected}")
+    elif phase.max_forgetting is not None:
+        rejected = [c.name for c in candidates if c.rejected]
+        reasons.append(f"PASS forgetting guard (max drop {phase.max_forgetting:.4f} on {list(guarded)}); rejected: {rejected or 'none'}")
     for key, floor in phase.min_score.items():
         value = winner.metrics.get(key)
         ok = value is not None and value >= floor
@@ -108,5 +137,6 @@ def gate_markdown(selection: Selection) -> str:
     for c in [selection.start, *selection.candidates]:
         mark = " **(winner)**" if c.checkpoint == selection.winner.checkpoint else ""
         cells = " | ".join(f"{c.metrics.get(k, float('nan')):.4f}" for k in keys)
-        lines.append(f"| {c.name}{mark} | {c.samples} | {c.objective:.4f} | {cells} |")
+        note = f" (rejected: {c.rejected})" if c.rejected else ""
+        lines.append(f"| {c.name}{mark}{note} | {c.samples} | {c.objective:.4f} | {cells} |")
     return "\n".join(lines) + "\n"

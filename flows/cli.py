@@ -2,6 +2,7 @@
 
     lab validate RECIPE...           check recipes, errors by field
     lab run RECIPE [--strategy phased|stacked] [--storage-root DIR] [--smoke] [--set key=value]...
+    lab eval TARGET... [--recipe R] [--set key=value]...   runs or models, outside training
     lab demo [--storage-root DIR]    the embedded lab, phased and stacked, with a comparison
 """
 
@@ -65,6 +66,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from flows.evaluate import evaluate
+
+    rows = evaluate(targets=args.targets, recipe=args.recipe, overrides=parse_overrides(args.set), storage_root=args.storage_root)
+    print_summary(rows, "evaluation")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import demo
 
@@ -103,6 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run-id", default=None, help="reuse to resume a run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.learning_rate=1e-5")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="evaluate checkpoints or whole runs outside training")
+    p.add_argument("targets", nargs="+", help="run directories (with manifest.json) or model directories / hub ids")
+    p.add_argument("--recipe", default=None, help="suites to use (default: the run's own recipe; 'demo' for single models)")
+    p.add_argument("--storage-root", default="./runs", help="where single-model results go (<root>/eval/<name>/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. evaluation.limit=100")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the embedded lab end to end, phased and stacked")
     p.add_argument("--recipe", default="demo")

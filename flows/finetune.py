@@ -15,6 +15,7 @@ from prefect import flow
 from evaluation.selection import Selection
 from tasks.finetune import (
     ModelRef,
+    eval_uri,
     evaluate_model,
     init_run,
     mark_phase_done,
@@ -60,22 +61,23 @@ def finetune(
     run_uri = storage.join(root, run_id)
     manifest = init_run(run_uri, run_id, cfg)
 
-    start = ModelRef(name="base", uri=cfg.model.name_or_path, samples=0, phase=cfg.phases[0].name)
+    start = ModelRef(name="base", uri=cfg.model.name_or_path, samples=0)
     start_score = None  # the base model is evaluated after the first training, so that fails fast
-    for phase in cfg.phases:
+    for i, phase in enumerate(cfg.phases):
         if phase.name in manifest["phases"]:
             selection = Selection.model_validate(storage.read_json(storage.join(run_uri, phase.name, "selection.json")))
         else:
             prepare_data(cfg, phase, run_uri)
             checkpoints = train_phase(cfg, phase, run_uri, run_id, start)
-            start_score = start_score or evaluate_model(cfg, start, run_uri)
-            scores = [evaluate_model(cfg, checkpoint, run_uri) for checkpoint in checkpoints]
-            selection = select_checkpoint(phase, start_score, scores, run_uri, run_id)
+            start_score = start_score or evaluate_model(cfg, start, eval_uri(run_uri, phase.name, start.name))
+            scores = [evaluate_model(cfg, c, eval_uri(run_uri, phase.name, c.name)) for c in checkpoints]
+            guarded = [key for earlier in cfg.phases[:i] for key in earlier.objective]  # forgetting guard
+            selection = select_checkpoint(phase, start_score, scores, guarded, run_uri, run_id)
             if not selection.gate.passed:
                 raise GateFailed(f"phase {phase.name}: gate failed\n" + "\n".join(selection.gate.reasons))
             manifest = mark_phase_done(run_uri, manifest, selection)
         winner = selection.winner
-        start = ModelRef(name=winner.name, uri=winner.checkpoint, samples=winner.samples, phase=phase.name)
+        start = ModelRef(name=winner.name, uri=winner.checkpoint, samples=winner.samples)
         start_score = winner.model_copy(update={"name": f"start ({phase.name}/{winner.name})", "samples": 0})
 
     summary = write_report(run_uri, run_id, cfg)

@@ -48,7 +48,10 @@ class ModelRef(BaseModel):
     name: str  # samples_<N> or "base"
     uri: str
     samples: int
-    phase: str  # the phase whose eval/ directory holds its results
+
+
+def eval_uri(run_uri: str, phase: str, model_name: str, suite: str = "lm_eval") -> str:
+    return storage.join(run_uri, phase, "eval", model_name, f"{suite}.json")
 
 
 @task(name="init-run")
@@ -123,15 +126,13 @@ def train_phase(recipe: Recipe, phase: PhaseConfig, run_uri: str, run_id: str, s
     )
     checkpoints = run_training(job, on_line=on_line)
     return [
-        ModelRef(name=p.name, uri=str(p), samples=int(p.name.removeprefix("samples_")), phase=phase.name)
-        for p in checkpoints
+        ModelRef(name=p.name, uri=str(p), samples=int(p.name.removeprefix("samples_"))) for p in checkpoints
     ]
 
 
 @task(name="evaluate-model")
-def evaluate_model(recipe: Recipe, model: ModelRef, run_uri: str) -> CheckpointScore:
-    """lm-eval on one model (one load for all tasks). Skipped when its results already exist."""
-    out = storage.join(run_uri, model.phase, "eval", model.name, "lm_eval.json")
+def evaluate_model(recipe: Recipe, model: ModelRef, out: str) -> CheckpointScore:
+    """lm-eval on one model (one load for all tasks) into `out`; reused when it already exists."""
     if storage.exists(out):
         result = storage.read_json(out)
         get_run_logger().info(f"{model.name}: reusing {out}")
@@ -152,9 +153,11 @@ def evaluate_model(recipe: Recipe, model: ModelRef, run_uri: str) -> CheckpointS
 
 
 @task(name="select-checkpoint")
-def select_checkpoint(phase: PhaseConfig, start: CheckpointScore, candidates: list[CheckpointScore], run_uri: str, run_id: str) -> Selection:
+def select_checkpoint(
+    phase: PhaseConfig, start: CheckpointScore, candidates: list[CheckpointScore], guarded: list[str], run_uri: str, run_id: str
+) -> Selection:
     """Pick the phase's best checkpoint, judge the gate, write selection.json and artifacts."""
-    selection = select(phase, start, candidates)
+    selection = select(phase, start, candidates, guarded)
     storage.write_json(storage.join(run_uri, phase.name, "selection.json"), selection.model_dump(mode="json"))
     create_table_artifact(
         key=artifact_key(run_id, phase.name, "scores"),
@@ -172,7 +175,12 @@ def select_checkpoint(phase: PhaseConfig, start: CheckpointScore, candidates: li
 @task(name="write-report")
 def write_report(run_uri: str, run_id: str, recipe: Recipe) -> list[dict[str, Any]]:
     metrics = sorted({k for p in recipe.phases for k in p.objective})
-    table = report.write_run_report(run_uri, [p.name for p in recipe.phases], metrics)
+    table, tidy = report.write_run_report(run_uri, [p.name for p in recipe.phases], metrics)
+    create_table_artifact(
+        key=artifact_key(run_id, "results"),
+        table=tidy.to_dict(orient="records"),
+        description="every evaluation result (run, phase, checkpoint, samples, suite, task, metric, value, stderr)",
+    )
     create_markdown_artifact(
         key=artifact_key(run_id, "report"),
         markdown=f"# Run `{run_id}`\n\n{table.to_markdown(index=False)}\n\nReport files: `{storage.join(run_uri, 'report')}`\n",

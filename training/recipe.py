@@ -56,6 +56,12 @@ class PhaseConfig(Strict):
         None,
         description="Gate: the objective must beat the phase's starting model by at least this much.",
     )
+    max_forgetting: float | None = Field(
+        None,
+        ge=0,
+        description="Forgetting guard: a checkpoint is ineligible if any earlier phase's objective "
+        "metric fell by more than this below the phase's starting model (phased training only).",
+    )
 
     @field_validator("objective", "min_score")
     @classmethod
@@ -125,6 +131,11 @@ class CheckpointConfig(Strict):
         description="Write the rolling full training state (model, optimizer, scheduler, RNG) every "
         "K steps, for exact resume after a crash. Costs ~3x the model size on disk; None disables.",
     )
+    prune: Literal["none", "keep_selected"] = Field(
+        "none",
+        description="Disk: keep_selected deletes a phase's complete checkpoints except the selected "
+        "one once selection is done (all are needed until every checkpoint is evaluated).",
+    )
 
 
 class WatchdogConfig(Strict):
@@ -155,11 +166,41 @@ class EvaluationConfig(Strict):
 
 
 class LaunchConfig(Strict):
-    backend: Literal["cpu", "ddp"] = Field(
+    backend: Literal["cpu", "ddp", "deepspeed", "fsdp"] = Field(
         "cpu",
-        description="cpu: processes on CPU over gloo; ddp: one process per GPU over nccl.",
+        description="cpu: processes on CPU over gloo; ddp: one process per GPU over nccl; "
+        "deepspeed: ZeRO-2/3 (GPU, or CPU over gloo); fsdp: FSDP2 full sharding (GPU).",
     )
-    num_processes: int = Field(1, gt=0, description="Processes (ranks) on this machine.")
+    num_processes: int = Field(1, gt=0, description="Processes (ranks) per machine.")
+    zero_stage: Literal[2, 3] = Field(
+        2, description="deepspeed: ZeRO stage. 2 shards optimizer state and gradients; 3 also the weights."
+    )
+    offload_optimizer: bool = Field(
+        False, description="deepspeed: optimizer state and step on CPU (DeepSpeed's cpu_adam)."
+    )
+    offload_params: bool = Field(False, description="deepspeed ZeRO-3: weights on CPU between uses.")
+    num_machines: int = Field(1, gt=0, description="Machines (nodes) in the job.")
+    machine_rank: int = Field(
+        0, ge=0, description="This machine's rank; under a scheduler pass it per node (e.g. $SLURM_NODEID)."
+    )
+    main_process_ip: str | None = Field(None, description="Address of machine 0 (needed for num_machines > 1).")
+    main_process_port: int = Field(29500, gt=0, lt=65536, description="Rendezvous port on machine 0.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LaunchConfig:
+        if self.backend != "deepspeed" and (self.offload_optimizer or self.offload_params):
+            raise ValueError("offload_optimizer / offload_params need backend: deepspeed")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage: 3 (ZeRO-2 does not shard the weights)")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("num_machines > 1 needs main_process_ip (the address of machine 0)")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank {self.machine_rank} must be < num_machines {self.num_machines}")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.num_processes * self.num_machines
 
 
 class Recipe(Strict):

@@ -1,0 +1,49 @@
+"""The `evaluate` flow (`lab eval`): score checkpoints or whole runs outside training.
+
+A run directory (one with manifest.json) is evaluated with its own recipe's suites: every
+complete checkpoint of every phase, reusing results that already exist. Any other target is
+one model (a directory or hub id), evaluated with the given recipe's suites into
+<storage_root>/eval/<name>/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from tasks.finetune import ModelRef, eval_uri, evaluate_model
+from training import storage
+from training.launch import complete_checkpoints
+from training.recipe import load_recipe, resolve
+
+
+@flow(name="evaluate")
+def evaluate(
+    targets: list[str],
+    recipe: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    storage_root: str = "./runs",
+) -> list[dict[str, Any]]:
+    """Evaluate run directories or single models; return one row per evaluated model."""
+    rows = []
+    for target in targets:
+        manifest_uri = storage.join(target, "manifest.json")
+        if storage.exists(manifest_uri):
+            run_recipe = storage.read_json(manifest_uri)["recipe"]
+            cfg = load_recipe(run_recipe, overrides) if recipe is None else resolve(recipe, overrides=overrides)
+            for phase in cfg.phases:
+                for path in complete_checkpoints(Path(target) / phase.name):
+                    model = ModelRef(name=path.name, uri=str(path), samples=int(path.name.removeprefix("samples_")))
+                    score = evaluate_model(cfg, model, eval_uri(target, phase.name, model.name))
+                    rows.append({"target": target, "phase": phase.name, "checkpoint": model.name, **score.metrics})
+        else:
+            cfg = resolve(recipe or "demo", overrides=overrides)
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", target.rstrip("/").rsplit("/", 1)[-1])
+            root = os.path.abspath(storage_root) if storage.is_local(storage_root) else storage_root
+            score = evaluate_model(cfg, ModelRef(name=name, uri=target, samples=0), storage.join(root, "eval", name, "lm_eval.json"))
+            rows.append({"target": target, "phase": None, "checkpoint": name, **score.metrics})
+    return rows
