@@ -37,12 +37,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from training import storage
+from training.recipe import MTBenchCategory as Category
+from training.recipe import MTBenchConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,6 @@ DOWNLOADS = {
     "reference_file": ("reference_answer_gpt-4.jsonl", f"{FASTCHAT_DATA_URL}/mt_bench/reference_answer/gpt-4.jsonl"),
 }
 
-Category = Literal["writing", "roleplay", "extraction", "math", "coding", "reasoning", "stem", "humanities"]
 # Answer sampling temperature per category (FastChat's temperature_config); 0.0 = greedy.
 TEMPERATURE: dict[str, float] = {
     "writing": 0.7,
@@ -91,50 +92,6 @@ class JudgeEndpointError(RuntimeError):
 
 class MTBenchError(RuntimeError):
     """Judging failed for more judgments than `max_error_rate` allows."""
-
-
-class MTBenchConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    question_file: str | None = Field(
-        None, description="FastChat's question.jsonl; None = download it once into $RECIPE_LAB_CACHE/mt_bench."
-    )
-    judge_prompt_file: str | None = Field(
-        None, description="FastChat's judge_prompts.jsonl; None = download it once into $RECIPE_LAB_CACHE/mt_bench."
-    )
-    reference_file: str | None = Field(
-        None,
-        description="FastChat's reference_answer/gpt-4.jsonl (math, reasoning, coding); None = download "
-        "it once into $RECIPE_LAB_CACHE/mt_bench.",
-    )
-    judge_base_url: str = Field(description="OpenAI-compatible judge endpoint, e.g. http://host:8000/v1 (vLLM).")
-    judge_model: str = Field(description="Judge model name sent to the endpoint, e.g. gpt-4.")
-    judge_api_key_env: str = Field(
-        "OPENAI_API_KEY",
-        description="Name of the environment variable holding the judge's API key (the key itself is "
-        "never a parameter). Unset or empty = no Authorization header (a local vLLM).",
-    )
-    max_new_tokens: int = Field(1024, gt=0, description="Answer length cap per turn (FastChat: 1024).")
-    generation_batch_size: int = Field(8, gt=0, description="Questions generated together (left padding).")
-    seed: int = Field(0, description="Torch seed set before answer generation.")
-    concurrency: int = Field(8, gt=0, description="Judge requests in flight at once.")
-    max_retries: int = Field(
-        6, ge=0, description="Retries per judge request on HTTP 429 / 5xx, timeouts and connection errors."
-    )
-    backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubles each retry.")
-    max_backoff_s: float = Field(60.0, ge=0, description="Cap on one wait, Retry-After included.")
-    timeout_s: float = Field(120.0, gt=0, description="Timeout of one judge request, in seconds.")
-    max_error_rate: float = Field(
-        0.05,
-        ge=0,
-        le=1,
-        description="Largest allowed fraction of failed judgments (no score parsed, or the request "
-        "failed after retries) per checkpoint; above it the evaluation fails.",
-    )
-    question_limit: int | None = Field(
-        None, gt=0, description="Smoke runs: keep the first N questions of EACH category (file order)."
-    )
-    categories: list[Category] | None = Field(None, description="Keep only these categories (None = all 8).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -759,6 +716,7 @@ def write_results(result: MTBenchResult, eval_dirs: Mapping[str, str]) -> dict[s
     for checkpoint, directory in eval_dirs.items():
         uri = storage.join(directory, RESULT_FILE)
         header = result.model_dump(exclude={"checkpoints"})
-        storage.write_json(uri, {"suite": "mt_bench", **header, **result.checkpoints[checkpoint].model_dump()})
+        scores = result.checkpoints[checkpoint]
+        storage.write_json(uri, {"suite": "mt_bench", "metrics": scores.metrics(), **header, **scores.model_dump()})
         written[checkpoint] = uri
     return written

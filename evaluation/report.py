@@ -70,12 +70,14 @@ def results_table(run_uri: str, phases: list[str]) -> pd.DataFrame:
     rows = []
     for phase in phases:
         for path in sorted(fs.glob(storage.filesystem(storage.join(run_uri, phase, "eval", "*", "*.json"))[1])):
+            # lm_eval.json, mt_bench.json: every suite's file carries a flat "metrics" dict
             checkpoint, suite = path.split("/")[-2], path.rsplit("/", 1)[-1].removesuffix(".json")
             with fs.open(path) as f:
                 result = json.load(f)
             for key, value in result["metrics"].items():
                 task, metric = key.split("/", 1)
-                rows.append(dict(run=run, phase=phase, checkpoint=checkpoint, samples=result["samples"], suite=suite,
+                samples = int(checkpoint.removeprefix("samples_")) if checkpoint.startswith("samples_") else 0
+                rows.append(dict(run=run, phase=phase, checkpoint=checkpoint, samples=samples, suite=suite,
                                  task=task, metric=metric, value=value, stderr=result.get("stderr", {}).get(key)))
     return pd.DataFrame(rows, columns=TIDY_COLUMNS)
 

@@ -12,12 +12,14 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from evaluation.selection import Selection
+from evaluation.selection import CheckpointScore, Selection
 from tasks.finetune import (
     ModelRef,
     eval_uri,
     evaluate_model,
+    generate_mt_bench_answers,
     init_run,
+    judge_mt_bench,
     mark_phase_done,
     prepare_data,
     select_checkpoint,
@@ -34,6 +36,16 @@ class GateFailed(RuntimeError):
 
 def default_run_id(recipe: Recipe) -> str:
     return f"{recipe.name}-{recipe.strategy}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def score_models(cfg: Recipe, models: list[ModelRef], run_uri: str, phase: str) -> list[CheckpointScore]:
+    """lm-eval on each model; then MT-Bench if configured: every answer first, then one judging pass."""
+    scores = [evaluate_model(cfg, m, eval_uri(run_uri, phase, m.name)) for m in models]
+    if cfg.evaluation.mt_bench is None:
+        return scores
+    answers = {m.name: generate_mt_bench_answers(cfg, m, eval_uri(run_uri, phase, m.name, "mt_bench_answers.jsonl")) for m in models}
+    judged = judge_mt_bench(cfg, answers, {m.name: eval_uri(run_uri, phase, m.name, "") for m in models})
+    return [s.model_copy(update={"metrics": {**s.metrics, **judged[s.name]}}) for s in scores]
 
 
 @flow(name="finetune")
@@ -69,8 +81,10 @@ def finetune(
         else:
             prepare_data(cfg, phase, run_uri)
             checkpoints = train_phase(cfg, phase, run_uri, run_id, start)
-            start_score = start_score or evaluate_model(cfg, start, eval_uri(run_uri, phase.name, start.name))
-            scores = [evaluate_model(cfg, c, eval_uri(run_uri, phase.name, c.name)) for c in checkpoints]
+            if start_score is None:
+                start_score, *scores = score_models(cfg, [start, *checkpoints], run_uri, phase.name)
+            else:
+                scores = score_models(cfg, checkpoints, run_uri, phase.name)
             guarded = [key for earlier in cfg.phases[:i] for key in earlier.objective]  # forgetting guard
             selection = select_checkpoint(phase, start_score, scores, guarded, run_uri, run_id)
             if not selection.gate.passed:

@@ -6,6 +6,7 @@ to orchestration (retries, timeouts, artifacts, logging) lives here, not in the 
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tempfile
@@ -18,7 +19,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from pydantic import BaseModel
 
-from evaluation import lm_eval_runner, report
+from evaluation import lm_eval_runner, mt_bench, report
 from evaluation.selection import CheckpointScore, Selection, gate_markdown, select
 from training import storage
 from training.data import PrepStats, prepare
@@ -50,8 +51,9 @@ class ModelRef(BaseModel):
     samples: int
 
 
-def eval_uri(run_uri: str, phase: str, model_name: str, suite: str = "lm_eval") -> str:
-    return storage.join(run_uri, phase, "eval", model_name, f"{suite}.json")
+def eval_uri(run_uri: str, phase: str, model_name: str, file: str = "lm_eval.json") -> str:
+    """<run>/<phase>/eval/<model>/<file>: where a model's results of one suite live."""
+    return storage.join(run_uri, phase, "eval", model_name, file)
 
 
 @task(name="init-run")
@@ -150,6 +152,50 @@ def evaluate_model(recipe: Recipe, model: ModelRef, out: str) -> CheckpointScore
     return CheckpointScore(
         checkpoint=model.uri, name=model.name, samples=model.samples, metrics=result["metrics"], stderr=result["stderr"]
     )
+
+
+@task(name="generate-mt-bench-answers")
+def generate_mt_bench_answers(recipe: Recipe, model: ModelRef, out: str) -> str:
+    """MT-Bench answers of one model (both turns) into `out` (JSONL); reused when present."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if storage.exists(out):
+        return out
+    config = recipe.evaluation.mt_bench
+    path = storage.resolve_embedded(model.uri)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    llm = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    answers = mt_bench.generate_answers(llm, tokenizer, mt_bench.load_mt_bench(config).questions, config)
+    mt_bench.write_answers(answers, out)
+    get_run_logger().info(f"{model.name}: {len(answers)} MT-Bench answers -> {out}")
+    return out
+
+
+@task(name="judge-mt-bench", retries=1, retry_delay_seconds=30)
+def judge_mt_bench(recipe: Recipe, answers: dict[str, str], eval_dirs: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Judge every model's answers at once (after all were generated); judgments are cached, so
+    a retry or re-run only pays for what is missing. Returns mt_bench/* metrics per model."""
+    config = recipe.evaluation.mt_bench
+    if config.judge_api_key_secret:  # a Prefect Secret block; exposed to the client only via its env var
+        from prefect.blocks.system import Secret
+
+        os.environ[config.judge_api_key_env] = Secret.load(config.judge_api_key_secret).get()
+    result = mt_bench.judge_answers(
+        {name: mt_bench.read_answers(uri) for name, uri in answers.items()},
+        mt_bench.load_mt_bench(config),
+        config,
+        cache_dir=mt_bench_cache_dir(),
+    )
+    mt_bench.write_results(result, eval_dirs)
+    for name, scores in result.checkpoints.items():
+        get_run_logger().info(f"{name}: MT-Bench overall {scores.overall} (errors {scores.error_rate:.1%}, judge calls {scores.judge_calls})")
+    return {name: scores.metrics() for name, scores in result.checkpoints.items()}
+
+
+def mt_bench_cache_dir() -> Path:
+    from training.embedded import default_cache_dir
+
+    return default_cache_dir() / "mt_bench" / "judgments"
 
 
 @task(name="select-checkpoint")

@@ -21,11 +21,18 @@ def flow_logs(flow_run_id) -> str:
     return "\n".join(log.message for log in logs)
 
 
-def test_phased_smoke_run_writes_every_file_of_the_data_contract(tmp_path, prefect_server, assets):
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, prefect_server, assets):
+    """One phased smoke run of the demo recipe, shared by the tests that read its files."""
     from flows.finetune import finetune
 
-    result = finetune(recipe="demo", storage_root=str(tmp_path), smoke=True, run_id="e2e")
-    run = tmp_path / "e2e"
+    root = tmp_path_factory.mktemp("runs")
+    result = finetune(recipe="demo", storage_root=str(root), smoke=True, run_id="e2e")
+    return result, root / "e2e"
+
+
+def test_phased_smoke_run_writes_every_file_of_the_data_contract(smoke_run):
+    result, run = smoke_run
     assert result["run_uri"] == str(run)
 
     manifest = json.loads((run / "manifest.json").read_text())
@@ -60,11 +67,45 @@ def test_phased_smoke_run_writes_every_file_of_the_data_contract(tmp_path, prefe
     for png in ("training.png", "scores.png"):
         assert (run / "report" / png).read_bytes()[:4] == b"\x89PNG"
 
-    # Re-running the same run_id resumes: every phase is done, nothing is trained again.
+
+def test_tidy_results_table_has_a_row_per_checkpoint_and_metric(smoke_run):
+    from evaluation.report import TIDY_COLUMNS
+
+    _, run = smoke_run
+    tidy = pd.read_parquet(run / "report" / "results.parquet")
+    assert list(tidy.columns) == TIDY_COLUMNS
+    evaluated = {(p, c.name) for p in ("phase00", "phase05", "phase10") for c in (run / p / "eval").iterdir()}
+    assert set(zip(tidy["phase"], tidy["checkpoint"])) == evaluated
+    knowledge = tidy[(tidy.task == "lab_knowledge") & (tidy.metric == "acc")]
+    assert len(knowledge) == len(evaluated) and knowledge["stderr"].notna().all()
+
+
+def test_rerun_with_the_same_run_id_skips_done_phases(smoke_run):
+    from flows.finetune import finetune
+
+    result, run = smoke_run
     mtime = (run / "phase00" / "metrics.jsonl").stat().st_mtime
-    again = finetune(recipe="demo", storage_root=str(tmp_path), smoke=True, run_id="e2e")
+    again = finetune(recipe="demo", storage_root=str(run.parent), smoke=True, run_id="e2e")
     assert [p["selected"] for p in again["phases"]] == [p["selected"] for p in result["phases"]]
     assert (run / "phase00" / "metrics.jsonl").stat().st_mtime == mtime
+
+
+def test_lab_eval_on_a_run_evaluates_only_what_has_no_results(smoke_run, monkeypatch):
+    import transformers
+
+    from flows.evaluate import evaluate
+
+    _, run = smoke_run
+    victim = sorted((run / "phase05" / "eval").iterdir())[-1]
+    (victim / "lm_eval.json").unlink()
+    loads = []
+    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a[0]) or real(cls, *a, **k)))
+    rows = evaluate(targets=[str(run)])
+    assert loads == [str(run / "phase05" / "checkpoints" / victim.name)]
+    assert (victim / "lm_eval.json").exists()
+    checkpoints = [c for p in ("phase00", "phase05", "phase10") for c in (run / p / "checkpoints").iterdir()]
+    assert len(rows) == len(checkpoints)
 
 
 def test_training_failure_fails_the_flow_with_the_subprocess_error_in_the_run_log(tmp_path, prefect_server, assets):
@@ -103,3 +144,37 @@ def test_a_failed_gate_fails_the_flow_after_writing_why(tmp_path, prefect_server
     assert selection["gate"]["passed"] is False
     assert any("missed by" in r for r in selection["gate"]["reasons"])
     assert not (tmp_path / "gated" / "phase05").exists()  # the next phase never started
+
+
+def test_mt_bench_judges_every_checkpoint_inside_the_flow(tmp_path, prefect_server, assets, monkeypatch):
+    from flows.finetune import finetune
+    from tests.judge_server import JudgeServer
+    from tests.conftest import SHARED
+
+    monkeypatch.setenv("RECIPE_LAB_TEST_JUDGE_KEY", "sk-test-flow")
+    mt = SHARED / "mt_bench"
+    with JudgeServer(api_key="sk-test-flow", default=("rating", 6)) as judge:
+        overrides = {
+            "phases": [{"name": "phase00", "data": ["embedded://curriculum/phase00/train.jsonl"],
+                        "objective": {"lab_instruction/rule_acc": 1.0, "mt_bench/overall": 0.1}}],
+            "training.epochs": 0.25,
+            "checkpointing.save_every_samples": 256,
+            "evaluation.limit": 10,
+            "evaluation.mt_bench": {
+                "question_file": str(mt / "question.jsonl"), "judge_prompt_file": str(mt / "judge_prompts.jsonl"),
+                "reference_file": str(mt / "reference_answer_gpt-4.jsonl"), "judge_base_url": judge.base_url,
+                "judge_model": "judge-test", "judge_api_key_env": "RECIPE_LAB_TEST_JUDGE_KEY",
+                "question_limit": 1, "categories": ["writing", "math"], "max_new_tokens": 8, "backoff_s": 0.01,
+            },
+        }
+        finetune(recipe="demo", storage_root=str(tmp_path), overrides=overrides, run_id="mt")
+    run = tmp_path / "mt" / "phase00"
+    models = ["base", *(c.name for c in (run / "checkpoints").iterdir())]
+    # 2 questions x 2 turns per model, judged after every model's answers existed
+    assert len(judge.requests) == 4 * len(models)
+    for name in models:
+        result = json.loads((run / "eval" / name / "mt_bench.json").read_text())
+        assert result["metrics"]["mt_bench/overall"] == 6.0 and result["error_rate"] == 0.0
+    selection = json.loads((run / "selection.json").read_text())
+    assert all(c["metrics"]["mt_bench/overall"] == 6.0 for c in selection["candidates"])
+    assert "sk-test-flow" not in (tmp_path / "mt" / "manifest.json").read_text()

@@ -149,6 +149,58 @@ class WatchdogConfig(Strict):
     min_steps: int = Field(10, ge=1, description="Steps before spike detection starts.")
 
 
+MTBenchCategory = Literal["writing", "roleplay", "extraction", "math", "coding", "reasoning", "stem", "humanities"]
+
+
+class MTBenchConfig(Strict):
+    """MT-Bench single-answer grading (FastChat llm_judge); evaluation.mt_bench runs it."""
+
+    question_file: str | None = Field(
+        None, description="FastChat's question.jsonl; None = download it once into $RECIPE_LAB_CACHE/mt_bench."
+    )
+    judge_prompt_file: str | None = Field(
+        None, description="FastChat's judge_prompts.jsonl; None = download it once into $RECIPE_LAB_CACHE/mt_bench."
+    )
+    reference_file: str | None = Field(
+        None,
+        description="FastChat's reference_answer/gpt-4.jsonl (math, reasoning, coding); None = download "
+        "it once into $RECIPE_LAB_CACHE/mt_bench.",
+    )
+    judge_base_url: str = Field(description="OpenAI-compatible judge endpoint, e.g. http://host:8000/v1 (vLLM).")
+    judge_model: str = Field(description="Judge model name sent to the endpoint, e.g. gpt-4.")
+    judge_api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        description="Name of the environment variable holding the judge's API key (the key itself is "
+        "never a parameter). Unset or empty = no Authorization header (a local vLLM).",
+    )
+    judge_api_key_secret: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block holding the judge's key; the evaluation task loads "
+        "it into the judge_api_key_env variable. None = use the environment only.",
+    )
+    max_new_tokens: int = Field(1024, gt=0, description="Answer length cap per turn (FastChat: 1024).")
+    generation_batch_size: int = Field(8, gt=0, description="Questions generated together (left padding).")
+    seed: int = Field(0, description="Torch seed set before answer generation.")
+    concurrency: int = Field(8, gt=0, description="Judge requests in flight at once.")
+    max_retries: int = Field(
+        6, ge=0, description="Retries per judge request on HTTP 429 / 5xx, timeouts and connection errors."
+    )
+    backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubles each retry.")
+    max_backoff_s: float = Field(60.0, ge=0, description="Cap on one wait, Retry-After included.")
+    timeout_s: float = Field(120.0, gt=0, description="Timeout of one judge request, in seconds.")
+    max_error_rate: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Largest allowed fraction of failed judgments (no score parsed, or the request "
+        "failed after retries) per checkpoint; above it the evaluation fails.",
+    )
+    question_limit: int | None = Field(
+        None, gt=0, description="Smoke runs: keep the first N questions of EACH category (file order)."
+    )
+    categories: list[Category] | None = Field(None, description="Keep only these categories (None = all 8).")
+
+
 class EvaluationConfig(Strict):
     tasks: list[str] = Field(
         min_length=1,
@@ -163,6 +215,9 @@ class EvaluationConfig(Strict):
     )
     include_path: str | None = Field(None, description="Directory of extra lm-eval task YAMLs.")
     max_gen_tokens: int = Field(64, gt=0, description="Generation cap for generate_until tasks of the lab.")
+    mt_bench: MTBenchConfig | None = Field(
+        None, description="Also judge every checkpoint on MT-Bench (metrics mt_bench/overall, ...); None = skip."
+    )
 
 
 class LaunchConfig(Strict):
