@@ -71,14 +71,17 @@ def test_over_long_samples_are_dropped_and_counted(tmp_path, tokenizer):
     assert max(load_tokenized(str(tmp_path / "out")).lengths()) <= 64
 
 
-def test_parquet_input_and_stacked_shuffle(tmp_path, tokenizer):
+def test_parquet_input_and_replay_of_earlier_phases(tmp_path, tokenizer):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": str(i)}]} for i in range(40)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-    prepare([str(tmp_path / "d.parquet")], tokenizer, str(tmp_path / "plain"), 256)
-    prepare([str(tmp_path / "d.parquet")], tokenizer, str(tmp_path / "mixed"), 256, shuffle_seed=0)
-    plain, mixed = load_tokenized(str(tmp_path / "plain")), load_tokenized(str(tmp_path / "mixed"))
-    assert plain.ids == [f"q{i}" for i in range(40)]
-    assert mixed.ids != plain.ids and sorted(mixed.ids) == sorted(plain.ids)
+    earlier = write_jsonl(tmp_path / "earlier.jsonl", [json.dumps({"id": f"e{i}", **GOOD}) for i in range(50)])
+    stats = prepare([str(tmp_path / "d.parquet")], tokenizer, str(tmp_path / "out"), 256, replay_sources=[str(earlier)], replay_fraction=0.2, seed=3)
+    data = load_tokenized(str(tmp_path / "out"))
+    assert data.ids[:40] == [f"q{i}" for i in range(40)]
+    replayed = data.ids[40:]
+    assert stats.replayed == len(replayed) == 10 and all(i.startswith("e") for i in replayed) and len(set(replayed)) == 10
+    again = prepare([str(tmp_path / "d.parquet")], tokenizer, str(tmp_path / "again"), 256, replay_sources=[str(earlier)], replay_fraction=0.2, seed=3)
+    assert load_tokenized(str(tmp_path / "again")).ids == data.ids and again.replayed == 10  # seeded

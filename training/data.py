@@ -116,6 +116,7 @@ def tokenize(tokenizer: Any, messages: list[dict[str, str]], train_on_prompt: bo
 class PrepStats:
     files: dict[str, int] = field(default_factory=dict)  # rows read per input file
     samples: int = 0
+    replayed: int = 0  # samples of earlier phases mixed in (PhaseConfig.replay)
     dropped_too_long: int = 0
     dropped_no_loss_tokens: int = 0
     tokens: int = 0
@@ -127,59 +128,74 @@ class PrepStats:
         return self.__dict__.copy()
 
 
+def read_conversations(uri: str) -> list[tuple[str, list[dict[str, str]]]]:
+    """(id, messages) of every row, validated; the id defaults to file:line."""
+    rows = []
+    for line, row in read_rows(uri):
+        where = f"{uri}:{line}"
+        messages = normalise(row, where)
+        rows.append((str(row.get("id", where)), messages))
+    return rows
+
+
 def prepare(
     sources: list[str],
     tokenizer: Any,
     out_dir: str,
     max_seq_len: int,
     train_on_prompt: bool = False,
-    shuffle_seed: int | None = None,
+    replay_sources: list[str] = (),
+    replay_fraction: float = 0.0,
+    seed: int = 0,
 ) -> PrepStats:
     """Tokenize every source into `out_dir/tokens.parquet` and write `out_dir/stats.json`.
 
-    Samples longer than max_seq_len are dropped and counted, never truncated (a truncated
-    answer teaches the model to stop mid-sentence). Files are written only after every row
-    validated, so a bad row leaves nothing half-written.
+    `replay_fraction` of the rows of `replay_sources` (earlier phases' data, a seeded sample)
+    is mixed in. Samples longer than max_seq_len are dropped and counted, never truncated (a
+    truncated answer teaches the model to stop mid-sentence). Files are written only after
+    every row validated, so a bad row leaves nothing half-written. Row order does not matter:
+    the sampler draws a fresh permutation every epoch.
     """
     stats = PrepStats()
+    conversations = []
+    for source in sources:
+        rows = read_conversations(storage.resolve_embedded(source))
+        stats.files[source] = len(rows)
+        conversations += rows
+    if replay_fraction > 0:
+        earlier = [row for source in replay_sources for row in read_conversations(storage.resolve_embedded(source))]
+        replayed = random.Random(seed).sample(earlier, round(replay_fraction * len(earlier)))
+        stats.replayed = len(replayed)
+        conversations += replayed
+
     ids: list[str] = []
     all_input_ids: list[list[int]] = []
     all_labels: list[list[int]] = []
-    for source in sources:
-        uri = storage.resolve_embedded(source)
-        count = 0
-        for line, row in read_rows(uri):
-            where = f"{uri}:{line}"
-            messages = normalise(row, where)
-            input_ids, labels = tokenize(tokenizer, messages, train_on_prompt)
-            count += 1
-            if len(input_ids) > max_seq_len:
-                stats.dropped_too_long += 1
-                continue
-            loss_tokens = sum(1 for t in labels[1:] if t != IGNORE_INDEX)
-            if loss_tokens == 0:
-                stats.dropped_no_loss_tokens += 1
-                continue
-            ids.append(str(row.get("id", where)))
-            all_input_ids.append(input_ids)
-            all_labels.append(labels)
-            stats.tokens += len(input_ids)
-            stats.loss_tokens += loss_tokens
-            stats.max_len = max(stats.max_len, len(input_ids))
-        stats.files[source] = count
+    for sample_id, messages in conversations:
+        input_ids, labels = tokenize(tokenizer, messages, train_on_prompt)
+        if len(input_ids) > max_seq_len:
+            stats.dropped_too_long += 1
+            continue
+        loss_tokens = sum(1 for t in labels[1:] if t != IGNORE_INDEX)
+        if loss_tokens == 0:
+            stats.dropped_no_loss_tokens += 1
+            continue
+        ids.append(sample_id)
+        all_input_ids.append(input_ids)
+        all_labels.append(labels)
+        stats.tokens += len(input_ids)
+        stats.loss_tokens += loss_tokens
+        stats.max_len = max(stats.max_len, len(input_ids))
     if not ids:
         raise DataError(f"no usable samples in {sources} (dropped {stats.dropped_too_long} too long)")
 
-    order = list(range(len(ids)))
-    if shuffle_seed is not None:  # stacked training mixes all phases' data
-        random.Random(shuffle_seed).shuffle(order)
     stats.samples = len(ids)
     stats.mean_len = round(stats.tokens / len(ids), 2)
     table = pa.table(
         {
-            "id": [ids[i] for i in order],
-            "input_ids": pa.array([all_input_ids[i] for i in order], type=pa.list_(pa.int32())),
-            "labels": pa.array([all_labels[i] for i in order], type=pa.list_(pa.int32())),
+            "id": ids,
+            "input_ids": pa.array(all_input_ids, type=pa.list_(pa.int32())),
+            "labels": pa.array(all_labels, type=pa.list_(pa.int32())),
         }
     )
     fs, path = storage.filesystem(storage.join(out_dir, "tokens.parquet"))

@@ -3,13 +3,19 @@
 The subprocess gets its own process group (session) and is killed as a group on every exit
 path that is not a clean finish: an exception, a timeout, a cancel (SIGTERM) of the caller.
 Rank-0 output is streamed line by line to a callback (the Prefect task logs it).
+
+Per phase directory the launcher writes `job.json` (the TrainJob), `accelerate.yaml` and, for
+DeepSpeed, `deepspeed.json`: all generated from the recipe's `launch` section, so a run can
+be relaunched by hand (or on every node under a scheduler) with the printed command.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,9 +23,10 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import yaml
 
-from training.recipe import LaunchConfig
+from training.recipe import LaunchConfig, Recipe
 from training.train import EXIT_WATCHDOG, TrainJob
 
 
@@ -27,33 +34,89 @@ class TrainingFailed(RuntimeError):
     """The training subprocess exited non-zero; the message holds its last output lines."""
 
 
-def accelerate_config(launch: LaunchConfig) -> dict:
+def deepspeed_config(recipe: Recipe) -> dict:
+    """DeepSpeed's JSON for the recipe.
+
+    The micro-batches of a step vary in number and size, so DeepSpeed's own batch bookkeeping
+    gets nominal values (1 sample per micro-batch, gradient_accumulation_steps 1) and the
+    training loop marks each step's last micro-batch itself. Clipping is DeepSpeed's (it sees
+    the sharded gradients); bf16/fp16 follow the model dtype, with fp32 master weights.
+    """
+    launch, dtype = recipe.launch, recipe.model.dtype
+    pin = torch.cuda.is_available()  # pinned host memory speeds offload copies; CPU-only has nothing to pin for
+    zero: dict = {"stage": launch.zero_stage, "contiguous_gradients": True}
+    if launch.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if launch.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    if launch.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # checkpoints as one consolidated file
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": launch.world_size,
+        "gradient_clipping": recipe.training.max_grad_norm or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW: correct, just not on DeepSpeed's list
+        "steps_per_print": 2**31 - 1,  # the training loop logs
+        "wall_clock_breakdown": False,
+    }
+
+
+def accelerate_config(launch: LaunchConfig, deepspeed_config_file: Path | None = None, dtype: str = "float32") -> dict:
     """accelerate's config file for the recipe's launch settings.
 
     CPU multi-process must be MULTI_GPU plus ACCELERATE_USE_CPU (see `launch_env`): a MULTI_CPU
-    config or `--cpu` silently runs a single process (NOTES.md).
+    config or `--cpu` silently runs a single process (NOTES.md). DeepSpeed must not get either
+    (it would silently be dropped); on CPU it runs over gloo all the same. Precision: DDP trains
+    in the model dtype; DeepSpeed takes it from its JSON (accelerate refuses a second source);
+    FSDP keeps fp32 weights and computes in the model dtype (its mixed precision policy).
     """
-    distributed = launch.num_processes > 1
-    return {
+    distributed = launch.world_size > 1
+    config = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": "MULTI_GPU" if distributed else "NO",
-        "num_processes": launch.num_processes,
-        "num_machines": 1,
-        "machine_rank": 0,
-        "mixed_precision": "no",
+        "num_processes": launch.world_size,  # accelerate counts all machines' processes
+        "num_machines": launch.num_machines,
+        "machine_rank": launch.machine_rank,
         "use_cpu": launch.backend == "cpu",
         "gpu_ids": "all",
         "main_training_function": "main",
         "rdzv_backend": "static",
         "same_network": True,
     }
+    if launch.backend != "deepspeed":
+        config["mixed_precision"] = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no") if launch.backend == "fsdp" else "no"
+    if launch.num_machines > 1:
+        config |= {"main_process_ip": launch.main_process_ip, "main_process_port": launch.main_process_port}
+    if launch.backend == "deepspeed":
+        assert deepspeed_config_file is not None, "deepspeed needs its JSON file"
+        config["distributed_type"] = "DEEPSPEED"
+        config["deepspeed_config"] = {
+            "deepspeed_config_file": str(deepspeed_config_file),
+            "zero3_init_flag": launch.zero_stage == 3,  # from_pretrained loads straight into shards
+            "deepspeed_multinode_launcher": "standard",  # one launch per node (a scheduler's job), not pdsh
+        }
+    if launch.backend == "fsdp":
+        config["distributed_type"] = "FSDP"
+        config["fsdp_config"] = {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # the model's decoder layers (_no_split_modules)
+            "fsdp_reshard_after_forward": True,  # full sharding (ZeRO-3-like)
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",  # rolling state per rank; checkpoints are gathered
+            "fsdp_offload_params": False,
+            "fsdp_cpu_ram_efficient_loading": False,
+        }
+    return config
 
 
 def launch_env(launch: LaunchConfig) -> dict[str, str]:
     env = dict(os.environ)
-    if launch.backend == "cpu":
-        if launch.num_processes > 1:  # gloo DDP on CPU; with one process it breaks PartialState
-            env["ACCELERATE_USE_CPU"] = "true"
+    if launch.backend == "cpu" and launch.world_size > 1:  # gloo DDP on CPU; with one process it breaks PartialState
+        env["ACCELERATE_USE_CPU"] = "true"
+    if launch.backend == "cpu" or not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.num_processes)))
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -61,11 +124,28 @@ def launch_env(launch: LaunchConfig) -> dict[str, str]:
 
 def launch_command(config_file: Path, job_file: Path, launch: LaunchConfig) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
-    if launch.num_processes > 1:
-        cmd += ["--multi_gpu", "--num_processes", str(launch.num_processes)]
-    if launch.backend == "cpu" and launch.num_processes == 1:
+    if launch.world_size > 1:
+        if launch.backend in ("cpu", "ddp"):  # DeepSpeed / FSDP come from the config file
+            cmd += ["--multi_gpu"]
+        cmd += ["--num_processes", str(launch.world_size)]
+    if launch.num_machines > 1:
+        cmd += [
+            "--num_machines", str(launch.num_machines),
+            "--machine_rank", str(launch.machine_rank),
+            "--main_process_ip", str(launch.main_process_ip),
+            "--main_process_port", str(launch.main_process_port),
+        ]
+    elif launch.world_size > 1:  # a free port: several runs on one machine must not meet on 29500
+        cmd += ["--main_process_port", str(free_port())]
+    if launch.backend == "cpu" and launch.world_size == 1:
         cmd += ["--cpu"]
     return cmd + ["-m", "training.train", "--config", str(job_file)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def remove_incomplete_checkpoints(output_dir: Path) -> list[Path]:
@@ -84,17 +164,46 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("samples_")))
 
 
-def start_training(job: TrainJob) -> subprocess.Popen:
-    """Write job.json and accelerate.yaml into the phase directory and start the launch in
-    its own process group (session), so that all ranks can be killed at once."""
+def prune_checkpoints(output_dir: Path, keep: str | None, policy: str) -> list[Path]:
+    """Disk: after a phase's selection, delete its complete checkpoints except the winner.
+
+    `keep` is the winner's path or URI (only its `samples_<N>` name is compared), or None when
+    the phase's starting model won and none of its checkpoints is kept. Policy "none" deletes
+    nothing. A winner that is not among the checkpoints is an error, not a reason to delete all.
+    """
+    if policy == "none":
+        return []
+    checkpoints = complete_checkpoints(output_dir)
+    name = keep.rstrip("/").rsplit("/", 1)[-1] if keep else None
+    if name is not None and name not in {p.name for p in checkpoints}:
+        raise ValueError(f"selected checkpoint {keep!r} is not a complete checkpoint under {output_dir}; nothing deleted")
+    removed = [p for p in checkpoints if p.name != name]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def write_launch_files(job: TrainJob) -> list[str]:
+    """Write job.json, accelerate.yaml (and deepspeed.json) into the phase directory; return
+    the launch command."""
     output_dir = Path(job.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     job_file = output_dir / "job.json"
     job_file.write_text(job.model_dump_json(indent=2))
+    ds_file = None
+    if job.recipe.launch.backend == "deepspeed":
+        ds_file = output_dir / "deepspeed.json"
+        ds_file.write_text(json.dumps(deepspeed_config(job.recipe), indent=2) + "\n")
     config_file = output_dir / "accelerate.yaml"
-    config_file.write_text(yaml.safe_dump(accelerate_config(job.recipe.launch)))
+    config_file.write_text(yaml.safe_dump(accelerate_config(job.recipe.launch, ds_file, job.recipe.model.dtype)))
+    return launch_command(config_file, job_file, job.recipe.launch)
+
+
+def start_training(job: TrainJob) -> subprocess.Popen:
+    """Start the launch in its own process group (session), so that all ranks can be killed
+    at once."""
     return subprocess.Popen(
-        launch_command(config_file, job_file, job.recipe.launch),
+        write_launch_files(job),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -113,12 +222,16 @@ def run_training(
     proc = start_training(job)
     on_line("launch: " + " ".join(proc.args))
     tail: deque[str] = deque(maxlen=40)
+    first_error: list[str] = []  # the first traceback: a rank's own error, before the launcher's echo of it
 
     def pump() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            tail.append(line.rstrip())
-            on_line(line.rstrip())
+            line = line.rstrip()
+            if (first_error or line.startswith("Traceback")) and len(first_error) < 40:
+                first_error.append(line)
+            tail.append(line)
+            on_line(line)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -132,7 +245,8 @@ def run_training(
         remove_incomplete_checkpoints(Path(job.output_dir))
     if returncode != 0:
         what = "stopped by the watchdog" if returncode == EXIT_WATCHDOG else f"failed (exit {returncode})"
-        raise TrainingFailed(f"training of phase {job.phase} {what}:\n" + "\n".join(tail))
+        shown = first_error + ["..."] + list(tail) if first_error and first_error[0] not in tail else list(tail)
+        raise TrainingFailed(f"training of phase {job.phase} {what}:\n" + "\n".join(shown))
     return complete_checkpoints(Path(job.output_dir))
 
 

@@ -43,6 +43,13 @@ class PhaseConfig(Strict):
         description="Training files (JSONL/Parquet, local path or fsspec URL, or embedded://...). "
         "Formats: OpenAI `messages`, ShareGPT `conversations`, Alpaca instruction/input/output.",
     )
+    replay: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Fraction of every earlier phase's data mixed into this one (seeded sample): "
+        "the usual guard against forgetting in phased training. 0 = none.",
+    )
     objective: dict[str, float] = Field(
         min_length=1,
         description="Selection objective: weights of 'task/metric' keys, e.g. "
@@ -198,7 +205,7 @@ class MTBenchConfig(Strict):
     question_limit: int | None = Field(
         None, gt=0, description="Smoke runs: keep the first N questions of EACH category (file order)."
     )
-    categories: list[Category] | None = Field(None, description="Keep only these categories (None = all 8).")
+    categories: list[MTBenchCategory] | None = Field(None, description="Keep only these categories (None = all 8).")
 
 
 class EvaluationConfig(Strict):
