@@ -117,14 +117,38 @@ def plot_scores(checkpoints: pd.DataFrame, metrics: list[str], title: str, uri: 
     save_png(fig, uri)
 
 
+def write_table(out_uri: str, name: str, rows: list[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
+    """<out>/<name>.csv and <name>.md of a table."""
+    table = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    storage.write_text(storage.join(out_uri, f"{name}.csv"), table.to_csv(index=False))
+    storage.write_text(storage.join(out_uri, f"{name}.md"), table.to_markdown(index=False) + "\n")
+    return table
+
+
+def plot_sweep(metrics: dict[str, list[dict[str, Any]]], stopped: set[str], uri: str) -> None:
+    """Grad norm and loss of every run of a sweep (first phase); stopped runs dashed."""
+    fig, (ax_grad, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for run_id, steps in metrics.items():
+        steps = [m for m in steps if "loss" in m]
+        style = "--" if run_id in stopped else "-"
+        x = [m["samples_seen"] for m in steps]
+        ax_grad.plot(x, [m["grad_norm"] for m in steps], style, label=run_id)
+        ax_loss.plot(x, [m["loss"] for m in steps], style, label=run_id)
+    ax_grad.set_yscale("log")
+    ax_grad.set_title("grad norm (dashed: stopped early)")
+    ax_loss.set_title("loss")
+    for ax in (ax_grad, ax_loss):
+        ax.set_xlabel("samples seen")
+    ax_loss.legend(fontsize=7)
+    save_png(fig, uri)
+
+
 def write_run_report(run_uri: str, phases: list[str], metrics: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Write <run>/report/: summary.{md,csv}, checkpoints.csv, results.parquet (tidy),
     training.png, scores.png. Return (summary, tidy results)."""
     summary, steps, checkpoints = phase_rows(run_uri, phases)
     report = storage.join(run_uri, "report")
-    table = pd.DataFrame(summary)
-    storage.write_text(storage.join(report, "summary.csv"), table.to_csv(index=False))
-    storage.write_text(storage.join(report, "summary.md"), table.to_markdown(index=False) + "\n")
+    table = write_table(report, "summary", summary)
     storage.write_text(storage.join(report, "checkpoints.csv"), pd.DataFrame(checkpoints).to_csv(index=False))
     tidy = results_table(run_uri, phases)
     fs, path = storage.filesystem(storage.join(report, "results.parquet"))
@@ -144,9 +168,7 @@ def write_comparison(out_uri: str, runs: dict[str, str], phases: dict[str, list[
         summary, _, checkpoints = phase_rows(run_uri, phases[label])
         rows += [{"run": label, **r} for r in summary]
         curves += [{"run": label, **c} for c in checkpoints]
-    table = pd.DataFrame(rows)
-    storage.write_text(storage.join(out_uri, "comparison.csv"), table.to_csv(index=False))
-    storage.write_text(storage.join(out_uri, "comparison.md"), table.to_markdown(index=False) + "\n")
+    table = write_table(out_uri, "comparison", rows)
     frame = pd.DataFrame(curves)
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):

@@ -11,6 +11,7 @@ import re
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,14 @@ from pydantic import BaseModel
 from evaluation import lm_eval_runner, mt_bench, report
 from evaluation.selection import CheckpointScore, Selection, gate_markdown, select
 from training import storage
-from training.data import PrepStats, prepare
-from training.launch import run_training
+from training.data import PrepStats, load_phase, prepare
+from training.launch import TrainingFailed, complete_checkpoints, run_training
 from training.recipe import PhaseConfig, Recipe
 from training.train import TrainJob
 
 REPO = Path(__file__).resolve().parents[1]
+TRAINED = "trained.json"  # a phase's training finished: its checkpoints, written after everything else
+CHECKPOINT_LINE = re.compile(r"^checkpoint (samples_\d+)$")  # training.train prints it once meta.json is written
 
 
 def artifact_key(*parts: str) -> str:
@@ -89,47 +92,105 @@ def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> dict[str, 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(storage.resolve_embedded(recipe.model.name_or_path))
+    conversations, files = load_phase(phase.data, phase.length_split)
+    earlier = recipe.phases[: [p.name for p in recipe.phases].index(phase.name)]
+    replay_pool = [c for p in earlier for c in load_phase(p.data, p.length_split)[0]] if phase.replay else []
     stats: PrepStats = prepare(
-        phase.data,
+        conversations,
         tokenizer,
         storage.join(run_uri, "data", phase.name),
         recipe.training.max_seq_len,
         recipe.training.train_on_prompt,
-        shuffle_seed=recipe.training.seed if recipe.strategy == "stacked" else None,
+        replay_pool=replay_pool,
+        replay_fraction=phase.replay,
+        seed=recipe.training.seed,
+        files=files,
     )
     get_run_logger().info(
-        f"{phase.name}: {stats.samples} samples, {stats.tokens} tokens ({stats.loss_tokens} with loss), "
-        f"dropped {stats.dropped_too_long} longer than {recipe.training.max_seq_len}"
+        f"{phase.name}: {stats.samples} samples ({stats.replayed} replayed from earlier phases), {stats.tokens} tokens "
+        f"({stats.loss_tokens} with loss), dropped {stats.dropped_too_long} longer than {recipe.training.max_seq_len}"
     )
     return stats.to_dict()
 
 
 @task(name="train-phase")
-def train_phase(recipe: Recipe, phase: PhaseConfig, run_uri: str, run_id: str, start: ModelRef) -> list[ModelRef]:
-    """Run the phase's `accelerate launch`; stream rank-0 output to the log; return checkpoints."""
+def train_phase(
+    recipe: Recipe, phase: PhaseConfig, run_uri: str, run_id: str, start: ModelRef, stop_after_samples: int | None = None
+) -> list[ModelRef]:
+    """Run the phase's `accelerate launch`; stream rank-0 output to the log; return checkpoints.
+
+    With `stop_after_samples` the run pauses there (a sweep's probe); the next call resumes it.
+    Training writes into the phase's local directory (for a remote root, its mirror in the
+    staging directory, which also keeps the rolling state for resume); with a remote root each
+    checkpoint is uploaded as soon as training reports it complete. A finished phase gets
+    trained.json and is never trained again: a re-run only uploads what is missing.
+    """
+    phase_uri = storage.join(run_uri, phase.name)
+    if storage.exists(storage.join(phase_uri, TRAINED)):
+        return [ModelRef.model_validate(m) for m in storage.read_json(storage.join(phase_uri, TRAINED))]
     logger = get_run_logger()
+    local = storage.local_path(phase_uri)
+    if (local / TRAINED).exists():
+        logger.info(f"{phase.name}: trained before; uploading what is missing")
+        return publish_phase(local, phase_uri)
+
+    remote = not storage.is_local(phase_uri)
     progress = create_progress_artifact(progress=0.0, key=artifact_key(run_id, phase.name, "training"), description=f"training {phase.name}")
     step_line = re.compile(r"^step (\d+)/(\d+) ")
+    # Uploads run beside the output pump, so that a slow upload never stalls training's stdout.
+    uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+    uploads = []
 
     def on_line(line: str) -> None:
         logger.info(line)
         if match := step_line.match(line):
             update_progress_artifact(progress, progress=100.0 * int(match[1]) / int(match[2]))
+        elif remote and (match := CHECKPOINT_LINE.match(line)):
+            uploads.append(uploader.submit(storage.upload_tree, local / "checkpoints" / match[1], storage.join(phase_uri, "checkpoints", match[1])))
 
     job = TrainJob(
         run_id=run_id,
         phase=phase.name,
         recipe=recipe,
-        model_path=storage.resolve_embedded(start.uri),
+        model_path=storage.local_checkpoint(start.uri),
         parent_checkpoint=start.uri,
         data_dir=storage.join(run_uri, "data", phase.name),
-        output_dir=storage.join(run_uri, phase.name),
+        output_dir=str(local),
         code_version=code_version(),
+        stop_after_samples=stop_after_samples,
     )
-    checkpoints = run_training(job, on_line=on_line)
+    try:
+        run_training(job, on_line=on_line)
+        for upload in uploads:
+            upload.result()  # an upload error fails the task (a retry resumes the upload)
+    except TrainingFailed:
+        publish_phase(local, phase_uri)  # the metrics and stopped.json say why; keep them with the run
+        raise
+    finally:
+        uploader.shutdown(wait=False, cancel_futures=True)
+    if not (local / "state").exists():  # finished, not paused: the rolling state is removed at the end
+        storage.write_json(str(local / TRAINED), [c.model_dump() for c in checkpoint_refs(local, phase_uri)])
+    return publish_phase(local, phase_uri)
+
+
+def checkpoint_refs(local: Path, phase_uri: str) -> list[ModelRef]:
+    """The complete checkpoints of a phase trained in `local`, addressed under `phase_uri`."""
     return [
-        ModelRef(name=p.name, uri=str(p), samples=int(p.name.removeprefix("samples_"))) for p in checkpoints
+        ModelRef(name=p.name, uri=storage.join(phase_uri, "checkpoints", p.name), samples=int(p.name.removeprefix("samples_")))
+        for p in complete_checkpoints(local)
     ]
+
+
+def publish_phase(local: Path, phase_uri: str) -> list[ModelRef]:
+    """Copy a phase trained in `local` to its remote `phase_uri` (nothing to do for a local
+    root); return its complete checkpoints. Order: each checkpoint (files, then meta.json), then
+    metrics and logs, then trained.json. The rolling state stays local."""
+    checkpoints = checkpoint_refs(local, phase_uri)
+    if not storage.is_local(phase_uri):
+        for checkpoint in checkpoints:
+            storage.upload_tree(local / "checkpoints" / checkpoint.name, checkpoint.uri)
+        storage.upload_tree(local, phase_uri, skip=("checkpoints/", "state"), last=(TRAINED,))
+    return checkpoints
 
 
 @task(name="evaluate-model")
@@ -146,7 +207,7 @@ def evaluate_model(recipe: Recipe, model: ModelRef, out: str) -> CheckpointScore
                 curriculum = Path(storage.resolve_embedded("embedded://curriculum/"))
                 task_dir = lm_eval_runner.write_lab_tasks(Path(tmp), curriculum, recipe.evaluation.max_gen_tokens)
             result = lm_eval_runner.evaluate_checkpoint(
-                storage.resolve_embedded(model.uri), recipe.evaluation, task_dir, out, model.uri, model.samples
+                storage.local_checkpoint(model.uri), recipe.evaluation, task_dir, out, model.uri, model.samples
             )
         get_run_logger().info(f"{model.name}: {result['metrics']} ({time.perf_counter() - t0:.1f}s)")
     return CheckpointScore(
@@ -162,7 +223,7 @@ def generate_mt_bench_answers(recipe: Recipe, model: ModelRef, out: str) -> str:
     if storage.exists(out):
         return out
     config = recipe.evaluation.mt_bench
-    path = storage.resolve_embedded(model.uri)
+    path = storage.local_checkpoint(model.uri)
     tokenizer = AutoTokenizer.from_pretrained(path)
     llm = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     answers = mt_bench.generate_answers(llm, tokenizer, mt_bench.load_mt_bench(config).questions, config)

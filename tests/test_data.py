@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from training.data import IGNORE_INDEX, DataError, load_tokenized, prepare, tokenize
+from training.data import IGNORE_INDEX, DataError, load_phase, load_tokenized, prepare, tokenize
 
 GOOD = {"messages": [{"role": "user", "content": "Write the word tower in uppercase."}, {"role": "assistant", "content": "TOWER"}]}
 
@@ -30,7 +30,7 @@ def test_bad_line_names_file_and_line_and_writes_nothing(tmp_path, tokenizer, ba
     source = write_jsonl(tmp_path / "train.jsonl", [json.dumps(GOOD), json.dumps(GOOD), bad_line])
     out = tmp_path / "out"
     with pytest.raises(DataError) as err:
-        prepare([str(source)], tokenizer, str(out), max_seq_len=256)
+        prepare(load_phase([str(source)])[0], tokenizer, str(out), max_seq_len=256)
     assert str(err.value).startswith(f"{source}:3: ")
     assert expected in str(err.value)
     assert not out.exists()
@@ -40,7 +40,7 @@ def test_sharegpt_and_alpaca_are_normalised(tmp_path, tokenizer):
     sharegpt = {"conversations": [{"from": "human", "value": "Write the word tower in uppercase."}, {"from": "gpt", "value": "TOWER"}]}
     alpaca = {"instruction": "Write the word tower in uppercase.", "input": "", "output": "TOWER"}
     source = write_jsonl(tmp_path / "mixed.jsonl", [json.dumps(GOOD), json.dumps(sharegpt), json.dumps(alpaca)])
-    prepare([str(source)], tokenizer, str(tmp_path / "out"), max_seq_len=256)
+    prepare(load_phase([str(source)])[0], tokenizer, str(tmp_path / "out"), max_seq_len=256)
     data = load_tokenized(str(tmp_path / "out"))
     assert data.input_ids[0] == data.input_ids[1] == data.input_ids[2]
 
@@ -64,7 +64,8 @@ def test_loss_only_on_assistant_tokens(tokenizer):
 def test_over_long_samples_are_dropped_and_counted(tmp_path, tokenizer):
     long = {"messages": [{"role": "user", "content": "tower " * 200}, {"role": "assistant", "content": "TOWER"}]}
     source = write_jsonl(tmp_path / "t.jsonl", [json.dumps(GOOD), json.dumps(long), json.dumps(GOOD)])
-    stats = prepare([str(source)], tokenizer, str(tmp_path / "out"), max_seq_len=64)
+    conversations, files = load_phase([str(source)])
+    stats = prepare(conversations, tokenizer, str(tmp_path / "out"), max_seq_len=64, files=files)
     assert (stats.samples, stats.dropped_too_long) == (2, 1)
     written = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert written["dropped_too_long"] == 1 and written["files"] == {str(source): 3}
@@ -77,11 +78,30 @@ def test_parquet_input_and_replay_of_earlier_phases(tmp_path, tokenizer):
 
     rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": str(i)}]} for i in range(40)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-    earlier = write_jsonl(tmp_path / "earlier.jsonl", [json.dumps({"id": f"e{i}", **GOOD}) for i in range(50)])
-    stats = prepare([str(tmp_path / "d.parquet")], tokenizer, str(tmp_path / "out"), 256, replay_sources=[str(earlier)], replay_fraction=0.2, seed=3)
+    current, _ = load_phase([str(tmp_path / "d.parquet")])
+    earlier, _ = load_phase([str(write_jsonl(tmp_path / "earlier.jsonl", [json.dumps({"id": f"e{i}", **GOOD}) for i in range(50)]))])
+    stats = prepare(current, tokenizer, str(tmp_path / "out"), 256, replay_pool=earlier, replay_fraction=0.2, seed=3)
     data = load_tokenized(str(tmp_path / "out"))
     assert data.ids[:40] == [f"q{i}" for i in range(40)]
     replayed = data.ids[40:]
     assert stats.replayed == len(replayed) == 10 and all(i.startswith("e") for i in replayed) and len(set(replayed)) == 10
-    again = prepare([str(tmp_path / "d.parquet")], tokenizer, str(tmp_path / "again"), 256, replay_sources=[str(earlier)], replay_fraction=0.2, seed=3)
+    again = prepare(current, tokenizer, str(tmp_path / "again"), 256, replay_pool=earlier, replay_fraction=0.2, seed=3)
     assert load_tokenized(str(tmp_path / "again")).ids == data.ids and again.replayed == 10  # seeded
+
+
+def test_length_split_puts_every_sample_in_one_half_and_replay_adds_one_percent(tmp_path, tokenizer):
+    """Paper A.6.1: bottom 50% by response length, then top 50% plus a 1% replay of the short."""
+    rows = [{"id": f"s{i:03d}", "messages": [{"role": "user", "content": "Go."}, {"role": "assistant", "content": "x" * (1 + (i * 37) % 200)}]} for i in range(400)]
+    source = str(write_jsonl(tmp_path / "all.jsonl", [json.dumps(r) for r in rows]))
+    short, _ = load_phase([source], "short")
+    long, _ = load_phase([source], "long")
+    short_ids, long_ids = {c[0] for c in short}, {c[0] for c in long}
+    assert short_ids | long_ids == {r["id"] for r in rows} and not short_ids & long_ids
+    assert len(short_ids) == len(long_ids) == 200
+    assert max(len(c[1][1]["content"]) for c in short) <= min(len(c[1][1]["content"]) for c in long)
+
+    prepare(long, tokenizer, str(tmp_path / "long"), 512, replay_pool=short, replay_fraction=0.01, seed=0)
+    trained_long = load_tokenized(str(tmp_path / "long")).ids
+    replayed = [i for i in trained_long if i in short_ids]
+    assert len(replayed) == 2  # 1% of 200
+    assert set(trained_long) - set(replayed) == long_ids  # the rest of phase II is exactly the long half

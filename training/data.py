@@ -13,7 +13,7 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 import pyarrow as pa
@@ -128,7 +128,10 @@ class PrepStats:
         return self.__dict__.copy()
 
 
-def read_conversations(uri: str) -> list[tuple[str, list[dict[str, str]]]]:
+Conversation = tuple[str, list[dict[str, str]]]  # (sample id, messages)
+
+
+def read_conversations(uri: str) -> list[Conversation]:
     """(id, messages) of every row, validated; the id defaults to file:line."""
     rows = []
     for line, row in read_rows(uri):
@@ -138,33 +141,52 @@ def read_conversations(uri: str) -> list[tuple[str, list[dict[str, str]]]]:
     return rows
 
 
+def response_length(conversation: Conversation) -> int:
+    """Characters of the assistant turns: the paper's proxy for difficulty (A.6.1)."""
+    return sum(len(m["content"]) for m in conversation[1] if m["role"] == "assistant")
+
+
+def split_by_length(conversations: list[Conversation], part: Literal["short", "long"]) -> list[Conversation]:
+    """The bottom half ('short') or the top half ('long') by response length; every
+    conversation lands in exactly one half (ties ordered by id)."""
+    ordered = sorted(conversations, key=lambda c: (response_length(c), c[0]))
+    half = len(ordered) // 2
+    return ordered[:half] if part == "short" else ordered[half:]
+
+
+def load_phase(sources: list[str], length_split: Literal["short", "long"] | None = None) -> tuple[list[Conversation], dict[str, int]]:
+    """A phase's conversations (optionally one length half of them) and the rows read per file."""
+    conversations, counts = [], {}
+    for source in sources:
+        rows = read_conversations(storage.resolve_embedded(source))
+        counts[source] = len(rows)
+        conversations += rows
+    return (split_by_length(conversations, length_split) if length_split else conversations), counts
+
+
 def prepare(
-    sources: list[str],
+    conversations: list[Conversation],
     tokenizer: Any,
     out_dir: str,
     max_seq_len: int,
     train_on_prompt: bool = False,
-    replay_sources: list[str] = (),
+    replay_pool: list[Conversation] = (),
     replay_fraction: float = 0.0,
     seed: int = 0,
+    files: dict[str, int] | None = None,
 ) -> PrepStats:
-    """Tokenize every source into `out_dir/tokens.parquet` and write `out_dir/stats.json`.
+    """Tokenize conversations into `out_dir/tokens.parquet` and write `out_dir/stats.json`.
 
-    `replay_fraction` of the rows of `replay_sources` (earlier phases' data, a seeded sample)
-    is mixed in. Samples longer than max_seq_len are dropped and counted, never truncated (a
-    truncated answer teaches the model to stop mid-sentence). Files are written only after
-    every row validated, so a bad row leaves nothing half-written. Row order does not matter:
-    the sampler draws a fresh permutation every epoch.
+    `replay_fraction` of `replay_pool` (the earlier phases' data, a seeded sample) is mixed
+    in. Samples longer than max_seq_len are dropped and counted, never truncated (a truncated
+    answer teaches the model to stop mid-sentence). Files are written only after every row
+    validated, so a bad row leaves nothing half-written. Row order does not matter: the
+    sampler draws a fresh permutation every epoch.
     """
-    stats = PrepStats()
-    conversations = []
-    for source in sources:
-        rows = read_conversations(storage.resolve_embedded(source))
-        stats.files[source] = len(rows)
-        conversations += rows
+    stats = PrepStats(files=dict(files or {}))
+    conversations = list(conversations)
     if replay_fraction > 0:
-        earlier = [row for source in replay_sources for row in read_conversations(storage.resolve_embedded(source))]
-        replayed = random.Random(seed).sample(earlier, round(replay_fraction * len(earlier)))
+        replayed = random.Random(seed).sample(list(replay_pool), round(replay_fraction * len(replay_pool)))
         stats.replayed = len(replayed)
         conversations += replayed
 
@@ -187,7 +209,7 @@ def prepare(
         stats.loss_tokens += loss_tokens
         stats.max_len = max(stats.max_len, len(input_ids))
     if not ids:
-        raise DataError(f"no usable samples in {sources} (dropped {stats.dropped_too_long} too long)")
+        raise DataError(f"no usable samples in {sorted(stats.files)} (dropped {stats.dropped_too_long} too long)")
 
     stats.samples = len(ids)
     stats.mean_len = round(stats.tokens / len(ids), 2)

@@ -43,6 +43,11 @@ class PhaseConfig(Strict):
         description="Training files (JSONL/Parquet, local path or fsspec URL, or embedded://...). "
         "Formats: OpenAI `messages`, ShareGPT `conversations`, Alpaca instruction/input/output.",
     )
+    length_split: Literal["short", "long"] | None = Field(
+        None,
+        description="Difficulty-based phases (paper A.6.1): keep only the bottom ('short') or top "
+        "('long') 50% of this phase's data by response length. None = all of it.",
+    )
     replay: float = Field(
         0.0,
         ge=0,
