@@ -16,7 +16,7 @@ export TORCH_EXTENSIONS_DIR := $(CACHE)/torch_extensions
 # One torch thread per process: on 2 cores, two threads ran training 24x and lm-eval 7x slower.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo serve test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(BIN)/lab demo
 
+# Local Prefect server + UI (:4200), the lab pool, every deployment and a worker (README, Operations).
+serve: install
+	$(BIN)/lab serve
+
 test: install
 	RECIPE_LAB_CACHE=$(CACHE)/recipe-lab HF_HOME=$(CACHE)/hf PREFECT_HOME=$(CACHE)/prefect-test \
 		$(BIN)/python -m pytest -q -ra --durations=15
@@ -40,6 +44,7 @@ test-fast: install
 
 bench: install
 	RECIPE_LAB_CACHE=$(CACHE)/recipe-lab $(BIN)/python bench/train_throughput.py
+	RECIPE_LAB_CACHE=$(CACHE)/recipe-lab $(BIN)/python bench/eval_throughput.py
 
 clean:
 	rm -rf $(VENV) $(CACHE) runs

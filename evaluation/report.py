@@ -161,6 +161,18 @@ def write_run_report(run_uri: str, phases: list[str], metrics: list[str]) -> tup
     return table, tidy
 
 
+def sample_efficiency(curves: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Per run and metric: the best checkpoint score and the cumulative samples needed to
+    first reach it (the paper's Table 2 'samples to peak')."""
+    rows = []
+    for label, run in curves.groupby("run", sort=False):
+        for metric in metrics:
+            best = run[metric].max()
+            first = run[run[metric] == best]["run_samples"].min()
+            rows.append({"run": label, "metric": metric, "best": round(float(best), 4), "samples_to_peak": int(first)})
+    return pd.DataFrame(rows)
+
+
 def write_comparison(out_uri: str, runs: dict[str, str], phases: dict[str, list[str]], metrics: list[str]) -> pd.DataFrame:
     """Compare runs (e.g. phased vs stacked): one row per run's phase, and overlaid score curves."""
     rows, curves = [], []
@@ -170,6 +182,7 @@ def write_comparison(out_uri: str, runs: dict[str, str], phases: dict[str, list[
         curves += [{"run": label, **c} for c in checkpoints]
     table = write_table(out_uri, "comparison", rows)
     frame = pd.DataFrame(curves)
+    write_table(out_uri, "sample_efficiency", sample_efficiency(frame, metrics))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for label, rows_of_run in frame.groupby("run", sort=False):

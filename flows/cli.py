@@ -3,6 +3,8 @@
     lab validate RECIPE...           check recipes, errors by field
     lab run RECIPE [--strategy phased|stacked] [--storage-root DIR] [--smoke] [--set key=value]...
     lab eval TARGET... [--recipe R] [--set key=value]...   runs or models, outside training
+    lab sweep RECIPE --grid key=v1,v2 [--probe-samples N] [--validate]   early-terminated grid
+    lab reproduce                    the paper's findings, scaled down to the lab (resumable)
     lab demo [--storage-root DIR]    the embedded lab, phased and stacked, with a comparison
     lab serve [--port N] [--storage-root s3://...]   local Prefect server + UI, pool, deployments, worker
 """
@@ -19,18 +21,32 @@ from typing import Any
 from training.recipe import RecipeError, load_recipe, resolve
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """key=value pairs; values parse as JSON when they can (numbers, lists), else strings."""
-    overrides = {}
+def parse_value(raw: str) -> Any:
+    """JSON when it parses (numbers, lists, booleans), else the string itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def parse_pairs(pairs: list[str], flag: str) -> list[tuple[str, str]]:
+    parsed = []
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--set {pair!r}: expected key=value")
-        try:
-            overrides[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key] = raw
-    return overrides
+            raise SystemExit(f"{flag} {pair!r}: expected key=value")
+        parsed.append((key, raw))
+    return parsed
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """--set key=value pairs."""
+    return {key: parse_value(raw) for key, raw in parse_pairs(pairs, "--set")}
+
+
+def parse_grid(pairs: list[str]) -> dict[str, list[Any]]:
+    """--grid key=v1,v2,... pairs."""
+    return {key: [parse_value(v) for v in raw.split(",")] for key, raw in parse_pairs(pairs, "--grid")}
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -72,6 +88,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     rows = evaluate(targets=args.targets, recipe=args.recipe, overrides=parse_overrides(args.set), storage_root=args.storage_root)
     print_summary(rows, "evaluation")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from flows.sweep import sweep
+
+    summary = sweep(recipe=args.recipe, grid=parse_grid(args.grid) or None, probe_samples=args.probe_samples,
+                    stop_fraction=args.stop_fraction, validate_ranking=args.validate, storage_root=args.storage_root,
+                    smoke=args.smoke, sweep_id=args.sweep_id)
+    print_summary([{k: v for k, v in r.items() if k not in ("early", "overrides")} | r["overrides"] for r in summary["runs"]], f"sweep {summary['sweep_id']}")
+    print(f"samples trained {summary['samples_trained']} of {summary['samples_planned']} planned; saved {summary['samples_saved']} "
+          f"samples ({summary['train_seconds_saved']} s of training); winner {summary.get('winner')}")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from flows.reproduce import reproduce
+
+    findings = reproduce(storage_root=args.storage_root)
+    print_summary(findings, "paper findings on the embedded lab")
     return 0
 
 
@@ -130,6 +166,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--storage-root", default="./runs", help="where single-model results go (<root>/eval/<name>/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. evaluation.limit=100")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="a grid of runs with early termination from training dynamics")
+    p.add_argument("recipe", help="recipe name or YAML path")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="e.g. training.learning_rate=1e-3,2e-3")
+    p.add_argument("--probe-samples", type=int, default=None, help="probe window (samples of the first phase); none = no early stop")
+    p.add_argument("--stop-fraction", type=float, default=0.34, help="fraction of runs stopped after the probe")
+    p.add_argument("--validate", action="store_true", help="also finish stopped runs and check the early ranking")
+    p.add_argument("--storage-root", default="./runs")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--sweep-id", default=None)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("reproduce", help="the paper's comparisons on the embedded lab, with a findings table")
+    p.add_argument("--storage-root", default="./runs", help="runs go under <root>/reproduce/ (re-run to resume)")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("demo", help="the embedded lab end to end, phased and stacked")
     p.add_argument("--recipe", default="demo")

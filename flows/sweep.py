@@ -87,9 +87,14 @@ def run_metrics(run_uri: str, cfg: Recipe) -> list[list[dict[str, Any]]]:
 
 @flow(name="probe-run")
 def probe(cfg: Recipe, run_uri: str, run_id: str, probe_samples: int) -> str:
-    """Train the first phase up to probe_samples and pause; return '' or why it stopped."""
-    init_run(run_uri, run_id, cfg)
+    """Train the first phase up to probe_samples and pause; return '' or why it stopped.
+
+    A re-run skips a probe already done (the sweep resumes like its runs do)."""
+    manifest = init_run(run_uri, run_id, cfg)
     phase = cfg.phases[0]
+    done = report.read_metrics(storage.join(run_uri, phase.name))
+    if phase.name in manifest["phases"] or (done and done[-1].get("samples_seen", 0) >= probe_samples):
+        return ""
     prepare_data(cfg, phase, run_uri)
     start = ModelRef(name="base", uri=cfg.model.name_or_path, samples=0)
     state = train_phase(cfg, phase, run_uri, run_id, start, stop_after_samples=probe_samples, return_state=True)

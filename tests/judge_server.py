@@ -34,8 +34,9 @@ class RecordedRequest:
 
 
 class JudgeServer:
-    def __init__(self, api_key: str | None, script: Sequence[Action] = (), default: Action = ("rating", 5)) -> None:
+    def __init__(self, api_key: str | None, script: Sequence[Action] = (), default: Action = ("rating", 5), latency_s: float = 0.0) -> None:
         self.api_key = api_key
+        self.latency_s = latency_s  # per answered request, like a hosted judge's response time
         self.script = list(script)
         self.default = default
         self.requests: list[RecordedRequest] = []
@@ -80,6 +81,7 @@ class JudgeServer:
                         server.unauthorised += 1
                     return self._json(401, {"error": {"message": "invalid api key", "type": "invalid_request_error"}})
                 action = server._next_action(body)
+                time.sleep(server.latency_s)
                 kind = action[0]
                 if kind == "rating":
                     return self._completion(body, f"The answer is adequate. Rating: [[{action[1]}]]")

@@ -178,3 +178,26 @@ def test_mt_bench_judges_every_checkpoint_inside_the_flow(tmp_path, prefect_serv
     selection = json.loads((run / "selection.json").read_text())
     assert all(c["metrics"]["mt_bench/overall"] == 6.0 for c in selection["candidates"])
     assert "sk-test-flow" not in (tmp_path / "mt" / "manifest.json").read_text()
+
+
+def test_samples_to_peak_equals_the_best_checkpoint_in_the_selection_data(smoke_run):
+    from evaluation import report
+
+    _, run = smoke_run
+    phases = ["phase00", "phase05", "phase10"]
+    metrics = ["lab_instruction/rule_acc", "lab_knowledge/acc", "lab_skills/exact_match"]
+    _, _, checkpoints = report.phase_rows(str(run), phases)
+    table = report.sample_efficiency(pd.DataFrame([{"run": "e2e", **c} for c in checkpoints]), metrics)
+
+    # Straight from selection.json: every scored checkpoint, at cumulative samples.
+    scored, offset = [], 0
+    for i, phase in enumerate(phases):
+        selection = json.loads((run / phase / "selection.json").read_text())
+        for c in ([selection["start"]] if i == 0 else []) + selection["candidates"]:
+            scored.append((offset + c["samples"], c["metrics"]))
+        offset += json.loads((run / phase / "metrics.jsonl").read_text().splitlines()[-1])["samples_seen"]
+    for metric in metrics:
+        best = max(m[metric] for _, m in scored)
+        row = table[table.metric == metric].iloc[0]
+        assert row["best"] == round(best, 4)
+        assert row["samples_to_peak"] == min(s for s, m in scored if m[metric] == best)

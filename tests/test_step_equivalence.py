@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from training.data import IGNORE_INDEX, TokenizedData, load_tokenized, prepare
+from training.data import IGNORE_INDEX, TokenizedData, load_phase, load_tokenized, prepare
 from training.sampler import sample_stream
 from training.train import backward_step, collate
 
@@ -118,7 +118,7 @@ def test_training_script_matches_a_plain_pytorch_loop(tmp_path, assets, tokenize
 
     with open(assets.train_file("phase05")) as f:
         (tmp_path / "train.jsonl").write_text("".join(islice(f, 96)))
-    prepare([str(tmp_path / "train.jsonl")], tokenizer, str(tmp_path / "data"), max_seq_len=256)
+    prepare(load_phase([str(tmp_path / "train.jsonl")])[0], tokenizer, str(tmp_path / "data"), max_seq_len=256)
     recipe = load_recipe("demo", {
         "training.epochs": 1, "training.effective_batch_size": 32, "training.warmup_steps": 2,
         "training.max_tokens_per_micro_batch": 256,  # several micro-batches per step

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from training.data import prepare
+from training.data import load_phase, prepare
 from training.launch import TrainingFailed, run_training
 from training.recipe import load_recipe
 from training.train import TrainJob, lr_multiplier
@@ -22,7 +22,7 @@ def small_data(tmp_path_factory, assets, tokenizer) -> str:
     tmp = tmp_path_factory.mktemp("data")
     with open(assets.train_file("phase00")) as f:
         (tmp / "train.jsonl").write_text("".join(islice(f, 200)))
-    prepare([str(tmp / "train.jsonl")], tokenizer, str(tmp / "prepared"), max_seq_len=256)
+    prepare(load_phase([str(tmp / "train.jsonl")])[0], tokenizer, str(tmp / "prepared"), max_seq_len=256)
     return str(tmp / "prepared")
 
 
