@@ -42,6 +42,10 @@ def phase_rows(run_uri: str, phases: list[str]) -> tuple[list[dict], list[dict],
             if c.name == "start" and phase != phases[0]:
                 continue  # the previous phase's winner, already plotted there
             checkpoints.append({"phase": phase, "checkpoint": c.name, "run_samples": offset + c.samples, **c.metrics})
+        if phase == phases[0]:  # the base model, for "did training move the metrics?"
+            s = selection.start
+            summary.append({"phase": "base", "selected": s.name, "samples": 0, "run_samples": 0, "objective": None,
+                            "start_objective": None, "gate": "", "train_wall_s": None, **{k: round(v, 4) for k, v in s.metrics.items()}})
         w = selection.winner
         summary.append(
             {

@@ -22,6 +22,7 @@ from tasks.finetune import (
     judge_mt_bench,
     mark_phase_done,
     prepare_data,
+    prune_phase_checkpoints,
     select_checkpoint,
     train_phase,
     write_report,
@@ -90,6 +91,7 @@ def finetune(
             if not selection.gate.passed:
                 raise GateFailed(f"phase {phase.name}: gate failed\n" + "\n".join(selection.gate.reasons))
             manifest = mark_phase_done(run_uri, manifest, selection)
+            prune_phase_checkpoints(cfg, run_uri, phase.name, selection.winner.checkpoint)
         winner = selection.winner
         start = ModelRef(name=winner.name, uri=winner.checkpoint, samples=winner.samples)
         start_score = winner.model_copy(update={"name": f"start ({phase.name}/{winner.name})", "samples": 0})

@@ -24,7 +24,7 @@ from evaluation import lm_eval_runner, mt_bench, report
 from evaluation.selection import CheckpointScore, Selection, gate_markdown, select
 from training import storage
 from training.data import PrepStats, load_phase, prepare
-from training.launch import TrainingFailed, complete_checkpoints, run_training
+from training.launch import TrainingFailed, complete_checkpoints, prune_checkpoints, run_training
 from training.recipe import PhaseConfig, Recipe
 from training.train import TrainJob
 
@@ -277,6 +277,16 @@ def select_checkpoint(
     create_markdown_artifact(key=artifact_key(run_id, phase.name, "gate"), markdown=gate_markdown(selection), description=f"{phase.name}: gate decision")
     get_run_logger().info("\n".join([f"{phase.name}: winner {selection.winner.name}", *selection.gate.reasons]))
     return selection
+
+
+@task(name="prune-checkpoints")
+def prune_phase_checkpoints(recipe: Recipe, run_uri: str, phase: str, winner: str) -> list[str]:
+    """checkpointing.prune = keep_selected: delete the phase's checkpoints except the winner
+    (their eval results stay). Runs after the gate passed, so nothing needed is lost."""
+    removed = prune_checkpoints(Path(storage.join(run_uri, phase)), winner, recipe.checkpointing.prune)
+    if removed:
+        get_run_logger().info(f"{phase}: pruned {len(removed)} checkpoints, kept {winner}")
+    return [str(p) for p in removed]
 
 
 @task(name="write-report")

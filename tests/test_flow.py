@@ -13,9 +13,9 @@ def flow_logs(flow_run_id) -> str:
     """Everything the flow run logged, as stored by the Prefect API."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.logging.handlers import APILogHandler
+    from prefect.logging.handlers import APILogWorker
 
-    APILogHandler.flush()
+    APILogWorker.drain_all(timeout=10)
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
     return "\n".join(log.message for log in logs)
@@ -63,7 +63,7 @@ def test_phased_smoke_run_writes_every_file_of_the_data_contract(smoke_run):
         previous_winner = selection["winner"]["checkpoint"]
 
     summary = pd.read_csv(run / "report" / "summary.csv")
-    assert list(summary["phase"]) == ["phase00", "phase05", "phase10"]
+    assert list(summary["phase"]) == ["base", "phase00", "phase05", "phase10"]
     for png in ("training.png", "scores.png"):
         assert (run / "report" / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -133,8 +133,8 @@ def test_a_failed_gate_fails_the_flow_after_writing_why(tmp_path, prefect_server
     state = finetune(
         recipe="demo",
         storage_root=str(tmp_path),
-        smoke=True,
-        overrides={"phases.0.min_score": {"lab_instruction/rule_acc": 1.01}},
+        overrides={"phases.0.min_score": {"lab_instruction/rule_acc": 1.01}, "training.epochs": 0.1,
+                   "checkpointing.save_every_samples": None, "evaluation.limit": 20},
         run_id="gated",
         return_state=True,
     )
@@ -159,6 +159,7 @@ def test_mt_bench_judges_every_checkpoint_inside_the_flow(tmp_path, prefect_serv
                         "objective": {"lab_instruction/rule_acc": 1.0, "mt_bench/overall": 0.1}}],
             "training.epochs": 0.25,
             "checkpointing.save_every_samples": 256,
+            "checkpointing.prune": "keep_selected",
             "evaluation.limit": 10,
             "evaluation.mt_bench": {
                 "question_file": str(mt / "question.jsonl"), "judge_prompt_file": str(mt / "judge_prompts.jsonl"),
@@ -169,7 +170,8 @@ def test_mt_bench_judges_every_checkpoint_inside_the_flow(tmp_path, prefect_serv
         }
         finetune(recipe="demo", storage_root=str(tmp_path), overrides=overrides, run_id="mt")
     run = tmp_path / "mt" / "phase00"
-    models = ["base", *(c.name for c in (run / "checkpoints").iterdir())]
+    models = ["base", *(c.name for c in (run / "eval").iterdir() if c.name != "base")]
+    assert len(models) >= 3
     # 2 questions x 2 turns per model, judged after every model's answers existed
     assert len(judge.requests) == 4 * len(models)
     for name in models:
@@ -177,6 +179,8 @@ def test_mt_bench_judges_every_checkpoint_inside_the_flow(tmp_path, prefect_serv
         assert result["metrics"]["mt_bench/overall"] == 6.0 and result["error_rate"] == 0.0
     selection = json.loads((run / "selection.json").read_text())
     assert all(c["metrics"]["mt_bench/overall"] == 6.0 for c in selection["candidates"])
+    # prune: keep_selected left only the winner on disk
+    assert [str(c) for c in (run / "checkpoints").iterdir()] == [selection["winner"]["checkpoint"]]
     assert "sk-test-flow" not in (tmp_path / "mt" / "manifest.json").read_text()
 
 

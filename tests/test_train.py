@@ -51,8 +51,8 @@ def test_training_writes_metrics_and_complete_checkpoints(tmp_path, assets, smal
     assert metrics[-1]["samples_seen"] == 400
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert any(line.startswith("batch arithmetic: 200 samples x 2.0 epochs") for line in lines)
-    # every 64 samples rounded up to whole steps of 32, plus epoch ends, plus the end
-    assert [p.name for p in checkpoints] == ["samples_64", "samples_128", "samples_192", "samples_200", "samples_256", "samples_320", "samples_384", "samples_400"]
+    # every 64 samples (whole steps of 32), the step that crosses the epoch end at 200, and the end
+    assert [p.name for p in checkpoints] == ["samples_64", "samples_128", "samples_192", "samples_224", "samples_256", "samples_320", "samples_384", "samples_400"]
     for path in checkpoints:
         meta = json.loads((path / "meta.json").read_text())
         assert meta["samples_seen"] == int(path.name.split("_")[1]) and meta["phase"] == "phase00"

@@ -346,7 +346,8 @@ def train(job: TrainJob) -> None:
             "micro_batches": sum(len(per_rank) for per_rank in step.micro_batches),
             "wall_s": round(time.perf_counter() - started, 3),
         }
-        samples_log.write(json.dumps({"step": step.index, "ids": [data.ids[i] for mb in mine for i in mb]}) + "\n")
+        ours = {i for mb in mine for i in mb}  # logged in data-stream order, so epochs can be told apart
+        samples_log.write(json.dumps({"step": step.index, "ids": [data.ids[i] for i in step.samples if i in ours]}) + "\n")
         samples_log.flush()
         if metrics_log:
             metrics_log.write(json.dumps(record) + "\n")
@@ -444,6 +445,7 @@ def save_state(accelerator: Accelerator, state_dir: Path, step: int, tokens_seen
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=False)
+    accelerator.wait_for_everyone()  # every rank writes its own files (RNG, ZeRO shards) before the swap
     if accelerator.is_main_process:
         (tmp / "progress.json").write_text(json.dumps({"step": step, "tokens_seen": tokens_seen}))
         if state_dir.exists():

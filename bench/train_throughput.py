@@ -1,0 +1,210 @@
+"""Training throughput on heavy-tailed lengths: ours vs transformers.Trainer vs TRL SFTTrainer.
+
+    make bench          (or: python bench/train_throughput.py --help)
+
+Everything is offline and synthetic: a small Llama built from a config (random init, saved
+locally with a word-level tokenizer), token sequences with lognormal lengths clipped to
+32-2048. Every system trains one epoch over the same samples at the same effective batch
+size (samples per optimizer step), fp32, on CPU with the same thread count:
+
+- ours: the real `training.train` under `accelerate launch` (one process), as a phase runs;
+  time = the loop's own wall clock (`wall_s` of the last step in metrics.jsonl).
+- hf_trainer: `transformers.Trainer`, DataCollatorForSeq2Seq (pads each batch to its longest),
+  per-device batch x gradient accumulation = EBS.
+- hf_trainer_group_by_length: the same with `train_sampling_strategy="group_by_length"` (v5's
+  name for `group_by_length=True`), and with "batch_rebalance" (v5's padding-aware sampler).
+- trl_sft: TRL's `SFTTrainer` on the pre-tokenized samples, packing off (packing changes what a
+  "sample" is, so the EBS would no longer match).
+  Peers are timed from on_train_begin to on_train_end (model load and setup excluded, as for ours).
+
+Throughput counts real tokens only (padding excluded). The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[key] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+TARGETS = {"ratio_vs_hf_trainer": 1.5, "ratio_vs_best_peer": 1.1, "padding_efficiency": 0.95}
+
+
+def heavy_tailed_lengths(n: int, seed: int) -> list[int]:
+    """Lognormal (median ~245 tokens, mean ~400), clipped to 32-2048: many short, a few very long."""
+    rng = random.Random(seed)
+    return [int(min(2048, max(32, rng.lognormvariate(5.5, 1.0)))) for _ in range(n)]
+
+
+def build_model(path: Path, vocab: int, hidden: int, layers: int) -> int:
+    """A random-init Llama and a word-level tokenizer, saved locally; returns the parameter count."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    words = Tokenizer(WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=words, pad_token="t0", eos_token="t1").save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_samples(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def run_ours(model_dir: Path, samples: list[list[int]], ebs: int, cap: int, work: Path) -> dict:
+    from training.launch import run_training
+    from training.recipe import load_recipe
+    from training.train import TrainJob
+
+    data_dir = work / "ours-data"
+    data_dir.mkdir()
+    table = pa.table({
+        "id": [str(i) for i in range(len(samples))],
+        "input_ids": pa.array(samples, type=pa.list_(pa.int32())),
+        "labels": pa.array(samples, type=pa.list_(pa.int32())),  # loss on every token, as for the peers
+    })
+    pq.write_table(table, data_dir / "tokens.parquet")
+    recipe = load_recipe("demo", {
+        "model.name_or_path": str(model_dir), "model.dtype": "float32", "training.effective_batch_size": ebs,
+        "training.max_tokens_per_micro_batch": cap, "training.epochs": 1, "training.learning_rate": 1e-4,
+        "training.warmup_steps": 0, "training.max_seq_len": 2048, "checkpointing.save_every_samples": None,
+        "checkpointing.save_every_epoch": False, "checkpointing.state_every_steps": None,
+    })
+    job = TrainJob(run_id="bench", phase="bench", recipe=recipe, model_path=str(model_dir), parent_checkpoint="bench",
+                   data_dir=str(data_dir), output_dir=str(work / "ours"))
+    run_training(job, on_line=lambda _: None)
+    metrics = [json.loads(line) for line in (work / "ours" / "metrics.jsonl").read_text().splitlines()]
+    real = metrics[-1]["tokens_seen"]
+    computed = sum((m["tokens_seen"] - (metrics[k - 1]["tokens_seen"] if k else 0)) / m["padding_efficiency"] for k, m in enumerate(metrics))
+    return {"tokens": real, "seconds": metrics[-1]["wall_s"], "padding_efficiency": real / computed}
+
+
+def run_peer(kind: str, model_dir: Path, samples: list[list[int]], ebs: int, batch: int, work: Path) -> dict:
+    """One of the peers, in this process; padded tokens are counted at the collator."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    padded = [0]
+    clock: dict[str, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            clock["start"] = time.perf_counter()
+
+        def on_train_end(self, *args, **kwargs):
+            clock["end"] = time.perf_counter()
+
+    def counting(collator):
+        def collate(features):
+            out = collator(features)
+            padded[0] += out["input_ids"].numel()
+            return out
+        return collate
+
+    common = dict(
+        output_dir=str(work / kind), per_device_train_batch_size=batch, gradient_accumulation_steps=ebs // batch,
+        num_train_epochs=1, learning_rate=1e-4, lr_scheduler_type="constant", max_grad_norm=1.0, save_strategy="no",
+        report_to=[], logging_steps=10_000, use_cpu=True, dataloader_num_workers=0, seed=0,
+    )
+    if kind == "trl_sft":
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**common, packing=False, max_length=None)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": samples}),
+                             processing_class=tokenizer, callbacks=[Clock()])
+        trainer.data_collator = counting(trainer.data_collator)
+    else:
+        strategy = {"hf_trainer": "random", "hf_trainer_group_by_length": "group_by_length",
+                    "hf_trainer_batch_rebalance": "batch_rebalance"}[kind]
+        args = TrainingArguments(**common, train_sampling_strategy=strategy)
+        dataset = Dataset.from_dict({"input_ids": samples, "labels": samples, "length": [len(s) for s in samples]})
+        collator = counting(DataCollatorForSeq2Seq(tokenizer, padding=True))
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[Clock()])
+    trainer.train()
+    real = sum(len(s) for s in samples)
+    return {"tokens": real, "seconds": clock["end"] - clock["start"], "padding_efficiency": real / padded[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=192, help="samples (one epoch); a multiple of --ebs")
+    parser.add_argument("--ebs", type=int, default=32, help="effective batch size, samples per optimizer step")
+    parser.add_argument("--batch", type=int, default=8, help="peers' per-device batch (x accumulation = EBS)")
+    parser.add_argument("--cap", type=int, default=8192, help="our max_tokens_per_micro_batch")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    parser.add_argument("--peers", default="hf_trainer,hf_trainer_group_by_length,hf_trainer_batch_rebalance,trl_sft")
+    args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # ours (subprocess) and peers (below) alike
+    torch.set_num_threads(args.threads)
+
+    work = Path(tempfile.mkdtemp(prefix="recipe-lab-bench-"))
+    lengths = heavy_tailed_lengths(args.samples, seed=0)
+    samples = make_samples(lengths, args.vocab, seed=0)
+    n_params = build_model(work / "model", args.vocab, args.hidden, args.layers)
+    print(f"{args.samples} samples, {sum(lengths)} tokens (lengths {min(lengths)}-{max(lengths)}, mean {sum(lengths) / len(lengths):.0f}); "
+          f"Llama {n_params / 1e6:.1f}M params; EBS {args.ebs}; {args.threads} thread(s); work dir {work}", flush=True)
+
+    results: dict[str, dict] = {"ours": run_ours(work / "model", samples, args.ebs, args.cap, work)}
+    print(f"ours done: {results['ours']}", flush=True)
+    for kind in [p for p in args.peers.split(",") if p]:
+        try:
+            results[kind] = run_peer(kind, work / "model", samples, args.ebs, args.batch, work)
+            print(f"{kind} done: {results[kind]}", flush=True)
+        except Exception as exc:  # a peer that does not run here is reported, not fatal
+            results[kind] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            print(f"{kind} failed: {results[kind]['error']}", flush=True)
+
+    speed = {k: r["tokens"] / r["seconds"] for k, r in results.items() if "error" not in r}
+    print(f"\n{'system':<30} {'real tokens/s':>14} {'padding eff.':>13} {'seconds':>9}")
+    for kind, r in results.items():
+        if "error" in r:
+            print(f"{kind:<30} {'failed':>14}  {r['error'][:60]}")
+        else:
+            print(f"{kind:<30} {speed[kind]:>14.0f} {r['padding_efficiency']:>13.3f} {r['seconds']:>9.1f}")
+    peers = {k: v for k, v in speed.items() if k != "ours"}
+    summary = {
+        "ours_tokens_per_s": round(speed["ours"], 1),
+        **{f"{k}_tokens_per_s": round(v, 1) for k, v in peers.items()},
+        "ratio_vs_hf_trainer": round(speed["ours"] / peers["hf_trainer"], 3) if "hf_trainer" in peers else None,
+        "best_peer": max(peers, key=peers.get) if peers else None,
+        "ratio_vs_best_peer": round(speed["ours"] / max(peers.values()), 3) if peers else None,
+        "padding_efficiency": round(results["ours"]["padding_efficiency"], 4),
+        **{f"{k}_padding_efficiency": round(r["padding_efficiency"], 4) for k, r in results.items() if k != "ours" and "error" not in r},
+        "failed_peers": {k: r["error"] for k, r in results.items() if "error" in r},
+        "setup": {"samples": args.samples, "tokens": sum(lengths), "ebs": args.ebs, "peer_batch": args.batch, "our_cap": args.cap,
+                  "params": n_params, "threads": args.threads, "device": "cpu", "ours": "training.train under accelerate launch, 1 process"},
+    }
+    summary["targets_met"] = {k: summary[k] is not None and summary[k] >= v for k, v in TARGETS.items()}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Keep-only-selected pruning of a phase's checkpoints (pure file operations)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.launch import complete_checkpoints, prune_checkpoints
+
+
+def make_phase(root: Path) -> Path:
+    for samples, complete in ((64, True), (128, True), (192, True), (256, False)):
+        path = root / "checkpoints" / f"samples_{samples}"
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"w")
+        if complete:
+            (path / "meta.json").write_text(json.dumps({"samples_seen": samples}))
+    return root
+
+
+def test_keep_selected_deletes_every_other_complete_checkpoint(tmp_path):
+    phase = make_phase(tmp_path)
+    removed = prune_checkpoints(phase, "s3://bucket/run/phase00/checkpoints/samples_128/", "keep_selected")
+    assert [p.name for p in removed] == ["samples_64", "samples_192"]
+    assert [p.name for p in complete_checkpoints(phase)] == ["samples_128"]
+    assert (phase / "checkpoints" / "samples_256").exists()  # incomplete ones are remove_incomplete_checkpoints' business
+
+
+def test_the_start_model_winning_deletes_all_and_none_keeps_all(tmp_path):
+    assert prune_checkpoints(make_phase(tmp_path / "a"), None, "none") == []
+    assert len(complete_checkpoints(tmp_path / "a")) == 3
+    assert len(prune_checkpoints(make_phase(tmp_path / "b"), None, "keep_selected")) == 3
+
+
+def test_an_unknown_winner_deletes_nothing(tmp_path):
+    phase = make_phase(tmp_path)
+    with pytest.raises(ValueError, match="nothing deleted"):
+        prune_checkpoints(phase, str(tmp_path / "elsewhere" / "samples_999"), "keep_selected")
+    assert len(complete_checkpoints(phase)) == 3

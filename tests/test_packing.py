@@ -1,0 +1,75 @@
+"""Padding-free packing (used with flash_attention_2): the collation and the sampler's
+real-token cap, and, through transformers' packed-sequence path (position_ids restarting per
+sample; on CPU the sdpa mask is built from them), the same loss and gradient as padding.
+flash-attn itself is not installed here: its varlen kernel reads the same position_ids."""
+
+import random
+
+import pytest
+import torch
+
+from tests.test_step_equivalence import B, random_data, tiny_model
+from training.data import IGNORE_INDEX, TokenizedData
+from training.sampler import equalise_counts, micro_batches, padded_tokens, plan_steps
+from training.train import collate, collate_packed, summed_token_loss
+
+
+def test_packed_row_restarts_positions_and_masks_the_label_across_each_boundary():
+    data = TokenizedData(ids=["a", "b", "c"], input_ids=[[1, 2, 3], [4, 5], [6, 7, 8, 9]],
+                         labels=[[-100, 2, 3], [4, 5], [-100, -100, 8, 9]])
+    batch = collate_packed(data, [0, 1, 2])
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: positions delimit samples
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    # Each sample's first label would be predicted from the previous sample's last token.
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5, IGNORE_INDEX, IGNORE_INDEX, 8, 9]]
+    # The shifted targets are exactly those of the padded batch: the same loss tokens.
+    padded = collate(data, [0, 1, 2], pad_id=0)["labels"][:, 1:]
+    assert (batch["labels"][0, 1:] != IGNORE_INDEX).sum() == (padded != IGNORE_INDEX).sum() == sum(data.loss_tokens())
+
+
+def test_packed_micro_batches_cap_real_tokens_and_waste_nothing():
+    rng = random.Random(0)
+    lengths = [rng.randint(8, 300) for _ in range(400)]
+    batches = micro_batches(list(range(400)), lengths, 1024, packed=True)
+    assert sorted(i for b in batches for i in b) == list(range(400))
+    assert all(padded_tokens(b, lengths, True) <= 1024 for b in batches)
+    assert len(batches) <= sum(lengths) / 1024 * 1.1 + 1  # first-fit decreasing: nearly full rows
+    assert len(batches) < len(micro_batches(list(range(400)), lengths, 1024))  # fewer than padded
+
+
+def test_sharded_plans_give_every_rank_the_same_number_of_micro_batches():
+    rng = random.Random(1)
+    lengths = [int(min(2048, max(32, rng.lognormvariate(5, 1)))) for _ in range(600)]
+    plan = dict(world_size=4, max_tokens_per_micro_batch=2048)
+    equal = plan_steps(lengths, 96, 1, seed=0, equal_micro_batches=True, **plan)
+    free = plan_steps(lengths, 96, 1, seed=0, **plan)
+    assert any(len({len(r) for r in step.micro_batches}) > 1 for step in free)  # the case arises
+    for step in equal:
+        most = max(len(per_rank) for per_rank in step.micro_batches)
+        # Short only when out of samples to split (the loop then adds zero-weight fillers).
+        assert all(len(per_rank) == most or all(len(mb) == 1 for mb in per_rank) for per_rank in step.micro_batches)
+        assert sorted(i for r in step.micro_batches for mb in r for i in mb) == sorted(step.samples)
+        assert all(padded_tokens(mb, lengths, False) <= 2048 for r in step.micro_batches for mb in r)
+
+
+def test_equalising_splits_the_heaviest_micro_batch_and_leaves_a_rank_short_only_without_samples():
+    lengths = [100, 90, 80, 70, 10, 10, 10]
+    out = equalise_counts([[[0, 1, 2, 3]], [[4], [5], [6]]], lengths, packed=True)
+    assert sorted(out[0]) == [[0], [1], [2, 3]]  # halves, then the heavier half (190 real tokens) again
+    assert out[1] == [[4], [5], [6]]
+    short = equalise_counts([[[0], [1], [2]], [[3, 4]]], lengths, packed=False)
+    assert [len(r) for r in short] == [3, 2] and sorted(i for mb in short[1] for i in mb) == [3, 4]
+
+
+def test_a_packed_forward_gives_the_padded_loss_and_gradient():
+    data = random_data()
+    grads, losses = [], []
+    for batch in (collate(data, list(range(B)), pad_id=0), collate_packed(data, list(range(B)))):
+        model = tiny_model()
+        loss = summed_token_loss(model, batch)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert (grads[1] - grads[0]).abs().max() <= 1e-5 * grads[0].abs().max()
