@@ -51,3 +51,26 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture(scope="session")
+def prepared_slice(tmp_path_factory, assets, tokenizer):
+    """prepared_slice(phase, n) -> directory of the first n train samples of a lab phase,
+    prepared for training (built once per session)."""
+    from itertools import islice
+
+    from training.data import load_phase, prepare
+
+    built: dict[tuple[str, int], str] = {}
+
+    def make(phase: str, n: int) -> str:
+        if (phase, n) not in built:
+            tmp = tmp_path_factory.mktemp(f"{phase}-{n}")
+            with open(assets.train_file(phase)) as f:
+                (tmp / "train.jsonl").write_text("".join(islice(f, n)))
+            conversations, files = load_phase([str(tmp / "train.jsonl")])
+            prepare(conversations, tokenizer, str(tmp / "prepared"), max_seq_len=256, files=files)
+            built[(phase, n)] = str(tmp / "prepared")
+        return built[(phase, n)]
+
+    return make

@@ -9,13 +9,11 @@ is relaunched, so resuming from the state saved through DeepSpeed's engine is pa
 """
 
 import json
-from itertools import islice
 from pathlib import Path
 
 import pytest
 import torch
 
-from training.data import load_phase, prepare
 from training.launch import accelerate_config, deepspeed_config, launch_command, run_training
 from training.recipe import RecipeError, load_recipe
 from training.train import TrainJob, token_logprobs
@@ -26,12 +24,8 @@ LOGPROB_ABS = 1e-4
 
 
 @pytest.fixture(scope="module")
-def small_data(tmp_path_factory, assets, tokenizer) -> str:
-    tmp = tmp_path_factory.mktemp("data")
-    with open(assets.train_file("phase00")) as f:
-        (tmp / "train.jsonl").write_text("".join(islice(f, 96)))
-    prepare(load_phase([str(tmp / "train.jsonl")])[0], tokenizer, str(tmp / "prepared"), max_seq_len=256)
-    return str(tmp / "prepared")
+def small_data(prepared_slice) -> str:
+    return prepared_slice("phase00", 96)
 
 
 def job_for(out: Path, assets, data_dir: str, **overrides) -> TrainJob:

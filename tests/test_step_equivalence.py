@@ -5,7 +5,6 @@ import json
 import math
 import os
 import socket
-from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from training.data import IGNORE_INDEX, TokenizedData, load_phase, load_tokenized, prepare
+from training.data import IGNORE_INDEX, TokenizedData, load_tokenized
 from training.sampler import sample_stream
 from training.train import backward_step, collate
 
@@ -111,28 +110,26 @@ def test_a_mean_of_micro_batch_means_would_differ():
 
 
 @pytest.mark.slow
-def test_training_script_matches_a_plain_pytorch_loop(tmp_path, assets, tokenizer):
+def test_training_script_matches_a_plain_pytorch_loop(tmp_path, assets, tokenizer, prepared_slice):
     from training.launch import run_training
     from training.recipe import load_recipe
     from training.train import TrainJob
 
-    with open(assets.train_file("phase05")) as f:
-        (tmp_path / "train.jsonl").write_text("".join(islice(f, 96)))
-    prepare(load_phase([str(tmp_path / "train.jsonl")])[0], tokenizer, str(tmp_path / "data"), max_seq_len=256)
+    data_dir = prepared_slice("phase05", 96)
     recipe = load_recipe("demo", {
         "training.epochs": 1, "training.effective_batch_size": 32, "training.warmup_steps": 2,
         "training.max_tokens_per_micro_batch": 256,  # several micro-batches per step
         "checkpointing.save_every_samples": None, "checkpointing.save_every_epoch": False,
     })
     job = TrainJob(run_id="ref", phase="p", recipe=recipe, model_path=str(assets.base_model_dir), parent_checkpoint="base",
-                   data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"))
+                   data_dir=data_dir, output_dir=str(tmp_path / "out"))
     run_training(job, on_line=lambda _: None)
     ours = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["micro_batches"] > 1 for m in ours)
 
     # The reference: one padded batch per step, mean over loss tokens, AdamW, linear warmup.
     cfg = recipe.training
-    data = load_tokenized(str(tmp_path / "data"))
+    data = load_tokenized(data_dir)
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(assets.base_model_dir, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)

@@ -3,12 +3,10 @@
 import json
 import math
 import shutil
-from itertools import islice
 from pathlib import Path
 
 import pytest
 
-from training.data import load_phase, prepare
 from training.launch import TrainingFailed, run_training
 from training.recipe import load_recipe
 from training.train import TrainJob, lr_multiplier
@@ -17,13 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def small_data(tmp_path_factory, assets, tokenizer) -> str:
-    """200 phase00 samples, prepared once for the module."""
-    tmp = tmp_path_factory.mktemp("data")
-    with open(assets.train_file("phase00")) as f:
-        (tmp / "train.jsonl").write_text("".join(islice(f, 200)))
-    prepare(load_phase([str(tmp / "train.jsonl")])[0], tokenizer, str(tmp / "prepared"), max_seq_len=256)
-    return str(tmp / "prepared")
+def small_data(prepared_slice) -> str:
+    return prepared_slice("phase00", 200)
 
 
 def job_for(tmp_path: Path, assets, data_dir: str, **overrides) -> TrainJob:
