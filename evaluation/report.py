@@ -27,6 +27,16 @@ def read_metrics(phase_uri: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
 
 
+def training_seconds(metrics: list[dict[str, Any]]) -> float:
+    """Training wall time from the cumulative wall_s of metrics.jsonl (a resume restarts it)."""
+    total, previous = 0.0, 0.0
+    for m in metrics:
+        if "wall_s" in m:
+            total += m["wall_s"] - previous if m["wall_s"] >= previous else m["wall_s"]
+            previous = m["wall_s"]
+    return total
+
+
 def phase_rows(run_uri: str, phases: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
     """(summary rows, per-step rows, per-checkpoint rows) with cumulative samples."""
     summary, steps, checkpoints = [], [], []
@@ -38,9 +48,8 @@ def phase_rows(run_uri: str, phases: list[str]) -> tuple[list[dict], list[dict],
         for m in metrics:
             if "loss" in m:
                 steps.append({"phase": phase, "run_samples": offset + m["samples_seen"], **m})
-        for c in [selection.start, *selection.candidates]:
-            if c.name == "start" and phase != phases[0]:
-                continue  # the previous phase's winner, already plotted there
+        # A later phase's start is the previous phase's winner, already counted there.
+        for c in [selection.start, *selection.candidates] if phase == phases[0] else selection.candidates:
             checkpoints.append({"phase": phase, "checkpoint": c.name, "run_samples": offset + c.samples, **c.metrics})
         if phase == phases[0]:  # the base model, for "did training move the metrics?"
             s = selection.start
@@ -56,7 +65,7 @@ def phase_rows(run_uri: str, phases: list[str]) -> tuple[list[dict], list[dict],
                 "objective": round(w.objective, 4),
                 "start_objective": round(selection.start.objective, 4),
                 "gate": "pass" if selection.gate.passed else "FAIL",
-                "train_wall_s": metrics[-1]["wall_s"] if metrics else None,
+                "train_wall_s": round(training_seconds(metrics), 2),
                 **{k: round(v, 4) for k, v in w.metrics.items()},
             }
         )

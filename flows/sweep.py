@@ -54,16 +54,6 @@ def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def training_seconds(metrics: list[dict[str, Any]]) -> float:
-    """Training wall time from the cumulative wall_s of metrics.jsonl (a resume restarts it)."""
-    total, previous = 0.0, 0.0
-    for m in metrics:
-        if "wall_s" in m:
-            total += m["wall_s"] - previous if m["wall_s"] >= previous else m["wall_s"]
-            previous = m["wall_s"]
-    return total
-
-
 def resolve_run(recipe: str, overrides: dict[str, Any], smoke: bool) -> Recipe:
     strategy = overrides.get("strategy")
     return resolve(recipe, strategy, {k: v for k, v in overrides.items() if k != "strategy"}, smoke)
@@ -166,7 +156,7 @@ def sweep(
     for r in runs:
         metrics = run_metrics(storage.join(root, r.run_id), configs[r.run_id])
         r.samples_trained = sum(m[-1]["samples_seen"] for m in metrics if m and "samples_seen" in m[-1])
-        r.train_seconds = round(sum(training_seconds(m) for m in metrics), 2)
+        r.train_seconds = round(sum(report.training_seconds(m) for m in metrics), 2)
     return write_sweep_report(root, sweep_id, runs, stopped, validate_ranking, next(iter(configs.values())).phases[0].name)
 
 
