@@ -283,7 +283,11 @@ def select_checkpoint(
 def prune_phase_checkpoints(recipe: Recipe, run_uri: str, phase: str, winner: str) -> list[str]:
     """checkpointing.prune = keep_selected: delete the phase's checkpoints except the winner
     (their eval results stay). Runs after the gate passed, so nothing needed is lost."""
-    removed = prune_checkpoints(Path(storage.join(run_uri, phase)), winner, recipe.checkpointing.prune)
+    phase_uri = storage.join(run_uri, phase)
+    removed = prune_checkpoints(storage.local_path(phase_uri), winner, recipe.checkpointing.prune)
+    if not storage.is_local(phase_uri):  # the local copies were the staging mirror: the bucket's go too
+        for path in removed:
+            storage.remove_tree(storage.join(phase_uri, "checkpoints", path.name))
     if removed:
         get_run_logger().info(f"{phase}: pruned {len(removed)} checkpoints, kept {winner}")
     return [str(p) for p in removed]

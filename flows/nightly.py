@@ -1,0 +1,60 @@
+"""The `nightly-regression` flow: a small recipe every night, compared with the last good night.
+
+Deployed as `nightly-regression/nightly-regression` (cron in deployments/prefect.yaml). A
+drop beyond a metric's tolerance fails the run and emits the `recipe-lab.nightly.regression`
+event; the history table artifact (`nightly-<recipe>-history`) and
+<root>/nightly/<recipe>/history.png show every night.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from typing import Any
+
+from prefect import flow
+
+from flows.finetune import finetune
+from tasks.nightly import alert_regression, compare_with_last_good, history_uri, publish_history, record_night
+from training import storage
+from training.recipe import resolve
+
+
+class NightlyRegression(RuntimeError):
+    """Tonight's selected metrics dropped beyond tolerance against the last good night."""
+
+
+@flow(name="nightly-regression")
+def nightly(
+    recipe: str = "demo",
+    tolerances: dict[str, float] | None = None,
+    overrides: dict[str, Any] | None = None,
+    storage_root: str = "./runs",
+    smoke: bool = True,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """Run `finetune` on a small recipe and compare its selected metrics with the last good night.
+
+    Args:
+        recipe: recipe name or YAML path (small: it runs every night).
+        tolerances: allowed absolute drop per metric: "<phase>/<metric>", "<metric>" (any
+            phase) or "default"; 0.05 otherwise.
+        overrides: dotted keys to change, as for `finetune`.
+        storage_root: local directory or s3://bucket/prefix; the history lives in <root>/nightly/.
+        smoke: shrink the recipe to the embedded lab (the default for a nightly check).
+        run_id: the night's run id (default nightly-<recipe>-<UTC time>); reuse to resume.
+    """
+    cfg = resolve(recipe, None, overrides, smoke)
+    root = os.path.abspath(storage_root) if storage.is_local(storage_root) else storage_root
+    run_id = run_id or f"nightly-{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    result = finetune(recipe=recipe, overrides=overrides, storage_root=root, smoke=smoke, run_id=run_id)
+    uri = history_uri(root, cfg)
+    night = compare_with_last_good(uri, run_id, cfg, result["phases"], tolerances or {})
+    history = record_night(uri, night)
+    plot = publish_history(uri, night, history)
+    if not night.passed:
+        alert_regression(night)
+        raise NightlyRegression(f"{cfg.name}: " + "; ".join(
+            f"{c.metric} {c.value:.4f} < last good {c.baseline:.4f} - {c.tolerance}" for c in night.regressions
+        ))
+    return {"run_id": run_id, "passed": True, "baseline_run_id": night.baseline_run_id, "history": uri, "plot": plot}

@@ -1,0 +1,125 @@
+"""`lab serve`: a local Prefect server with the UI, the `lab` work pool, every deployment of
+deployments/prefect.yaml, and a process worker, for people who want to click.
+
+The same steps by hand are in the README ("Operations"); the deployment tests drive these
+functions, so what `lab serve` does is what is tested.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from training import storage
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
+POOL = "lab"
+RESULTS_BLOCK = "recipe-lab-results"
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+def start(args: list[str], env: dict[str, str], log: IO | None = None) -> subprocess.Popen:
+    """A long-running Prefect process in its own process group, so `stop` reaches its children
+    (the server's uvicorn, the worker's flow runs and their training)."""
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT if log else None, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 15) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def prefect(args: list[str], env: dict[str, str]) -> str:
+    """One Prefect CLI command, run to completion; its output, or an error that shows it."""
+    done = subprocess.run([*PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"prefect {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def start_server(port: int, env: dict[str, str], log: IO | None = None, timeout_s: float = 120) -> subprocess.Popen:
+    proc = start([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop(proc)
+    raise TimeoutError(f"prefect server on port {port} not healthy after {timeout_s}s")
+
+
+def deploy_all(env: dict[str, str]) -> str:
+    """The `lab` process pool with a concurrency limit of 1 (one GPU job per machine: a pool per
+    GPU machine, its runs queue), then every deployment in deployments/prefect.yaml."""
+    prefect(["work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
+    prefect(["work-pool", "set-concurrency-limit", POOL, "1"], env)
+    return prefect(["--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)], env)
+
+
+def use_result_storage(root: str, env: dict[str, str]) -> str:
+    """Persist Prefect results under <root>/prefect-results: a RemoteFileSystem block, made the
+    server's default result storage. The block holds no credentials: s3fs reads them (and
+    AWS_ENDPOINT_URL) from the environment of the process that runs the flow."""
+    basepath = storage.join(root, "prefect-results")
+    subprocess.run([sys.executable, "-c", SET_RESULT_STORAGE, RESULTS_BLOCK, basepath], cwd=REPO, env=env, check=True)
+    return basepath
+
+
+# Run against the server in `env` (a subprocess, so this process's own Prefect settings don't matter).
+SET_RESULT_STORAGE = """
+import sys
+from prefect.client.orchestration import get_client
+from prefect.filesystems import RemoteFileSystem
+
+block_id = RemoteFileSystem(basepath=sys.argv[2]).save(sys.argv[1], overwrite=True)
+with get_client(sync_client=True) as client:
+    client.update_server_default_result_storage(block_id)
+"""
+
+
+def start_worker(env: dict[str, str], log: IO | None = None, run_once: bool = False) -> subprocess.Popen:
+    """A process worker on the `lab` pool; its flow runs start in this checkout (the pull step
+    reads RECIPE_LAB_HOME)."""
+    return start([*PREFECT, "worker", "start", "--pool", POOL, *(["--run-once"] if run_once else [])], {**env, "RECIPE_LAB_HOME": str(REPO)}, log)
+
+
+def serve(port: int, storage_root: str | None) -> None:
+    """Server, pool, deployments and a worker; runs until Ctrl-C, then stops both."""
+    home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    server = start_server(port, env)
+    worker = None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a SIGTERM too runs the cleanup below
+    try:
+        print(deploy_all(env))
+        if storage_root and not storage.is_local(storage_root):
+            print(f"Prefect results: {use_result_storage(storage_root, env)}")
+        worker = start_worker(env)
+        print(f"UI: http://127.0.0.1:{port}   pool: {POOL}   API: {env['PREFECT_API_URL']}")
+        print("try: PREFECT_API_URL=... prefect deployment run finetune/phased-lab --params '{\"smoke\": true}'")
+        worker.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for proc in (worker, server):
+            if proc is not None:
+                stop(proc)
