@@ -79,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         smoke=args.smoke,
         run_id=args.run_id,
     )
-    print_summary(result["phases"], f"run {result['run_id']} ({result['run_uri']})")
+    print_summary([result["base"], *result["phases"]], f"run {result['run_id']} ({result['run_uri']})")
     return 0
 
 

@@ -97,4 +97,5 @@ def finetune(
         start_score = winner.model_copy(update={"name": f"start ({phase.name}/{winner.name})", "samples": 0})
 
     summary = write_report(run_uri, run_id, cfg)
-    return {"run_id": run_id, "run_uri": run_uri, "strategy": cfg.strategy, "phases": summary}
+    base, phases = summary[0], summary[1:]  # the report's first row is the base model
+    return {"run_id": run_id, "run_uri": run_uri, "strategy": cfg.strategy, "base": base, "phases": phases}

@@ -205,3 +205,17 @@ def test_samples_to_peak_equals_the_best_checkpoint_in_the_selection_data(smoke_
         row = table[table.metric == metric].iloc[0]
         assert row["best"] == round(best, 4)
         assert row["samples_to_peak"] == min(s for s, m in scored if m[metric] == best)
+
+
+def test_demo_comparison_is_built_from_flow_results(smoke_run, tmp_path):
+    """The glue of the demo flow: finetune results -> comparison table, plot, sample efficiency."""
+    from flows.demo import write_comparison
+
+    result, _ = smoke_run
+    metrics = ["lab_instruction/rule_acc", "lab_knowledge/acc", "lab_skills/exact_match"]
+    rows = write_comparison.fn(str(tmp_path), {"phased": result}, metrics)
+    assert [r["phase"] for r in rows] == ["base", "phase00", "phase05", "phase10"]
+    assert rows[0]["lab_instruction/rule_acc"] == result["base"]["lab_instruction/rule_acc"]
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    efficiency = pd.read_csv(tmp_path / "sample_efficiency.csv")
+    assert list(efficiency["metric"]) == metrics
