@@ -1,6 +1,6 @@
 """The `evaluate` flow (`lab eval`): score checkpoints or whole runs outside training.
 
-A run directory (one with manifest.json) is evaluated with its own recipe's suites: every
+A run (a directory or bucket prefix with manifest.json) is evaluated with its own recipe's suites: every
 complete checkpoint of every phase, reusing results that already exist. Any other target is
 one model (a directory or hub id), evaluated with the given recipe's suites into
 <storage_root>/eval/<name>/.
@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
 from tasks.finetune import ModelRef, eval_uri, evaluate_model
 from training import storage
-from training.launch import complete_checkpoints
 from training.recipe import load_recipe, resolve
 
 
@@ -36,8 +34,9 @@ def evaluate(
             run_recipe = storage.read_json(manifest_uri)["recipe"]
             cfg = load_recipe(run_recipe, overrides) if recipe is None else resolve(recipe, overrides=overrides)
             for phase in cfg.phases:
-                for path in complete_checkpoints(Path(target) / phase.name):
-                    model = ModelRef(name=path.name, uri=str(path), samples=int(path.name.removeprefix("samples_")))
+                for uri in storage.complete_checkpoints(storage.join(target, phase.name)):
+                    name = uri.rsplit("/", 1)[-1]
+                    model = ModelRef(name=name, uri=uri, samples=int(name.removeprefix("samples_")))
                     score = evaluate_model(cfg, model, eval_uri(target, phase.name, model.name))
                     rows.append({"target": target, "phase": phase.name, "checkpoint": model.name, **score.metrics})
         else:

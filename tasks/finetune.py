@@ -24,7 +24,7 @@ from evaluation import lm_eval_runner, mt_bench, report
 from evaluation.selection import CheckpointScore, Selection, gate_markdown, select
 from training import storage
 from training.data import PrepStats, load_phase, prepare
-from training.launch import TrainingFailed, complete_checkpoints, prune_checkpoints, run_training
+from training.launch import TrainingFailed, complete_checkpoints, keep_last_checkpoints, prune_checkpoints, run_training
 from training.recipe import PhaseConfig, Recipe
 from training.train import TrainJob
 
@@ -137,16 +137,25 @@ def train_phase(
     remote = not storage.is_local(phase_uri)
     progress = create_progress_artifact(progress=0.0, key=artifact_key(run_id, phase.name, "training"), description=f"training {phase.name}")
     step_line = re.compile(r"^step (\d+)/(\d+) ")
-    # Uploads run beside the output pump, so that a slow upload never stalls training's stdout.
+    # Uploads and keep_last_n pruning run one at a time, in order, beside the output pump, so
+    # that a slow upload never stalls training's stdout and nothing is deleted mid-upload.
     uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
     uploads = []
+
+    def checkpoint_written(name: str) -> None:
+        if remote:
+            storage.upload_tree(local / "checkpoints" / name, storage.join(phase_uri, "checkpoints", name))
+        for old in keep_last_checkpoints(local, recipe.checkpointing.keep_last_n):
+            if remote:  # the local copies are the staging mirror: the bucket's go too
+                storage.remove_tree(storage.join(phase_uri, "checkpoints", old.name))
+            logger.info(f"{phase.name}: keep_last_n={recipe.checkpointing.keep_last_n} deleted {old.name}")
 
     def on_line(line: str) -> None:
         logger.info(line)
         if match := step_line.match(line):
             update_progress_artifact(progress, progress=100.0 * int(match[1]) / int(match[2]))
-        elif remote and (match := CHECKPOINT_LINE.match(line)):
-            uploads.append(uploader.submit(storage.upload_tree, local / "checkpoints" / match[1], storage.join(phase_uri, "checkpoints", match[1])))
+        elif match := CHECKPOINT_LINE.match(line):
+            uploads.append(uploader.submit(checkpoint_written, match[1]))
 
     job = TrainJob(
         run_id=run_id,

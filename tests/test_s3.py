@@ -1,11 +1,13 @@
 """An s3:// storage root against a local moto S3 server: a finetune run's checkpoints, eval
 results, report and Prefect results land in the bucket; a flow process killed in the middle of
 a checkpoint upload is re-run to completion with nothing lost, nothing duplicated and no
-incomplete checkpoint ever selected."""
+incomplete checkpoint ever selected; keep_last_n prunes the bucket too; `lab eval` lists the
+run's checkpoints from the bucket."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -20,14 +22,17 @@ pytestmark = pytest.mark.slow
 
 BUCKET = "lab-bucket"
 SECRET = "moto-secret-never-logged"
-# One short phase (4 checkpoints) on the embedded lab: the S3 paths, not the learning, are tested.
+# One short phase (4 checkpoints, the newest 3 kept) on the embedded lab: the S3 paths, not the
+# learning, are tested.
 OVERRIDES = {
     "phases": [{"name": "phase00", "data": ["embedded://curriculum/phase00/train.jsonl"], "objective": {"lab_instruction/rule_acc": 1.0}}],
     "training.epochs": 0.25,
     "checkpointing.save_every_samples": 128,
+    "checkpointing.keep_last_n": 3,
     "evaluation.limit": 10,
 }
-# Runs the flow in its own process; with KILL_AT_PUT=n it SIGKILLs itself as its n-th file upload starts.
+# Runs a flow (FLOW: finetune or evaluate) in its own process; with KILL_AT_PUT=n it SIGKILLs
+# itself as its n-th file upload starts.
 RUNNER = """
 import json, os, signal, sys
 kill_at = int(os.environ.get("KILL_AT_PUT", "0"))
@@ -40,8 +45,10 @@ if kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return await real(self, lpath, rpath, **kwargs)
     s3fs.S3FileSystem._put_file = put_file
+from flows.evaluate import evaluate
 from flows.finetune import finetune
-print("RESULT " + json.dumps(finetune(**json.loads(sys.argv[1]))))
+flow = {"finetune": finetune, "evaluate": evaluate}[os.environ["FLOW"]]
+print("RESULT " + json.dumps(flow(**json.loads(sys.argv[1]))))
 """
 
 
@@ -76,10 +83,10 @@ def bucket_files(prefix: str) -> dict[str, int]:
     return {path.removeprefix(prefix + "/"): info["size"] for path, info in fs.find(prefix, detail=True).items()}
 
 
-def run_flow(params: dict, env: dict[str, str], log: Path, kill_at_put: int = 0) -> subprocess.CompletedProcess:
+def run_flow(params: dict, env: dict[str, str], log: Path, kill_at_put: int = 0, flow: str = "finetune") -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", RUNNER, json.dumps(params)],
-        cwd=serve.REPO, env={**env, "KILL_AT_PUT": str(kill_at_put)}, stdout=open(log, "w"), stderr=subprocess.STDOUT, timeout=420,
+        cwd=serve.REPO, env={**env, "KILL_AT_PUT": str(kill_at_put), "FLOW": flow}, stdout=open(log, "w"), stderr=subprocess.STDOUT, timeout=420,
     )
 
 
@@ -125,12 +132,23 @@ def test_s3_run_killed_mid_upload_then_rerun_loses_and_duplicates_nothing(s3, tm
         log = (tmp_path / "rerun.log").read_text()
         assert rerun.returncode == 0, log[-3000:]
         result = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
+
+        # `lab eval` on the run in the bucket: its complete checkpoints listed remotely, results reused.
+        evaluated = run_flow({"targets": [f"{root}/s3run"]}, env, tmp_path / "eval.log", flow="evaluate")
+        eval_log = (tmp_path / "eval.log").read_text()
+        assert evaluated.returncode == 0, eval_log[-3000:]
+        rows = json.loads(eval_log.split("RESULT ", 1)[1].splitlines()[0])
     assert result["run_uri"] == f"{root}/s3run"
 
-    # Every complete local checkpoint is in the bucket, whole, and nothing else is.
+    # keep_last_n = 3 of the 4 checkpoints; every complete local checkpoint is in the bucket,
+    # whole, and nothing else is (the pruned one was deleted there too).
     local = {p.name: {f.name: f.stat().st_size for f in p.iterdir()} for p in (mirror / "phase00" / "checkpoints").iterdir() if (p / "meta.json").exists()}
-    assert len(local) >= 3
+    written = list(dict.fromkeys(re.findall(r"\bcheckpoint (samples_\d+)", log)))  # training's announcements, in order
+    assert len(written) == 4, written
+    assert sorted(local, key=lambda n: int(n.removeprefix("samples_"))) == written[1:]
+    assert f"keep_last_n=3 deleted {written[0]}" in log
     assert checkpoint_files(run_prefix) == local
+    assert [row["checkpoint"] for row in rows] == written[1:]
     assert_no_incomplete_checkpoint_is_complete_looking(run_prefix, mirror)
 
     files = bucket_files(run_prefix)

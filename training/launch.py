@@ -178,10 +178,20 @@ def prune_checkpoints(output_dir: Path, keep: str | None, policy: str) -> list[P
     name = keep.rstrip("/").rsplit("/", 1)[-1] if keep else None
     if name is not None and name not in {p.name for p in checkpoints}:
         raise ValueError(f"selected checkpoint {keep!r} is not a complete checkpoint under {output_dir}; nothing deleted")
-    removed = [p for p in checkpoints if p.name != name]
-    for path in removed:
+    return delete_checkpoints([p for p in checkpoints if p.name != name])
+
+
+def keep_last_checkpoints(output_dir: Path, n: int | None) -> list[Path]:
+    """Disk during training: delete all but the newest `n` complete checkpoints (None: keep all)."""
+    return delete_checkpoints(complete_checkpoints(output_dir)[:-n] if n else [])
+
+
+def delete_checkpoints(paths: list[Path]) -> list[Path]:
+    """meta.json first: a checkpoint interrupted mid-delete reads as incomplete, never as whole."""
+    for path in paths:
+        (path / "meta.json").unlink()
         shutil.rmtree(path)
-    return removed
+    return paths
 
 
 def write_launch_files(job: TrainJob) -> list[str]:

@@ -143,10 +143,17 @@ class CheckpointConfig(Strict):
         description="Write the rolling full training state (model, optimizer, scheduler, RNG) every "
         "K steps, for exact resume after a crash. Costs ~3x the model size on disk; None disables.",
     )
+    keep_last_n: int | None = Field(
+        None,
+        ge=1,
+        description="Disk during training: keep only the newest N complete checkpoints of a phase, "
+        "deleting older ones (and their uploaded copies) as new ones are written. Bounds disk at N "
+        "checkpoints, but selection can only choose among those N; None keeps every checkpoint.",
+    )
     prune: Literal["none", "keep_selected"] = Field(
         "none",
-        description="Disk: keep_selected deletes a phase's complete checkpoints except the selected "
-        "one once selection is done (all are needed until every checkpoint is evaluated).",
+        description="Disk after selection: keep_selected deletes a phase's complete checkpoints except "
+        "the selected one (all are needed until every checkpoint is evaluated).",
     )
 
 

@@ -87,6 +87,15 @@ def local_path(uri: str) -> Path:
     return staging_dir() / protocol / path.strip("/")
 
 
+def complete_checkpoints(phase_uri: str) -> list[str]:
+    """URIs of a phase's complete checkpoints (those with meta.json), by samples seen, on any
+    root: what `lab eval` scores in a run that may live in a bucket."""
+    fs, root = filesystem(phase_uri)
+    fs.invalidate_cache()  # another process may have written since this instance last listed
+    names = {path.split("/")[-2] for path in fs.glob(f"{root.rstrip('/')}/checkpoints/samples_*/meta.json")}
+    return [join(phase_uri, "checkpoints", name) for name in sorted(names, key=lambda n: int(n.removeprefix("samples_")))]
+
+
 def upload_tree(local_dir: Path, uri: str, skip: Sequence[str] = (), last: Sequence[str] = ("meta.json",)) -> int:
     """Upload the files under `local_dir` to `uri`; return how many were sent.
 
