@@ -193,6 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
+    if args.command in ("run", "sweep", "reproduce", "demo"):
+        from flows.progress import show_training_bars
+
+        show_training_bars()
     sys.exit(args.func(args))
 
 

@@ -26,11 +26,10 @@ from training import storage
 from training.data import PrepStats, load_phase, prepare
 from training.launch import TrainingFailed, complete_checkpoints, keep_last_checkpoints, prune_checkpoints, run_training
 from training.recipe import PhaseConfig, Recipe
-from training.train import TrainJob
+from training.train import CHECKPOINT_LINE, STEP_LINE, TrainJob
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINED = "trained.json"  # a phase's training finished: its checkpoints, written after everything else
-CHECKPOINT_LINE = re.compile(r"^checkpoint (samples_\d+)$")  # training.train prints it once meta.json is written
 
 
 def artifact_key(*parts: str) -> str:
@@ -113,7 +112,7 @@ def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> dict[str, 
     return stats.to_dict()
 
 
-@task(name="train-phase")
+@task(name="train-phase", task_run_name="train-{run_id}-{phase.name}")
 def train_phase(
     recipe: Recipe, phase: PhaseConfig, run_uri: str, run_id: str, start: ModelRef, stop_after_samples: int | None = None
 ) -> list[ModelRef]:
@@ -136,7 +135,6 @@ def train_phase(
 
     remote = not storage.is_local(phase_uri)
     progress = create_progress_artifact(progress=0.0, key=artifact_key(run_id, phase.name, "training"), description=f"training {phase.name}")
-    step_line = re.compile(r"^step (\d+)/(\d+) ")
     # Uploads and keep_last_n pruning run one at a time, in order, beside the output pump, so
     # that a slow upload never stalls training's stdout and nothing is deleted mid-upload.
     uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
@@ -152,7 +150,7 @@ def train_phase(
 
     def on_line(line: str) -> None:
         logger.info(line)
-        if match := step_line.match(line):
+        if match := STEP_LINE.match(line):
             update_progress_artifact(progress, progress=100.0 * int(match[1]) / int(match[2]))
         elif match := CHECKPOINT_LINE.match(line):
             uploads.append(uploader.submit(checkpoint_written, match[1]))

@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator, InitProcessGroupKwargs
 from pydantic import BaseModel, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from training.data import IGNORE_INDEX, TokenizedData, load_tokenized
 from training.recipe import Recipe, TrainingConfig, WatchdogConfig, warmup_steps
@@ -225,6 +227,11 @@ def save_checkpoint(
         }
         (path / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     accelerator.wait_for_everyone()
+
+
+# The two lines callers parse from rank 0's output: progress, and a checkpoint that is complete.
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) samples (\d+) loss (\S+)")
+CHECKPOINT_LINE = re.compile(r"^checkpoint (samples_\d+)$")
 
 
 def log(accelerator: Accelerator, message: str) -> None:
@@ -471,6 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="Path to the TrainJob JSON.")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transformers_logging.disable_progress_bar()  # load/save bars would reach the run log as lines; steps are logged
     train(TrainJob.model_validate_json(Path(args.config).read_text()))
 
 
