@@ -36,6 +36,7 @@ serve: install
 	$(BIN)/lab serve
 
 test: install
+	mkdir -p $(CACHE)/prefect-test
 	RECIPE_LAB_CACHE=$(CACHE)/recipe-lab HF_HOME=$(CACHE)/hf PREFECT_HOME=$(CACHE)/prefect-test \
 		$(BIN)/python -m pytest -q -ra --durations=15
 
