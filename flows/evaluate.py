@@ -1,9 +1,9 @@
 """The `evaluate` flow (`lab eval`): score checkpoints or whole runs outside training.
 
-A run (a directory or bucket prefix with manifest.json) is evaluated with its own recipe's suites: every
-complete checkpoint of every phase, reusing results that already exist. Any other target is
-one model (a directory or hub id), evaluated with the given recipe's suites into
-<storage_root>/eval/<name>/.
+A run (a directory or bucket prefix with manifest.json) is evaluated with its own recipe's
+suites: every complete checkpoint of every phase, reusing results that already exist. Any
+other target is one model (a directory or hub id), evaluated with the given recipe's suites
+into <storage_root>/eval/<name>/.
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ def evaluate(
             cfg = load_recipe(run_recipe, overrides) if recipe is None else resolve(recipe, overrides=overrides)
             for phase in cfg.phases:
                 for uri in storage.complete_checkpoints(storage.join(target, phase.name)):
-                    name = uri.rsplit("/", 1)[-1]
-                    model = ModelRef(name=name, uri=uri, samples=int(name.removeprefix("samples_")))
+                    model = ModelRef.checkpoint(uri)
                     score = evaluate_model(cfg, model, eval_uri(target, phase.name, model.name))
                     rows.append({"target": target, "phase": phase.name, "checkpoint": model.name, **score.metrics})
         else:

@@ -52,6 +52,12 @@ class ModelRef(BaseModel):
     uri: str
     samples: int
 
+    @classmethod
+    def checkpoint(cls, uri: str) -> ModelRef:
+        """The checkpoint at `uri` (.../checkpoints/samples_<N>)."""
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        return cls(name=name, uri=uri, samples=int(name.removeprefix("samples_")))
+
 
 def eval_uri(run_uri: str, phase: str, model_name: str, file: str = "lm_eval.json") -> str:
     """<run>/<phase>/eval/<model>/<file>: where a model's results of one suite live."""
@@ -182,10 +188,7 @@ def train_phase(
 
 def checkpoint_refs(local: Path, phase_uri: str) -> list[ModelRef]:
     """The complete checkpoints of a phase trained in `local`, addressed under `phase_uri`."""
-    return [
-        ModelRef(name=p.name, uri=storage.join(phase_uri, "checkpoints", p.name), samples=int(p.name.removeprefix("samples_")))
-        for p in complete_checkpoints(local)
-    ]
+    return [ModelRef.checkpoint(storage.join(phase_uri, "checkpoints", p.name)) for p in complete_checkpoints(local)]
 
 
 def publish_phase(local: Path, phase_uri: str) -> list[ModelRef]:

@@ -152,6 +152,8 @@ def test_mt_bench_judges_every_checkpoint_inside_the_flow(tmp_path, prefect_serv
     from tests.conftest import SHARED
 
     monkeypatch.setenv("RECIPE_LAB_TEST_JUDGE_KEY", "sk-test-flow")
+    # A judgment cache of its own: the shared one may hold these very judgments from an earlier run.
+    monkeypatch.setattr("tasks.finetune.mt_bench_cache_dir", lambda: tmp_path / "judgments")
     mt = SHARED / "mt_bench"
     with JudgeServer(api_key="sk-test-flow", default=("rating", 6)) as judge:
         overrides = {
