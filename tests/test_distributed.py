@@ -99,7 +99,8 @@ def test_deepspeed_zero_on_two_cpu_ranks_trains_exactly_and_saves_a_loadable_che
     checkpoints = run_training(job, on_line=lines.append)
     assert "resuming after step 3 from " + str(out / "state") in lines
 
-    assert {"world_size=2 rank=0", "world_size=2 rank=1"} <= set(lines)
+    # endswith: the ranks share one pipe, so another rank's half-written warning may precede the line.
+    assert all(any(line.endswith(f"world_size=2 rank={r}") for line in lines) for r in (0, 1))
     assert json.loads((out / "deepspeed.json").read_text())["zero_optimization"]["stage"] == stage
     ranks = [read_jsonl(out / "samples" / f"rank{r}.jsonl") for r in (0, 1)]
     for step0, step1 in zip(*ranks, strict=True):

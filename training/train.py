@@ -236,7 +236,14 @@ CHECKPOINT_LINE = re.compile(r"^checkpoint (samples_\d+)$")
 
 def log(accelerator: Accelerator, message: str) -> None:
     if accelerator.is_main_process:
-        print(message, flush=True)
+        write_line(message)
+
+
+def write_line(message: str) -> None:
+    """One write per line: the ranks share an unbuffered pipe (PYTHONUNBUFFERED), where print's
+    separate write of "\n" lets another rank's output land inside the line the caller parses."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def train(job: TrainJob) -> None:
@@ -273,7 +280,7 @@ def train(job: TrainJob) -> None:
     saves = save_points(steps, len(data), every, job.recipe.checkpointing.save_every_epoch)
     probe = torch.tensor([data.input_ids[0][:PROBE_TOKENS]], device=accelerator.device)
 
-    print(f"world_size={world} rank={rank}", flush=True)  # every rank: proof that the run is really distributed
+    write_line(f"world_size={world} rank={rank}")  # every rank: proof that the run is really distributed
     log(
         accelerator,
         f"batch arithmetic: {len(data)} samples x {cfg.epochs} epochs = {steps[-1].samples_seen} samples; "
