@@ -57,7 +57,10 @@ def ddp_rank(rank: int, port: int, splits: list[list[list[int]]], out: str) -> N
     grads = grads_of(splits[rank], world_size=2, model=model)
     if rank == 0:
         torch.save({n.removeprefix("module."): g for n, g in grads.items()}, out)
-    dist.destroy_process_group()
+    dist.barrier()
+    # No teardown: freeing DDP's gloo process group joined gloo's worker thread while holding the
+    # GIL that thread was waiting for, and a rank hung forever (seen once in a full CPU run).
+    os._exit(0)
 
 
 def free_port() -> int:
