@@ -16,7 +16,7 @@ export TORCH_EXTENSIONS_DIR := $(CACHE)/torch_extensions
 # One torch thread per process: on 2 cores, two threads ran training 24x and lm-eval 7x slower.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo serve test test-fast bench clean
+.PHONY: install demo serve lint format test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -35,7 +35,16 @@ demo: install
 serve: install
 	$(BIN)/lab serve
 
-test: install
+# ruff (lint + format check, configured in pyproject.toml) runs first in `make test`.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: install lint
 	mkdir -p $(CACHE)/prefect-test
 	RECIPE_LAB_CACHE=$(CACHE)/recipe-lab HF_HOME=$(CACHE)/hf PREFECT_HOME=$(CACHE)/prefect-test \
 		$(BIN)/python -m pytest -q -ra --durations=15

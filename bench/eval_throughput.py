@@ -47,14 +47,18 @@ def answers_of(model_dir: Path, config: MTBenchConfig, data: mt_bench.MTBenchDat
     return mt_bench.generate_answers(model, AutoTokenizer.from_pretrained(model_dir), data.questions, config)
 
 
-def ours(checkpoints: list[Path], lm_eval: EvaluationConfig, task_dir: Path, config: MTBenchConfig, data, cache: Path) -> None:
+def ours(
+    checkpoints: list[Path], lm_eval: EvaluationConfig, task_dir: Path, config: MTBenchConfig, data, cache: Path
+) -> None:
     for ckpt in checkpoints:
         evaluate_model(str(ckpt), lm_eval, task_dir)
     answers = {c.name: answers_of(c, config, data) for c in checkpoints}
     mt_bench.judge_answers(answers, data, config, cache_dir=cache)
 
 
-def naive(checkpoints: list[Path], lm_eval: EvaluationConfig, task_dir: Path, config: MTBenchConfig, data, cache_root: Path) -> None:
+def naive(
+    checkpoints: list[Path], lm_eval: EvaluationConfig, task_dir: Path, config: MTBenchConfig, data, cache_root: Path
+) -> None:
     sequential = config.model_copy(update={"concurrency": 1})
     for ckpt in checkpoints:
         for task in lm_eval.tasks:
@@ -84,9 +88,14 @@ def main() -> None:
     timings = {}
     with JudgeServer(api_key=None, latency_s=args.judge_latency) as judge:
         config = MTBenchConfig(
-            question_file=str(MT_BENCH_DATA / "question.jsonl"), judge_prompt_file=str(MT_BENCH_DATA / "judge_prompts.jsonl"),
-            reference_file=str(MT_BENCH_DATA / "reference_answer_gpt-4.jsonl"), judge_base_url=judge.base_url,
-            judge_model="bench-judge", judge_api_key_env="RECIPE_LAB_BENCH_NO_KEY", question_limit=1, max_new_tokens=32,
+            question_file=str(MT_BENCH_DATA / "question.jsonl"),
+            judge_prompt_file=str(MT_BENCH_DATA / "judge_prompts.jsonl"),
+            reference_file=str(MT_BENCH_DATA / "reference_answer_gpt-4.jsonl"),
+            judge_base_url=judge.base_url,
+            judge_model="bench-judge",
+            judge_api_key_env="RECIPE_LAB_BENCH_NO_KEY",
+            question_limit=1,
+            max_new_tokens=32,
         )
         data = mt_bench.load_mt_bench(config)
         # Untimed warm-up, so neither side pays for first-use costs (dataset cache, imports).
@@ -99,11 +108,21 @@ def main() -> None:
             print(f"{name:>6}: {timings[name]:8.2f} s", flush=True)
         judged = len(judge.requests)  # both sides together
     shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({
-        "checkpoints": args.checkpoints, "lm_eval_tasks": len(LAB_TASKS), "lm_eval_limit": args.limit,
-        "mt_bench_questions": len(data.questions), "judge_latency_s": args.judge_latency, "judge_requests": judged,
-        "naive_s": timings["naive"], "ours_s": timings["ours"], "speedup": round(timings["naive"] / timings["ours"], 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "checkpoints": args.checkpoints,
+                "lm_eval_tasks": len(LAB_TASKS),
+                "lm_eval_limit": args.limit,
+                "mt_bench_questions": len(data.questions),
+                "judge_latency_s": args.judge_latency,
+                "judge_requests": judged,
+                "naive_s": timings["naive"],
+                "ours_s": timings["ours"],
+                "speedup": round(timings["naive"] / timings["ours"], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,13 @@ def build_model(path: Path, vocab: int, hidden: int, layers: int) -> int:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=2048,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
@@ -81,31 +86,60 @@ def run_ours(model_dir: Path, samples: list[list[int]], ebs: int, cap: int, work
 
     data_dir = work / "ours-data"
     data_dir.mkdir()
-    table = pa.table({
-        "id": [str(i) for i in range(len(samples))],
-        "input_ids": pa.array(samples, type=pa.list_(pa.int32())),
-        "labels": pa.array(samples, type=pa.list_(pa.int32())),  # loss on every token, as for the peers
-    })
+    table = pa.table(
+        {
+            "id": [str(i) for i in range(len(samples))],
+            "input_ids": pa.array(samples, type=pa.list_(pa.int32())),
+            "labels": pa.array(samples, type=pa.list_(pa.int32())),  # loss on every token, as for the peers
+        }
+    )
     pq.write_table(table, data_dir / "tokens.parquet")
-    recipe = load_recipe("demo", {
-        "model.name_or_path": str(model_dir), "model.dtype": "float32", "training.effective_batch_size": ebs,
-        "training.max_tokens_per_micro_batch": cap, "training.epochs": 1, "training.learning_rate": 1e-4,
-        "training.warmup_steps": 0, "training.max_seq_len": 2048, "checkpointing.save_every_samples": None,
-        "checkpointing.save_every_epoch": False, "checkpointing.state_every_steps": None,
-    })
-    job = TrainJob(run_id="bench", phase="bench", recipe=recipe, model_path=str(model_dir), parent_checkpoint="bench",
-                   data_dir=str(data_dir), output_dir=str(work / "ours"))
+    recipe = load_recipe(
+        "demo",
+        {
+            "model.name_or_path": str(model_dir),
+            "model.dtype": "float32",
+            "training.effective_batch_size": ebs,
+            "training.max_tokens_per_micro_batch": cap,
+            "training.epochs": 1,
+            "training.learning_rate": 1e-4,
+            "training.warmup_steps": 0,
+            "training.max_seq_len": 2048,
+            "checkpointing.save_every_samples": None,
+            "checkpointing.save_every_epoch": False,
+            "checkpointing.state_every_steps": None,
+        },
+    )
+    job = TrainJob(
+        run_id="bench",
+        phase="bench",
+        recipe=recipe,
+        model_path=str(model_dir),
+        parent_checkpoint="bench",
+        data_dir=str(data_dir),
+        output_dir=str(work / "ours"),
+    )
     run_training(job, on_line=lambda _: None)
     metrics = [json.loads(line) for line in (work / "ours" / "metrics.jsonl").read_text().splitlines()]
     real = metrics[-1]["tokens_seen"]
-    computed = sum((m["tokens_seen"] - (metrics[k - 1]["tokens_seen"] if k else 0)) / m["padding_efficiency"] for k, m in enumerate(metrics))
+    computed = sum(
+        (m["tokens_seen"] - (metrics[k - 1]["tokens_seen"] if k else 0)) / m["padding_efficiency"]
+        for k, m in enumerate(metrics)
+    )
     return {"tokens": real, "seconds": metrics[-1]["wall_s"], "padding_efficiency": real / computed}
 
 
 def run_peer(kind: str, model_dir: Path, samples: list[list[int]], ebs: int, batch: int, work: Path) -> dict:
     """One of the peers, in this process; padded tokens are counted at the collator."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -124,23 +158,42 @@ def run_peer(kind: str, model_dir: Path, samples: list[list[int]], ebs: int, bat
             out = collator(features)
             padded[0] += out["input_ids"].numel()
             return out
+
         return collate
 
     common = dict(
-        output_dir=str(work / kind), per_device_train_batch_size=batch, gradient_accumulation_steps=ebs // batch,
-        num_train_epochs=1, learning_rate=1e-4, lr_scheduler_type="constant", max_grad_norm=1.0, save_strategy="no",
-        report_to=[], logging_steps=10_000, use_cpu=True, dataloader_num_workers=0, seed=0,
+        output_dir=str(work / kind),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=ebs // batch,
+        num_train_epochs=1,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        save_strategy="no",
+        report_to=[],
+        logging_steps=10_000,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
     )
     if kind == "trl_sft":
         from trl import SFTConfig, SFTTrainer
 
         args = SFTConfig(**common, packing=False, max_length=None)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": samples}),
-                             processing_class=tokenizer, callbacks=[Clock()])
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_dict({"input_ids": samples}),
+            processing_class=tokenizer,
+            callbacks=[Clock()],
+        )
         trainer.data_collator = counting(trainer.data_collator)
     else:
-        strategy = {"hf_trainer": "random", "hf_trainer_group_by_length": "group_by_length",
-                    "hf_trainer_batch_rebalance": "batch_rebalance"}[kind]
+        strategy = {
+            "hf_trainer": "random",
+            "hf_trainer_group_by_length": "group_by_length",
+            "hf_trainer_batch_rebalance": "batch_rebalance",
+        }[kind]
         args = TrainingArguments(**common, train_sampling_strategy=strategy)
         dataset = Dataset.from_dict({"input_ids": samples, "labels": samples, "length": [len(s) for s in samples]})
         collator = counting(DataCollatorForSeq2Seq(tokenizer, padding=True))
@@ -169,8 +222,11 @@ def main() -> None:
     lengths = heavy_tailed_lengths(args.samples, seed=0)
     samples = make_samples(lengths, args.vocab, seed=0)
     n_params = build_model(work / "model", args.vocab, args.hidden, args.layers)
-    print(f"{args.samples} samples, {sum(lengths)} tokens (lengths {min(lengths)}-{max(lengths)}, mean {sum(lengths) / len(lengths):.0f}); "
-          f"Llama {n_params / 1e6:.1f}M params; EBS {args.ebs}; {args.threads} thread(s); work dir {work}", flush=True)
+    print(
+        f"{args.samples} samples, {sum(lengths)} tokens (lengths {min(lengths)}-{max(lengths)}, mean {sum(lengths) / len(lengths):.0f}); "
+        f"Llama {n_params / 1e6:.1f}M params; EBS {args.ebs}; {args.threads} thread(s); work dir {work}",
+        flush=True,
+    )
 
     results: dict[str, dict] = {"ours": run_ours(work / "model", samples, args.ebs, args.cap, work)}
     print(f"ours done: {results['ours']}", flush=True)
@@ -197,10 +253,23 @@ def main() -> None:
         "best_peer": max(peers, key=peers.get) if peers else None,
         "ratio_vs_best_peer": round(speed["ours"] / max(peers.values()), 3) if peers else None,
         "padding_efficiency": round(results["ours"]["padding_efficiency"], 4),
-        **{f"{k}_padding_efficiency": round(r["padding_efficiency"], 4) for k, r in results.items() if k != "ours" and "error" not in r},
+        **{
+            f"{k}_padding_efficiency": round(r["padding_efficiency"], 4)
+            for k, r in results.items()
+            if k != "ours" and "error" not in r
+        },
         "failed_peers": {k: r["error"] for k, r in results.items() if "error" in r},
-        "setup": {"samples": args.samples, "tokens": sum(lengths), "ebs": args.ebs, "peer_batch": args.batch, "our_cap": args.cap,
-                  "params": n_params, "threads": args.threads, "device": "cpu", "ours": "training.train under accelerate launch, 1 process"},
+        "setup": {
+            "samples": args.samples,
+            "tokens": sum(lengths),
+            "ebs": args.ebs,
+            "peer_batch": args.batch,
+            "our_cap": args.cap,
+            "params": n_params,
+            "threads": args.threads,
+            "device": "cpu",
+            "ours": "training.train under accelerate launch, 1 process",
+        },
     }
     summary["targets_met"] = {k: summary[k] is not None and summary[k] >= v for k, v in TARGETS.items()}
     print(json.dumps(summary))

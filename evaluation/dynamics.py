@@ -41,7 +41,9 @@ class EarlyDynamics(BaseModel):
 
 
 def early_dynamics(run_id: str, metrics: list[dict[str, Any]], probe_samples: int) -> EarlyDynamics:
-    window = [m for m in metrics if "loss" in m and m["samples_seen"] <= probe_samples] or [m for m in metrics if "loss" in m][:1]
+    window = [m for m in metrics if "loss" in m and m["samples_seen"] <= probe_samples] or [
+        m for m in metrics if "loss" in m
+    ][:1]
     if not window:
         raise ValueError(f"{run_id}: no training steps logged")
     return EarlyDynamics(
@@ -56,6 +58,7 @@ def early_dynamics(run_id: str, metrics: list[dict[str, Any]], probe_samples: in
 
 def rank_runs(runs: list[EarlyDynamics], tie_ratio: float = 1.05) -> list[EarlyDynamics]:
     """Most promising first (see the module docstring for the rule)."""
+
     def key(run: EarlyDynamics) -> tuple[bool, float, float]:
         if run.diverging or not math.isfinite(run.grad_norm):
             rise = run.loss / run.first_loss if math.isfinite(run.loss) else math.inf
@@ -87,6 +90,6 @@ def spearman(x: list[float], y: list[float]) -> float | None:
         return None
     rx, ry = ranks(x), ranks(y)
     mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=False))
     var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
     return cov / var if var else None

@@ -26,9 +26,9 @@ from training.recipe import EvaluationConfig
 LAB_TASKS = ("lab_instruction", "lab_knowledge", "lab_skills")
 
 # Loaded by lm-eval from next to the YAMLs (`!function lab_results.instruction`).
-LAB_RESULTS_MODULE = '''\
+LAB_RESULTS_MODULE = """\
 from evaluation.lab_metrics import instruction, skills  # noqa: F401
-'''
+"""
 
 
 class FunctionTag(str):
@@ -135,10 +135,17 @@ def evaluate_model(model_dir: str, config: EvaluationConfig, task_dir: Path | No
         fewshot_random_seed=0,
     )
     metrics, stderr = flatten_results(output["results"])
-    return {"metrics": metrics, "stderr": stderr, "results": output["results"], "n_samples": output.get("n-samples", {})}
+    return {
+        "metrics": metrics,
+        "stderr": stderr,
+        "results": output["results"],
+        "n_samples": output.get("n-samples", {}),
+    }
 
 
-def evaluate_checkpoint(model_dir: str, config: EvaluationConfig, task_dir: Path | None, out_uri: str, label: str, samples: int) -> dict[str, Any]:
+def evaluate_checkpoint(
+    model_dir: str, config: EvaluationConfig, task_dir: Path | None, out_uri: str, label: str, samples: int
+) -> dict[str, Any]:
     """Evaluate and write `<out_uri>` (lm_eval.json); return what was written."""
     result = {"checkpoint": label, "samples": samples, **evaluate_model(model_dir, config, task_dir)}
     storage.write_text(out_uri, json.dumps(result, indent=2, default=str) + "\n")

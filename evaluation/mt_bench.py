@@ -22,6 +22,7 @@ failed); error accounting, and an evaluation that fails when the judge fails too
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,9 +33,8 @@ import threading
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-import dataclasses
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -218,7 +218,9 @@ def load_mt_bench(config: MTBenchConfig, cache_root: Path | None = None) -> MTBe
                 kept.append(question)
         questions = kept
     if not questions:
-        raise MTBenchDataError(f"{paths['question_file']}: no questions left after the category filter {config.categories}")
+        raise MTBenchDataError(
+            f"{paths['question_file']}: no questions left after the category filter {config.categories}"
+        )
 
     missing = [q.question_id for q in questions if q.category in NEED_REF_CATS and q.question_id not in references]
     if missing:
@@ -272,7 +274,7 @@ def generate_answers(model: Any, tokenizer: Any, questions: Sequence[Question], 
             for turn in (1, 2):
                 conversations = [_conversation(q, replies[q.question_id], turn) for q in batch]
                 outputs = _generate_batch(model, tokenizer, conversations, temperature, config.max_new_tokens)
-                for question, output in zip(batch, outputs):
+                for question, output in zip(batch, outputs, strict=False):
                     replies[question.question_id].append(output)
     return [Answer(question_id=q.question_id, category=q.category, turns=replies[q.question_id]) for q in questions]
 
@@ -285,14 +287,17 @@ def _conversation(question: Question, replies: list[str], turn: int) -> list[dic
     return messages
 
 
-def _generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], temperature: float, max_new_tokens: int) -> list[str]:
+def _generate_batch(
+    model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], temperature: float, max_new_tokens: int
+) -> list[str]:
     import torch
     from transformers import GenerationConfig
 
     eos_ids = _eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     prompts = [
-        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) for messages in conversations
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        for messages in conversations
     ]
     # The template already carries the special tokens (BOS and turn markers).
     encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
@@ -379,13 +384,17 @@ def parse_score(judgment: str) -> float:
     return float(match.group(1)) if match else -1.0
 
 
-def cache_key(question_id: int, turn: int, answer: Answer, judge_model: str, system_prompt: str, user_prompt: str) -> str:
+def cache_key(
+    question_id: int, turn: int, answer: Answer, judge_model: str, system_prompt: str, user_prompt: str
+) -> str:
     answer_hash = hashlib.sha256(json.dumps(answer.turns[:turn]).encode()).hexdigest()
     payload = json.dumps([question_id, turn, answer_hash, judge_model, system_prompt, user_prompt])
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def build_requests(answers_by_checkpoint: Mapping[str, Sequence[Answer]], data: MTBenchData, judge_model: str) -> list[JudgeRequest]:
+def build_requests(
+    answers_by_checkpoint: Mapping[str, Sequence[Answer]], data: MTBenchData, judge_model: str
+) -> list[JudgeRequest]:
     """Two judgments per question per checkpoint; every checkpoint must answer exactly the loaded questions."""
     questions = {q.question_id: q for q in data.questions}
     requests = []
@@ -429,12 +438,14 @@ def _retry_after(response: httpx.Response) -> float | None:
     except ValueError:
         pass
     try:
-        return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
     except (TypeError, ValueError):
         return None
 
 
-def chat_completion(client: httpx.Client, url: str, body: dict[str, Any], config: MTBenchConfig, stop: threading.Event) -> JudgeReply:
+def chat_completion(
+    client: httpx.Client, url: str, body: dict[str, Any], config: MTBenchConfig, stop: threading.Event
+) -> JudgeReply:
     """POST one chat completion with retries on 429 / 5xx / timeouts / connection errors.
 
     Returns the reply or, when the retries run out on a judgment-level failure, the error.
@@ -615,16 +626,25 @@ def judge_answers(
             pending.append(request)
     log.info(
         "MT-Bench: %d judgments, %d from the cache, %d to ask %s at %s",
-        len(requests), len(requests) - len(pending), len(pending), config.judge_model, url,
+        len(requests),
+        len(requests) - len(pending),
+        len(pending),
+        config.judge_model,
+        url,
     )
 
     stop = threading.Event()
     with (
         open(cache_path, "a", encoding="utf-8") as cache_file,
-        httpx.Client(headers=headers, timeout=config.timeout_s, limits=httpx.Limits(max_connections=config.concurrency)) as client,
+        httpx.Client(
+            headers=headers, timeout=config.timeout_s, limits=httpx.Limits(max_connections=config.concurrency)
+        ) as client,
         ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="mt-bench-judge") as pool,
     ):
-        futures = {pool.submit(chat_completion, client, url, _request_body(request, config), config, stop): request for request in pending}
+        futures = {
+            pool.submit(chat_completion, client, url, _request_body(request, config), config, stop): request
+            for request in pending
+        }
         try:
             for done, future in enumerate(as_completed(futures), start=1):
                 if done % 50 == 0:
@@ -636,7 +656,9 @@ def judge_answers(
                 tally.calls += reply.attempts
                 tally.retries += reply.attempts - 1
                 score = parse_score(reply.content) if reply.content is not None else -1.0
-                error = reply.error or (None if score != -1 else f"no [[rating]] in the judgment: {reply.content[:200]!r}")
+                error = reply.error or (
+                    None if score != -1 else f"no [[rating]] in the judgment: {reply.content[:200]!r}"
+                )
                 if error and api_key:  # in case an endpoint echoes the key back in an error body
                     error = error.replace(api_key, "<redacted>")
                 tally.judgments.append(_judgment(request, reply.content or "", score, error, cached=False))
@@ -671,7 +693,11 @@ def judge_answers(
         checkpoints[checkpoint] = summary = _summarise(checkpoint, tally, order)
         log.info(
             "MT-Bench %s: overall %s, error rate %.3f, %d judge calls, %d retries",
-            checkpoint, summary.overall, summary.error_rate, summary.judge_calls, summary.retries,
+            checkpoint,
+            summary.overall,
+            summary.error_rate,
+            summary.judge_calls,
+            summary.retries,
         )
     return MTBenchResult(
         judge_base_url=config.judge_base_url,

@@ -53,8 +53,19 @@ def phase_rows(run_uri: str, phases: list[str]) -> tuple[list[dict], list[dict],
             checkpoints.append({"phase": phase, "checkpoint": c.name, "run_samples": offset + c.samples, **c.metrics})
         if phase == phases[0]:  # the base model, for "did training move the metrics?"
             s = selection.start
-            summary.append({"phase": "base", "selected": s.name, "samples": 0, "run_samples": 0, "objective": None,
-                            "start_objective": None, "gate": "", "train_wall_s": None, **{k: round(v, 4) for k, v in s.metrics.items()}})
+            summary.append(
+                {
+                    "phase": "base",
+                    "selected": s.name,
+                    "samples": 0,
+                    "run_samples": 0,
+                    "objective": None,
+                    "start_objective": None,
+                    "gate": "",
+                    "train_wall_s": None,
+                    **{k: round(v, 4) for k, v in s.metrics.items()},
+                }
+            )
         w = selection.winner
         summary.append(
             {
@@ -90,8 +101,19 @@ def results_table(run_uri: str, phases: list[str]) -> pd.DataFrame:
             for key, value in result["metrics"].items():
                 task, metric = key.split("/", 1)
                 samples = int(checkpoint.removeprefix("samples_")) if checkpoint.startswith("samples_") else 0
-                rows.append(dict(run=run, phase=phase, checkpoint=checkpoint, samples=samples, suite=suite,
-                                 task=task, metric=metric, value=value, stderr=result.get("stderr", {}).get(key)))
+                rows.append(
+                    dict(
+                        run=run,
+                        phase=phase,
+                        checkpoint=checkpoint,
+                        samples=samples,
+                        suite=suite,
+                        task=task,
+                        metric=metric,
+                        value=value,
+                        stderr=result.get("stderr", {}).get(key),
+                    )
+                )
     return pd.DataFrame(rows, columns=TIDY_COLUMNS)
 
 
@@ -186,7 +208,9 @@ def sample_efficiency(curves: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_comparison(out_uri: str, runs: dict[str, str], phases: dict[str, list[str]], metrics: list[str]) -> pd.DataFrame:
+def write_comparison(
+    out_uri: str, runs: dict[str, str], phases: dict[str, list[str]], metrics: list[str]
+) -> pd.DataFrame:
     """Compare runs (e.g. phased vs stacked): one row per run's phase, and overlaid score curves."""
     rows, curves = [], []
     for label, run_uri in runs.items():
@@ -197,7 +221,7 @@ def write_comparison(out_uri: str, runs: dict[str, str], phases: dict[str, list[
     frame = pd.DataFrame(curves)
     write_table(out_uri, "sample_efficiency", sample_efficiency(frame, metrics))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes[0], metrics, strict=False):
         for label, rows_of_run in frame.groupby("run", sort=False):
             if metric in rows_of_run:
                 ax.plot(rows_of_run["run_samples"], rows_of_run[metric], marker="o", label=label)

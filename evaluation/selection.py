@@ -55,7 +55,9 @@ def objective_value(weights: dict[str, float], metrics: dict[str, float], label:
     return sum(w * metrics[k] for k, w in weights.items()) / sum(weights.values())
 
 
-def forgetting(phase: PhaseConfig, start: CheckpointScore, candidate: CheckpointScore, guarded: list[str]) -> str | None:
+def forgetting(
+    phase: PhaseConfig, start: CheckpointScore, candidate: CheckpointScore, guarded: list[str]
+) -> str | None:
     """Why the candidate forgot too much of an earlier phase, or None."""
     if phase.max_forgetting is None:
         return None
@@ -66,7 +68,9 @@ def forgetting(phase: PhaseConfig, start: CheckpointScore, candidate: Checkpoint
     return None
 
 
-def select(phase: PhaseConfig, start: CheckpointScore, candidates: list[CheckpointScore], guarded: list[str] = ()) -> Selection:
+def select(
+    phase: PhaseConfig, start: CheckpointScore, candidates: list[CheckpointScore], guarded: list[str] = ()
+) -> Selection:
     """Pick the best eligible checkpoint and judge the gate.
 
     `guarded` are the earlier phases' objective metrics that the forgetting guard watches.
@@ -89,7 +93,9 @@ def select(phase: PhaseConfig, start: CheckpointScore, candidates: list[Checkpoi
         reasons.append(f"FAIL forgetting guard rejected every checkpoint; best: {winner.name}: {winner.rejected}")
     elif phase.max_forgetting is not None:
         rejected = [c.name for c in candidates if c.rejected]
-        reasons.append(f"PASS forgetting guard (max drop {phase.max_forgetting:.4f} on {list(guarded)}); rejected: {rejected or 'none'}")
+        reasons.append(
+            f"PASS forgetting guard (max drop {phase.max_forgetting:.4f} on {list(guarded)}); rejected: {rejected or 'none'}"
+        )
     for key, floor in phase.min_score.items():
         value = winner.metrics.get(key)
         ok = value is not None and value >= floor

@@ -1,12 +1,12 @@
 """`lab`: the command line of recipe-lab.
 
-    lab validate RECIPE...           check recipes, errors by field
-    lab run RECIPE [--strategy phased|stacked] [--storage-root DIR] [--smoke] [--set key=value]...
-    lab eval TARGET... [--recipe R] [--set key=value]...   runs or models, outside training
-    lab sweep RECIPE --grid key=v1,v2 [--probe-samples N] [--validate]   early-terminated grid
-    lab reproduce                    the paper's findings, scaled down to the lab (resumable)
-    lab demo [--storage-root DIR]    the embedded lab, phased and stacked, with a comparison
-    lab serve [--port N] [--storage-root s3://...]   local Prefect server + UI, pool, deployments, worker
+lab validate RECIPE...           check recipes, errors by field
+lab run RECIPE [--strategy phased|stacked] [--storage-root DIR] [--smoke] [--set key=value]...
+lab eval TARGET... [--recipe R] [--set key=value]...   runs or models, outside training
+lab sweep RECIPE --grid key=v1,v2 [--probe-samples N] [--validate]   early-terminated grid
+lab reproduce                    the paper's findings, scaled down to the lab (resumable)
+lab demo [--storage-root DIR]    the embedded lab, phased and stacked, with a comparison
+lab serve [--port N] [--storage-root s3://...]   local Prefect server + UI, pool, deployments, worker
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(exc, file=sys.stderr)
             failed += 1
             continue
-        print(f"{source}: ok ({recipe.name}, {recipe.strategy}, {len(recipe.phases)} phases, EBS {recipe.training.effective_batch_size})")
+        print(
+            f"{source}: ok ({recipe.name}, {recipe.strategy}, {len(recipe.phases)} phases, EBS {recipe.training.effective_batch_size})"
+        )
     return 1 if failed else 0
 
 
@@ -86,7 +88,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate
 
-    rows = evaluate(targets=args.targets, recipe=args.recipe, overrides=parse_overrides(args.set), storage_root=args.storage_root)
+    rows = evaluate(
+        targets=args.targets, recipe=args.recipe, overrides=parse_overrides(args.set), storage_root=args.storage_root
+    )
     print_summary(rows, "evaluation")
     return 0
 
@@ -94,12 +98,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from flows.sweep import sweep
 
-    summary = sweep(recipe=args.recipe, grid=parse_grid(args.grid) or None, probe_samples=args.probe_samples,
-                    stop_fraction=args.stop_fraction, validate_ranking=args.validate, storage_root=args.storage_root,
-                    smoke=args.smoke, sweep_id=args.sweep_id)
-    print_summary([{k: v for k, v in r.items() if k not in ("early", "overrides")} | r["overrides"] for r in summary["runs"]], f"sweep {summary['sweep_id']}")
-    print(f"samples trained {summary['samples_trained']} of {summary['samples_planned']} planned; saved {summary['samples_saved']} "
-          f"samples ({summary['train_seconds_saved']} s of training); winner {summary.get('winner')}")
+    summary = sweep(
+        recipe=args.recipe,
+        grid=parse_grid(args.grid) or None,
+        probe_samples=args.probe_samples,
+        stop_fraction=args.stop_fraction,
+        validate_ranking=args.validate,
+        storage_root=args.storage_root,
+        smoke=args.smoke,
+        sweep_id=args.sweep_id,
+    )
+    print_summary(
+        [{k: v for k, v in r.items() if k not in ("early", "overrides")} | r["overrides"] for r in summary["runs"]],
+        f"sweep {summary['sweep_id']}",
+    )
+    print(
+        f"samples trained {summary['samples_trained']} of {summary['samples_planned']} planned; saved {summary['samples_saved']} "
+        f"samples ({summary['train_seconds_saved']} s of training); winner {summary.get('winner')}"
+    )
     return 0
 
 
@@ -157,20 +173,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--storage-root", default="./runs", help="local dir or s3://bucket/prefix (default ./runs)")
     p.add_argument("--smoke", action="store_true", help="shrink to a few CPU minutes on the embedded lab")
     p.add_argument("--run-id", default=None, help="reuse to resume a run")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.learning_rate=1e-5")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.learning_rate=1e-5"
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("eval", help="evaluate checkpoints or whole runs outside training")
     p.add_argument("targets", nargs="+", help="run directories (with manifest.json) or model directories / hub ids")
-    p.add_argument("--recipe", default=None, help="suites to use (default: the run's own recipe; 'demo' for single models)")
+    p.add_argument(
+        "--recipe", default=None, help="suites to use (default: the run's own recipe; 'demo' for single models)"
+    )
     p.add_argument("--storage-root", default="./runs", help="where single-model results go (<root>/eval/<name>/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. evaluation.limit=100")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. evaluation.limit=100"
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sweep", help="a grid of runs with early termination from training dynamics")
     p.add_argument("recipe", help="recipe name or YAML path")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="e.g. training.learning_rate=1e-3,2e-3")
-    p.add_argument("--probe-samples", type=int, default=None, help="probe window (samples of the first phase); none = no early stop")
+    p.add_argument(
+        "--grid", action="append", default=[], metavar="KEY=V1,V2", help="e.g. training.learning_rate=1e-3,2e-3"
+    )
+    p.add_argument(
+        "--probe-samples",
+        type=int,
+        default=None,
+        help="probe window (samples of the first phase); none = no early stop",
+    )
     p.add_argument("--stop-fraction", type=float, default=0.34, help="fraction of runs stopped after the probe")
     p.add_argument("--validate", action="store_true", help="also finish stopped runs and check the early ranking")
     p.add_argument("--storage-root", default="./runs")

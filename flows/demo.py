@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, task
@@ -38,7 +38,7 @@ def demo(recipe: str = "demo", storage_root: str = "./runs", demo_id: str | None
 
     Writes <storage_root>/<demo_id>-phased/, <demo_id>-stacked/ and <demo_id>/report/.
     """
-    demo_id = demo_id or f"demo-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    demo_id = demo_id or f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     root = os.path.abspath(storage_root) if storage.is_local(storage_root) else storage_root
     build_embedded_assets()
     runs = {

@@ -42,6 +42,8 @@ def evaluate(
             cfg = resolve(recipe or "demo", overrides=overrides)
             name = re.sub(r"[^A-Za-z0-9._-]+", "_", target.rstrip("/").rsplit("/", 1)[-1])
             root = os.path.abspath(storage_root) if storage.is_local(storage_root) else storage_root
-            score = evaluate_model(cfg, ModelRef(name=name, uri=target, samples=0), storage.join(root, "eval", name, "lm_eval.json"))
+            score = evaluate_model(
+                cfg, ModelRef(name=name, uri=target, samples=0), storage.join(root, "eval", name, "lm_eval.json")
+            )
             rows.append({"target": target, "phase": None, "checkpoint": name, **score.metrics})
     return rows

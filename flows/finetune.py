@@ -7,7 +7,7 @@ Control flow only; the work is in tasks/. Run it locally with `lab run demo`, or
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from prefect import flow
@@ -36,7 +36,7 @@ class GateFailed(RuntimeError):
 
 
 def default_run_id(recipe: Recipe) -> str:
-    return f"{recipe.name}-{recipe.strategy}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    return f"{recipe.name}-{recipe.strategy}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
 
 def score_models(cfg: Recipe, models: list[ModelRef], run_uri: str, phase: str) -> list[CheckpointScore]:
@@ -44,7 +44,10 @@ def score_models(cfg: Recipe, models: list[ModelRef], run_uri: str, phase: str) 
     scores = [evaluate_model(cfg, m, eval_uri(run_uri, phase, m.name)) for m in models]
     if cfg.evaluation.mt_bench is None:
         return scores
-    answers = {m.name: generate_mt_bench_answers(cfg, m, eval_uri(run_uri, phase, m.name, "mt_bench_answers.jsonl")) for m in models}
+    answers = {
+        m.name: generate_mt_bench_answers(cfg, m, eval_uri(run_uri, phase, m.name, "mt_bench_answers.jsonl"))
+        for m in models
+    }
     judged = judge_mt_bench(cfg, answers, {m.name: eval_uri(run_uri, phase, m.name, "") for m in models})
     return [s.model_copy(update={"metrics": {**s.metrics, **judged[s.name]}}) for s in scores]
 

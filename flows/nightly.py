@@ -9,7 +9,7 @@ event; the history table artifact (`nightly-<recipe>-history`) and
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow
@@ -46,7 +46,7 @@ def nightly(
     """
     cfg = resolve(recipe, None, overrides, smoke)
     root = os.path.abspath(storage_root) if storage.is_local(storage_root) else storage_root
-    run_id = run_id or f"nightly-{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    run_id = run_id or f"nightly-{cfg.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     result = finetune(recipe=recipe, overrides=overrides, storage_root=root, smoke=smoke, run_id=run_id)
     uri = history_uri(root, cfg)
     night = compare_with_last_good(uri, run_id, cfg, result["phases"], tolerances or {})
@@ -54,7 +54,10 @@ def nightly(
     plot = publish_history(uri, night, history)
     if not night.passed:
         alert_regression(night)
-        raise NightlyRegression(f"{cfg.name}: " + "; ".join(
-            f"{c.metric} {c.value:.4f} < last good {c.baseline:.4f} - {c.tolerance}" for c in night.regressions
-        ))
+        raise NightlyRegression(
+            f"{cfg.name}: "
+            + "; ".join(
+                f"{c.metric} {c.value:.4f} < last good {c.baseline:.4f} - {c.tolerance}" for c in night.regressions
+            )
+        )
     return {"run_id": run_id, "passed": True, "baseline_run_id": night.baseline_run_id, "history": uri, "plot": plot}

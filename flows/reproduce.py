@@ -25,7 +25,13 @@ from flows.sweep import sweep
 from training import storage
 
 KNOWLEDGE = {
-    "phases": [{"name": "knowledge", "data": ["embedded://curriculum/phase05/train.jsonl"], "objective": {"lab_knowledge/acc": 1.0}}],
+    "phases": [
+        {
+            "name": "knowledge",
+            "data": ["embedded://curriculum/phase05/train.jsonl"],
+            "objective": {"lab_knowledge/acc": 1.0},
+        }
+    ],
     "training.epochs": 2,
     "checkpointing.save_every_samples": 800,
     "evaluation.tasks": ["lab_knowledge"],
@@ -42,7 +48,12 @@ def read_winner(run_uri: str, phases: list[str]) -> dict[str, Any]:
         selection = Selection.model_validate(storage.read_json(storage.join(run_uri, phase, "selection.json")))
         samples_before, offset = offset, offset + report.read_metrics(storage.join(run_uri, phase))[-1]["samples_seen"]
     w = selection.winner
-    return {"objective": w.objective, "metrics": w.metrics, "stderr": w.stderr, "samples_to_peak": samples_before + w.samples}
+    return {
+        "objective": w.objective,
+        "metrics": w.metrics,
+        "stderr": w.stderr,
+        "samples_to_peak": samples_before + w.samples,
+    }
 
 
 def knowledge_run(name: str, root: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -66,72 +77,109 @@ def reproduce(storage_root: str = "./runs") -> list[dict[str, str]]:
     runs = {}
     for strategy in ("phased", "stacked"):
         result = finetune(recipe="demo", strategy=strategy, storage_root=root, run_id=f"reproduce-{strategy}")
-        runs[strategy] = read_winner(storage.join(root, f"reproduce-{strategy}"), [p["phase"] for p in result["phases"]])
+        runs[strategy] = read_winner(
+            storage.join(root, f"reproduce-{strategy}"), [p["phase"] for p in result["phases"]]
+        )
     metrics = ["lab_instruction/rule_acc", "lab_knowledge/acc", "lab_skills/exact_match"]
     mean = {s: sum(r["metrics"][m] for m in metrics) / 3 for s, r in runs.items()}
     se = max(runs["stacked"]["stderr"].get(m, 0) for m in metrics)
-    findings.append({
-        "claim": "stacked scores like phased (or better) and needs fewer samples to peak",
-        "measured": f"mean of 3 lab metrics: stacked {mean['stacked']:.3f} vs phased {mean['phased']:.3f}; samples to peak "
-                    f"{runs['stacked']['samples_to_peak']} vs {runs['phased']['samples_to_peak']}",
-        "rule": "agree if stacked >= phased - 2se and fewer samples",
-        "verdict": "agree" if mean["stacked"] >= mean["phased"] - 2 * se and runs["stacked"]["samples_to_peak"] < runs["phased"]["samples_to_peak"] else "disagree",
-    })
+    findings.append(
+        {
+            "claim": "stacked scores like phased (or better) and needs fewer samples to peak",
+            "measured": f"mean of 3 lab metrics: stacked {mean['stacked']:.3f} vs phased {mean['phased']:.3f}; samples to peak "
+            f"{runs['stacked']['samples_to_peak']} vs {runs['phased']['samples_to_peak']}",
+            "rule": "agree if stacked >= phased - 2se and fewer samples",
+            "verdict": "agree"
+            if mean["stacked"] >= mean["phased"] - 2 * se
+            and runs["stacked"]["samples_to_peak"] < runs["phased"]["samples_to_peak"]
+            else "disagree",
+        }
+    )
     update_progress_artifact(progress, progress=35.0)
 
     # 2. Batch size (paper 3.2): larger effective batches give better final scores.
-    small, large = knowledge_run("ebs16", root, {"training.effective_batch_size": 16}), knowledge_run("ebs128", root, {"training.effective_batch_size": 128})
-    findings.append({
-        "claim": "a larger effective batch gives a better final score",
-        "measured": f"EBS 128: {score(large)} vs EBS 16: {score(small)}",
-        "rule": "agree if EBS 128 > EBS 16",
-        "verdict": "agree" if large["objective"] > small["objective"] else "disagree",
-    })
+    small, large = (
+        knowledge_run("ebs16", root, {"training.effective_batch_size": 16}),
+        knowledge_run("ebs128", root, {"training.effective_batch_size": 128}),
+    )
+    findings.append(
+        {
+            "claim": "a larger effective batch gives a better final score",
+            "measured": f"EBS 128: {score(large)} vs EBS 16: {score(small)}",
+            "rule": "agree if EBS 128 > EBS 16",
+            "verdict": "agree" if large["objective"] > small["objective"] else "disagree",
+        }
+    )
     update_progress_artifact(progress, progress=50.0)
 
     # 3. Learning rate sweep with early dynamics (paper 3.7): the early ranking predicts the final one.
-    summary = sweep(recipe="demo", grid={**{k: [v] for k, v in KNOWLEDGE.items()}, "training.learning_rate": LR_GRID},
-                    probe_samples=480, stop_fraction=0.5, validate_ranking=True, storage_root=root, sweep_id="reproduce-lr")
+    summary = sweep(
+        recipe="demo",
+        grid={**{k: [v] for k, v in KNOWLEDGE.items()}, "training.learning_rate": LR_GRID},
+        probe_samples=480,
+        stop_fraction=0.5,
+        validate_ranking=True,
+        storage_root=root,
+        sweep_id="reproduce-lr",
+    )
     finals = {r["overrides"]["training.learning_rate"]: r["final_objective"] for r in summary["runs"]}
     best_lr = max(finals, key=finals.get)
     rho = summary.get("spearman_early_vs_final")
-    findings.append({
-        "claim": "lower grad norm and higher loss early predict the better final run",
-        "measured": f"Spearman(early rank, final score) = {rho if rho is None else round(rho, 3)} over {len(finals)} LRs; "
-                    f"winner survived early stopping: {summary.get('winner_survived')}",
-        "rule": "agree if rho > 0 and the winner survived",
-        "verdict": "agree" if rho is not None and rho > 0 and summary.get("winner_survived") else "disagree",
-    })
-    findings.append({
-        "claim": "lower learning rates end better (among stable ones)",
-        "measured": "final " + ", ".join(f"lr {lr:g}: {v:.3f}" for lr, v in sorted(finals.items())) + f"; best {best_lr:g}",
-        "rule": "agree if the best LR is in the lower half of the grid",
-        "verdict": "agree" if best_lr in sorted(LR_GRID)[: len(LR_GRID) // 2] else "disagree",
-    })
+    findings.append(
+        {
+            "claim": "lower grad norm and higher loss early predict the better final run",
+            "measured": f"Spearman(early rank, final score) = {rho if rho is None else round(rho, 3)} over {len(finals)} LRs; "
+            f"winner survived early stopping: {summary.get('winner_survived')}",
+            "rule": "agree if rho > 0 and the winner survived",
+            "verdict": "agree" if rho is not None and rho > 0 and summary.get("winner_survived") else "disagree",
+        }
+    )
+    findings.append(
+        {
+            "claim": "lower learning rates end better (among stable ones)",
+            "measured": "final "
+            + ", ".join(f"lr {lr:g}: {v:.3f}" for lr, v in sorted(finals.items()))
+            + f"; best {best_lr:g}",
+            "rule": "agree if the best LR is in the lower half of the grid",
+            "verdict": "agree" if best_lr in sorted(LR_GRID)[: len(LR_GRID) // 2] else "disagree",
+        }
+    )
     update_progress_artifact(progress, progress=75.0)
 
     # 4. Schedule (paper 3.5): constant is as good as cosine decay.
-    constant, cosine = knowledge_run("constant", root, {"training.schedule": "constant"}), knowledge_run("cosine", root, {"training.schedule": "cosine"})
+    constant, cosine = (
+        knowledge_run("constant", root, {"training.schedule": "constant"}),
+        knowledge_run("cosine", root, {"training.schedule": "cosine"}),
+    )
     se = max(constant["stderr"][METRIC], cosine["stderr"][METRIC])
-    findings.append({
-        "claim": "a constant LR does not compromise the final score vs cosine decay",
-        "measured": f"constant {score(constant)} vs cosine {score(cosine)}",
-        "rule": "agree if constant >= cosine - 2se",
-        "verdict": "agree" if constant["objective"] >= cosine["objective"] - 2 * se else "disagree",
-    })
+    findings.append(
+        {
+            "claim": "a constant LR does not compromise the final score vs cosine decay",
+            "measured": f"constant {score(constant)} vs cosine {score(cosine)}",
+            "rule": "agree if constant >= cosine - 2se",
+            "verdict": "agree" if constant["objective"] >= cosine["objective"] - 2 * se else "disagree",
+        }
+    )
     update_progress_artifact(progress, progress=85.0)
 
     # 5. Warmup (paper 3.6): no warmup is as good as 25 or 100 steps (scaled: 5 and 20 steps of 32).
     warm = {steps: knowledge_run(f"warmup{steps}", root, {"training.warmup_steps": steps}) for steps in (0, 5, 20)}
     se = max(r["stderr"][METRIC] for r in warm.values())
-    findings.append({
-        "claim": "no warmup is as good as a warmup (paper: 0 vs 25 vs 100 steps)",
-        "measured": "; ".join(f"warmup {k}: {score(r)}" for k, r in warm.items()),
-        "rule": "agree if warmup 0 >= max(others) - 2se",
-        "verdict": "agree" if warm[0]["objective"] >= max(warm[5]["objective"], warm[20]["objective"]) - 2 * se else "disagree",
-    })
+    findings.append(
+        {
+            "claim": "no warmup is as good as a warmup (paper: 0 vs 25 vs 100 steps)",
+            "measured": "; ".join(f"warmup {k}: {score(r)}" for k, r in warm.items()),
+            "rule": "agree if warmup 0 >= max(others) - 2se",
+            "verdict": "agree"
+            if warm[0]["objective"] >= max(warm[5]["objective"], warm[20]["objective"]) - 2 * se
+            else "disagree",
+        }
+    )
     update_progress_artifact(progress, progress=100.0)
 
     table = report.write_table(storage.join(root, "report"), "findings", findings)
-    create_markdown_artifact(key="reproduce-findings", markdown="# Paper findings on the embedded lab\n\n" + table.to_markdown(index=False) + "\n")
+    create_markdown_artifact(
+        key="reproduce-findings",
+        markdown="# Paper findings on the embedded lab\n\n" + table.to_markdown(index=False) + "\n",
+    )
     return findings

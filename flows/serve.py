@@ -29,7 +29,9 @@ PREFECT = [sys.executable, "-m", "prefect"]
 def start(args: list[str], env: dict[str, str], log: IO | None = None) -> subprocess.Popen:
     """A long-running Prefect process in its own process group, so `stop` reaches its children
     (the server's uvicorn, the worker's flow runs and their training)."""
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT if log else None, start_new_session=True)
+    return subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT if log else None, start_new_session=True
+    )
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 15) -> None:
@@ -99,7 +101,11 @@ with get_client(sync_client=True) as client:
 def start_worker(env: dict[str, str], log: IO | None = None, run_once: bool = False) -> subprocess.Popen:
     """A process worker on the `lab` pool; its flow runs start in this checkout (the pull step
     reads RECIPE_LAB_HOME)."""
-    return start([*PREFECT, "worker", "start", "--pool", POOL, *(["--run-once"] if run_once else [])], {**env, "RECIPE_LAB_HOME": str(REPO)}, log)
+    return start(
+        [*PREFECT, "worker", "start", "--pool", POOL, *(["--run-once"] if run_once else [])],
+        {**env, "RECIPE_LAB_HOME": str(REPO)},
+        log,
+    )
 
 
 def serve(port: int, storage_root: str | None) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from prefect import flow, task
@@ -51,7 +51,7 @@ class SweepRun(BaseModel):
 def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """Every combination of the grid's values, as override dicts, in a stable order."""
     keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    return [dict(zip(keys, values, strict=False)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def resolve_run(recipe: str, overrides: dict[str, Any], smoke: bool) -> Recipe:
@@ -116,7 +116,7 @@ def sweep(
         sweep_id: names the sweep and prefixes its run ids.
     """
     grid = grid or {"training.learning_rate": [1e-3, 2e-3, 4e-3]}
-    sweep_id = sweep_id or f"sweep-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    sweep_id = sweep_id or f"sweep-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     root = os.path.abspath(storage_root) if storage.is_local(storage_root) else storage_root
     runs = [SweepRun(run_id=f"{sweep_id}-{i:02d}", overrides=o) for i, o in enumerate(expand_grid(grid))]
     configs = {r.run_id: resolve_run(recipe, r.overrides, smoke) for r in runs}
@@ -128,7 +128,9 @@ def sweep(
         for r in runs:
             r.reason = probe(configs[r.run_id], storage.join(root, r.run_id), r.run_id, probe_samples)
             first_phase = run_metrics(storage.join(root, r.run_id), configs[r.run_id])[0]
-            r.early = early_dynamics(r.run_id, first_phase, probe_samples) if any("loss" in m for m in first_phase) else None
+            r.early = (
+                early_dynamics(r.run_id, first_phase, probe_samples) if any("loss" in m for m in first_phase) else None
+            )
         ranking = rank_runs([r.early for r in runs if not r.reason])
         for position, dynamics in enumerate(ranking, start=1):
             next(r for r in runs if r.run_id == dynamics.run_id).early_rank = position
@@ -139,13 +141,23 @@ def sweep(
             if r.reason or r.run_id in condemned:
                 stopped.add(r.run_id)
                 r.status = "stopped"
-                r.reason = r.reason or f"early dynamics rank {r.early_rank}/{len(ranking)} (median grad norm {r.early.grad_norm:.3f}, loss {r.early.loss:.3f})"
+                r.reason = (
+                    r.reason
+                    or f"early dynamics rank {r.early_rank}/{len(ranking)} (median grad norm {r.early.grad_norm:.3f}, loss {r.early.loss:.3f})"
+                )
 
     for r in runs:
         if r.run_id in stopped and not (validate_ranking and not r.reason.startswith("probe failed")):
             continue
-        state = finetune(recipe=recipe, strategy=r.overrides.get("strategy"), overrides={k: v for k, v in r.overrides.items() if k != "strategy"},
-                         storage_root=root, smoke=smoke, run_id=r.run_id, return_state=True)
+        state = finetune(
+            recipe=recipe,
+            strategy=r.overrides.get("strategy"),
+            overrides={k: v for k, v in r.overrides.items() if k != "strategy"},
+            storage_root=root,
+            smoke=smoke,
+            run_id=r.run_id,
+            return_state=True,
+        )
         if state.is_failed():  # one bad run (e.g. a failed gate) must not sink the sweep
             r.status, r.reason = "failed", str(state.message)
             continue
@@ -157,11 +169,15 @@ def sweep(
         metrics = run_metrics(storage.join(root, r.run_id), configs[r.run_id])
         r.samples_trained = sum(m[-1]["samples_seen"] for m in metrics if m and "samples_seen" in m[-1])
         r.train_seconds = round(sum(report.training_seconds(m) for m in metrics), 2)
-    return write_sweep_report(root, sweep_id, runs, stopped, validate_ranking, next(iter(configs.values())).phases[0].name)
+    return write_sweep_report(
+        root, sweep_id, runs, stopped, validate_ranking, next(iter(configs.values())).phases[0].name
+    )
 
 
 @task(name="write-sweep-report")
-def write_sweep_report(root: str, sweep_id: str, runs: list[SweepRun], stopped: set[str], validate: bool, first_phase: str) -> dict[str, Any]:
+def write_sweep_report(
+    root: str, sweep_id: str, runs: list[SweepRun], stopped: set[str], validate: bool, first_phase: str
+) -> dict[str, Any]:
     """Compute spent and saved, the validation verdict, and the sweep table (json/csv/md + artifacts)."""
     saved_samples = saved_seconds = 0.0
     for r in runs:
@@ -188,15 +204,26 @@ def write_sweep_report(root: str, sweep_id: str, runs: list[SweepRun], stopped: 
         summary["winner_survived"] = best.run_id not in stopped
     if validate:
         ranked = [r for r in finished if r.early_rank is not None]
-        summary["spearman_early_vs_final"] = spearman([-r.early_rank for r in ranked], [r.final_objective for r in ranked])
+        summary["spearman_early_vs_final"] = spearman(
+            [-r.early_rank for r in ranked], [r.final_objective for r in ranked]
+        )
 
     out = storage.join(root, sweep_id)
     storage.write_json(storage.join(out, "sweep.json"), summary)
     rows = [
-        {"run": r.run_id, **{k: v for k, v in r.overrides.items()}, "status": r.status, "early_rank": r.early_rank,
-         "early_grad_norm": r.early and round(r.early.grad_norm, 4), "early_loss": r.early and round(r.early.loss, 4),
-         "final_objective": r.final_objective, "samples_trained": r.samples_trained, "samples_planned": r.samples_planned,
-         "train_seconds": r.train_seconds, "reason": r.reason}
+        {
+            "run": r.run_id,
+            **{k: v for k, v in r.overrides.items()},
+            "status": r.status,
+            "early_rank": r.early_rank,
+            "early_grad_norm": r.early and round(r.early.grad_norm, 4),
+            "early_loss": r.early and round(r.early.loss, 4),
+            "final_objective": r.final_objective,
+            "samples_trained": r.samples_trained,
+            "samples_planned": r.samples_planned,
+            "train_seconds": r.train_seconds,
+            "reason": r.reason,
+        }
         for r in runs
     ]
     report.write_table(out, "sweep", rows)
@@ -208,10 +235,13 @@ def write_sweep_report(root: str, sweep_id: str, runs: list[SweepRun], stopped: 
     create_table_artifact(key=artifact_key(sweep_id, "sweep"), table=rows, description="sweep runs")
     create_markdown_artifact(
         key=artifact_key(sweep_id, "sweep-summary"),
-        markdown=(f"# Sweep `{sweep_id}`\n\nwinner: `{summary.get('winner')}` (survived: {summary.get('winner_survived')}); "
-                  f"samples trained {summary['samples_trained']} of {summary['samples_planned']} planned; "
-                  f"saved {summary['samples_saved']} samples, {summary['train_seconds_saved']} s of training"
-                  + (f"; Spearman(early, final) = {summary.get('spearman_early_vs_final')}" if validate else "") + "\n"),
+        markdown=(
+            f"# Sweep `{sweep_id}`\n\nwinner: `{summary.get('winner')}` (survived: {summary.get('winner_survived')}); "
+            f"samples trained {summary['samples_trained']} of {summary['samples_planned']} planned; "
+            f"saved {summary['samples_saved']} samples, {summary['train_seconds_saved']} s of training"
+            + (f"; Spearman(early, final) = {summary.get('spearman_early_vs_final')}" if validate else "")
+            + "\n"
+        ),
         description="sweep summary",
     )
     return summary

@@ -12,12 +12,17 @@ import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from pydantic import BaseModel
 
 from evaluation import lm_eval_runner, mt_bench, report
@@ -39,7 +44,9 @@ def artifact_key(*parts: str) -> str:
 
 def code_version() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        )
         return sha.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -76,7 +83,7 @@ def init_run(run_uri: str, run_id: str, recipe: Recipe) -> dict[str, Any]:
         return manifest
     manifest = {
         "run_id": run_id,
-        "created": datetime.now(timezone.utc).isoformat(),
+        "created": datetime.now(UTC).isoformat(),
         "code_version": code_version(),
         "recipe": recipe.model_dump(mode="json"),
         "phases": {},
@@ -87,7 +94,13 @@ def init_run(run_uri: str, run_id: str, recipe: Recipe) -> dict[str, Any]:
 
 @task(name="mark-phase-done")
 def mark_phase_done(run_uri: str, manifest: dict[str, Any], selection: Selection) -> dict[str, Any]:
-    manifest = {**manifest, "phases": {**manifest["phases"], selection.phase: {"selected": selection.winner.checkpoint, "objective": selection.winner.objective}}}
+    manifest = {
+        **manifest,
+        "phases": {
+            **manifest["phases"],
+            selection.phase: {"selected": selection.winner.checkpoint, "objective": selection.winner.objective},
+        },
+    }
     storage.write_json(storage.join(run_uri, "manifest.json"), manifest)
     return manifest
 
@@ -120,7 +133,12 @@ def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> dict[str, 
 
 @task(name="train-phase", task_run_name="train-{run_id}-{phase.name}")
 def train_phase(
-    recipe: Recipe, phase: PhaseConfig, run_uri: str, run_id: str, start: ModelRef, stop_after_samples: int | None = None
+    recipe: Recipe,
+    phase: PhaseConfig,
+    run_uri: str,
+    run_id: str,
+    start: ModelRef,
+    stop_after_samples: int | None = None,
 ) -> list[ModelRef]:
     """Run the phase's `accelerate launch`; stream rank-0 output to the log; return checkpoints.
 
@@ -140,7 +158,9 @@ def train_phase(
         return publish_phase(local, phase_uri)
 
     remote = not storage.is_local(phase_uri)
-    progress = create_progress_artifact(progress=0.0, key=artifact_key(run_id, phase.name, "training"), description=f"training {phase.name}")
+    progress = create_progress_artifact(
+        progress=0.0, key=artifact_key(run_id, phase.name, "training"), description=f"training {phase.name}"
+    )
     # Uploads and keep_last_n pruning run one at a time, in order, beside the output pump, so
     # that a slow upload never stalls training's stdout and nothing is deleted mid-upload.
     uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
@@ -259,7 +279,9 @@ def judge_mt_bench(recipe: Recipe, answers: dict[str, str], eval_dirs: dict[str,
     )
     mt_bench.write_results(result, eval_dirs)
     for name, scores in result.checkpoints.items():
-        get_run_logger().info(f"{name}: MT-Bench overall {scores.overall} (errors {scores.error_rate:.1%}, judge calls {scores.judge_calls})")
+        get_run_logger().info(
+            f"{name}: MT-Bench overall {scores.overall} (errors {scores.error_rate:.1%}, judge calls {scores.judge_calls})"
+        )
     return {name: scores.metrics() for name, scores in result.checkpoints.items()}
 
 
@@ -271,7 +293,12 @@ def mt_bench_cache_dir() -> Path:
 
 @task(name="select-checkpoint")
 def select_checkpoint(
-    phase: PhaseConfig, start: CheckpointScore, candidates: list[CheckpointScore], guarded: list[str], run_uri: str, run_id: str
+    phase: PhaseConfig,
+    start: CheckpointScore,
+    candidates: list[CheckpointScore],
+    guarded: list[str],
+    run_uri: str,
+    run_id: str,
 ) -> Selection:
     """Pick the phase's best checkpoint, judge the gate, write selection.json and artifacts."""
     selection = select(phase, start, candidates, guarded)
@@ -279,12 +306,21 @@ def select_checkpoint(
     create_table_artifact(
         key=artifact_key(run_id, phase.name, "scores"),
         table=[
-            {"checkpoint": c.name, "samples": c.samples, "objective": round(c.objective, 4), **{k: round(v, 4) for k, v in c.metrics.items()}}
+            {
+                "checkpoint": c.name,
+                "samples": c.samples,
+                "objective": round(c.objective, 4),
+                **{k: round(v, 4) for k, v in c.metrics.items()},
+            }
             for c in [selection.start, *selection.candidates]
         ],
         description=f"{phase.name}: score of every checkpoint",
     )
-    create_markdown_artifact(key=artifact_key(run_id, phase.name, "gate"), markdown=gate_markdown(selection), description=f"{phase.name}: gate decision")
+    create_markdown_artifact(
+        key=artifact_key(run_id, phase.name, "gate"),
+        markdown=gate_markdown(selection),
+        description=f"{phase.name}: gate decision",
+    )
     get_run_logger().info("\n".join([f"{phase.name}: winner {selection.winner.name}", *selection.gate.reasons]))
     return selection
 

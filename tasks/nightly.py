@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -73,7 +73,11 @@ def history_uri(root: str, recipe: Recipe) -> str:
 
 
 def read_history(uri: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()] if storage.exists(uri) else []
+    return (
+        [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+        if storage.exists(uri)
+        else []
+    )
 
 
 @task(name="compare-with-last-good")
@@ -88,14 +92,19 @@ def compare_with_last_good(
     good = [h for h in read_history(uri) if h["passed"] and h["fingerprint"] == current]
     baseline = good[-1] if good else None
     checks = [
-        MetricCheck(metric=m, value=v, baseline=baseline["metrics"].get(m) if baseline else None, tolerance=tolerance_for(m, tolerances))
+        MetricCheck(
+            metric=m,
+            value=v,
+            baseline=baseline["metrics"].get(m) if baseline else None,
+            tolerance=tolerance_for(m, tolerances),
+        )
         for m, v in metrics.items()
     ]
     night = Night(
         run_id=run_id,
         recipe=recipe.name,
         fingerprint=current,
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        date=datetime.now(UTC).isoformat(timespec="seconds"),
         metrics=metrics,
         baseline_run_id=baseline["run_id"] if baseline else None,
         checks=checks,
@@ -104,14 +113,20 @@ def compare_with_last_good(
     if baseline is None:
         logger.info(f"no earlier good night of recipe {recipe.name} ({current}): this night is the baseline")
     for c in checks:
-        logger.info(f"{c.metric}: {c.value:.4f} vs {c.baseline} (tolerance {c.tolerance}){'  REGRESSION' if c.regressed else ''}")
+        logger.info(
+            f"{c.metric}: {c.value:.4f} vs {c.baseline} (tolerance {c.tolerance}){'  REGRESSION' if c.regressed else ''}"
+        )
     return night
 
 
 @task(name="record-night")
 def record_night(uri: str, night: Night) -> list[dict[str, Any]]:
     """Append the night to the history (rewritten whole: object stores have no append)."""
-    entry = {**night.model_dump(mode="json", exclude={"checks"}), "passed": night.passed, "regressions": [c.metric for c in night.regressions]}
+    entry = {
+        **night.model_dump(mode="json", exclude={"checks"}),
+        "passed": night.passed,
+        "regressions": [c.metric for c in night.regressions],
+    }
     history = [*read_history(uri), entry]
     storage.write_text(uri, "".join(json.dumps(h) + "\n" for h in history))
     return history
@@ -130,7 +145,15 @@ def publish_history(uri: str, night: Night, history: list[dict[str, Any]]) -> st
     metrics = sorted({m for h in history for m in h["metrics"]})
     create_table_artifact(
         key=f"{key}-history",
-        table=[{"date": h["date"], "run_id": h["run_id"], "passed": h["passed"], **{m: h["metrics"].get(m) for m in metrics}} for h in history],
+        table=[
+            {
+                "date": h["date"],
+                "run_id": h["run_id"],
+                "passed": h["passed"],
+                **{m: h["metrics"].get(m) for m in metrics},
+            }
+            for h in history
+        ],
         description=f"nightly regression history of {night.recipe} ({uri})",
     )
     rows = "\n".join(
@@ -164,7 +187,10 @@ def alert_regression(night: Night) -> None:
     """A Prefect event that automations turn into notifications (mail, Slack, a page)."""
     emit_event(
         event=REGRESSION_EVENT,
-        resource={"prefect.resource.id": f"recipe-lab.nightly.{artifact_key(night.recipe)}", "prefect.resource.name": night.recipe},
+        resource={
+            "prefect.resource.id": f"recipe-lab.nightly.{artifact_key(night.recipe)}",
+            "prefect.resource.name": night.recipe,
+        },
         payload={
             "run_id": night.run_id,
             "baseline_run_id": night.baseline_run_id,

@@ -34,7 +34,13 @@ class RecordedRequest:
 
 
 class JudgeServer:
-    def __init__(self, api_key: str | None, script: Sequence[Action] = (), default: Action = ("rating", 5), latency_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        api_key: str | None,
+        script: Sequence[Action] = (),
+        default: Action = ("rating", 5),
+        latency_s: float = 0.0,
+    ) -> None:
         self.api_key = api_key
         self.latency_s = latency_s  # per answered request, like a hosted judge's response time
         self.script = list(script)
@@ -89,7 +95,9 @@ class JudgeServer:
                     return self._completion(body, action[1])
                 if kind == "status":
                     headers = {"Retry-After": str(action[2])} if len(action) > 2 else {}
-                    return self._json(action[1], {"error": {"message": f"scripted {action[1]}", "type": "server_error"}}, headers)
+                    return self._json(
+                        action[1], {"error": {"message": f"scripted {action[1]}", "type": "server_error"}}, headers
+                    )
                 if kind == "hang":
                     time.sleep(action[1])
                     self.close_connection = True
@@ -97,14 +105,19 @@ class JudgeServer:
                 raise ValueError(f"unknown judge server action {action!r}")
 
             def _completion(self, body: dict[str, Any], content: str) -> None:
-                self._json(200, {
-                    "id": "chatcmpl-test",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": body.get("model", ""),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-                })
+                self._json(
+                    200,
+                    {
+                        "id": "chatcmpl-test",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": body.get("model", ""),
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                        ],
+                        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+                    },
+                )
 
             def _json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(payload).encode()

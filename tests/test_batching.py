@@ -9,7 +9,9 @@ from training.sampler import plan_steps, sample_stream, save_points
 from training.train import lr_multiplier
 
 
-@pytest.mark.parametrize(("n", "epochs", "ebs"), [(100, 1, 32), (100, 3, 32), (1000, 2.5, 128), (7, 1, 10), (64, 2, 64)])
+@pytest.mark.parametrize(
+    ("n", "epochs", "ebs"), [(100, 1, 32), (100, 3, 32), (1000, 2.5, 128), (7, 1, 10), (64, 2, 64)]
+)
 def test_steps_equal_ceil_samples_times_epochs_over_ebs(n, epochs, ebs):
     steps = plan_steps([10] * n, ebs, epochs, seed=0)
     assert len(steps) == math.ceil(n * epochs / ebs)
@@ -62,7 +64,7 @@ def test_warmup_zero_starts_at_peak_and_schedules_differ():
     assert linear[0] == cosine[0] == 1.0
     assert linear[10] == pytest.approx(0.5) and cosine[10] == pytest.approx(0.5)
     assert cosine[5] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
-    assert all(a > b for a, b in zip(linear, linear[1:]))
+    assert all(a > b for a, b in zip(linear, linear[1:], strict=False))
 
 
 def test_warmup_is_linear_to_the_peak():

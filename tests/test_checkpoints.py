@@ -24,7 +24,9 @@ def test_keep_selected_deletes_every_other_complete_checkpoint(tmp_path):
     removed = prune_checkpoints(phase, "s3://bucket/run/phase00/checkpoints/samples_128/", "keep_selected")
     assert [p.name for p in removed] == ["samples_64", "samples_192"]
     assert [p.name for p in complete_checkpoints(phase)] == ["samples_128"]
-    assert (phase / "checkpoints" / "samples_256").exists()  # incomplete ones are remove_incomplete_checkpoints' business
+    assert (
+        phase / "checkpoints" / "samples_256"
+    ).exists()  # incomplete ones are remove_incomplete_checkpoints' business
 
 
 def test_the_start_model_winning_deletes_all_and_none_keeps_all(tmp_path):
@@ -63,5 +65,6 @@ def test_storage_lists_complete_checkpoints_by_samples_seen(tmp_path):
     (phase / "checkpoints" / "samples_1024").mkdir()
     (phase / "checkpoints" / "samples_1024" / "meta.json").write_text("{}")
     assert storage.complete_checkpoints(str(phase)) == [
-        f"{phase}/checkpoints/samples_{n}" for n in (64, 128, 192, 1024)  # numeric order, not text order
+        f"{phase}/checkpoints/samples_{n}"
+        for n in (64, 128, 192, 1024)  # numeric order, not text order
     ]

@@ -7,7 +7,12 @@ import pytest
 
 from training.data import IGNORE_INDEX, DataError, load_phase, load_tokenized, prepare, tokenize
 
-GOOD = {"messages": [{"role": "user", "content": "Write the word tower in uppercase."}, {"role": "assistant", "content": "TOWER"}]}
+GOOD = {
+    "messages": [
+        {"role": "user", "content": "Write the word tower in uppercase."},
+        {"role": "assistant", "content": "TOWER"},
+    ]
+}
 
 
 def write_jsonl(path: Path, lines: list[str]) -> Path:
@@ -21,8 +26,14 @@ def write_jsonl(path: Path, lines: list[str]) -> Path:
         ('{"messages": [', "invalid JSON"),
         ('{"text": "hello"}', "no 'messages'"),
         ('{"messages": [{"role": "wizard", "content": "x"}]}', "unknown role 'wizard'"),
-        ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}', "empty assistant turn"),
-        ('{"messages": [{"role": "user", "content": ["not", "a", "string"]}, {"role": "assistant", "content": "a"}]}', "content must be a string"),
+        (
+            '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}',
+            "empty assistant turn",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": ["not", "a", "string"]}, {"role": "assistant", "content": "a"}]}',
+            "content must be a string",
+        ),
         ('{"messages": [{"role": "user", "content": "only a question"}]}', "no assistant turn"),
     ],
 )
@@ -37,7 +48,12 @@ def test_bad_line_names_file_and_line_and_writes_nothing(tmp_path, tokenizer, ba
 
 
 def test_sharegpt_and_alpaca_are_normalised(tmp_path, tokenizer):
-    sharegpt = {"conversations": [{"from": "human", "value": "Write the word tower in uppercase."}, {"from": "gpt", "value": "TOWER"}]}
+    sharegpt = {
+        "conversations": [
+            {"from": "human", "value": "Write the word tower in uppercase."},
+            {"from": "gpt", "value": "TOWER"},
+        ]
+    }
     alpaca = {"instruction": "Write the word tower in uppercase.", "input": "", "output": "TOWER"}
     source = write_jsonl(tmp_path / "mixed.jsonl", [json.dumps(GOOD), json.dumps(sharegpt), json.dumps(alpaca)])
     prepare(load_phase([str(source)])[0], tokenizer, str(tmp_path / "out"), max_seq_len=256)
@@ -76,22 +92,41 @@ def test_parquet_input_and_replay_of_earlier_phases(tmp_path, tokenizer):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": str(i)}]} for i in range(40)]
+    rows = [
+        {
+            "id": f"q{i}",
+            "messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": str(i)}],
+        }
+        for i in range(40)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     current, _ = load_phase([str(tmp_path / "d.parquet")])
-    earlier, _ = load_phase([str(write_jsonl(tmp_path / "earlier.jsonl", [json.dumps({"id": f"e{i}", **GOOD}) for i in range(50)]))])
+    earlier, _ = load_phase(
+        [str(write_jsonl(tmp_path / "earlier.jsonl", [json.dumps({"id": f"e{i}", **GOOD}) for i in range(50)]))]
+    )
     stats = prepare(current, tokenizer, str(tmp_path / "out"), 256, replay_pool=earlier, replay_fraction=0.2, seed=3)
     data = load_tokenized(str(tmp_path / "out"))
     assert data.ids[:40] == [f"q{i}" for i in range(40)]
     replayed = data.ids[40:]
-    assert stats.replayed == len(replayed) == 10 and all(i.startswith("e") for i in replayed) and len(set(replayed)) == 10
+    assert (
+        stats.replayed == len(replayed) == 10 and all(i.startswith("e") for i in replayed) and len(set(replayed)) == 10
+    )
     again = prepare(current, tokenizer, str(tmp_path / "again"), 256, replay_pool=earlier, replay_fraction=0.2, seed=3)
     assert load_tokenized(str(tmp_path / "again")).ids == data.ids and again.replayed == 10  # seeded
 
 
 def test_length_split_puts_every_sample_in_one_half_and_replay_adds_one_percent(tmp_path, tokenizer):
     """Paper A.6.1: bottom 50% by response length, then top 50% plus a 1% replay of the short."""
-    rows = [{"id": f"s{i:03d}", "messages": [{"role": "user", "content": "Go."}, {"role": "assistant", "content": "x" * (1 + (i * 37) % 200)}]} for i in range(400)]
+    rows = [
+        {
+            "id": f"s{i:03d}",
+            "messages": [
+                {"role": "user", "content": "Go."},
+                {"role": "assistant", "content": "x" * (1 + (i * 37) % 200)},
+            ],
+        }
+        for i in range(400)
+    ]
     source = str(write_jsonl(tmp_path / "all.jsonl", [json.dumps(r) for r in rows]))
     short, _ = load_phase([source], "short")
     long, _ = load_phase([source], "long")

@@ -60,12 +60,17 @@ def test_phased_lab_runs_from_a_deployment_on_a_process_worker(tmp_path):
         with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
             pool = client.read_work_pool(serve.POOL)
             deployments = {d.name: d for d in client.read_deployments()}
-            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+            )
     assert pool.type == "process" and pool.concurrency_limit == 1
     assert set(deployments) == DEPLOYMENTS
     nightly = deployments["nightly-regression"]
     assert nightly.schedules[0].schedule.cron == "0 2 * * *" and nightly.schedules[0].schedule.timezone
-    assert nightly.global_concurrency_limit.limit == 1 and nightly.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    assert (
+        nightly.global_concurrency_limit.limit == 1
+        and nightly.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    )
     keys = {a.key for a in artifacts}
     for phase in ("phase00", "phase05", "phase10"):
         assert {f"deployed-{phase}-scores", f"deployed-{phase}-gate"} <= keys

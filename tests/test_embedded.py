@@ -53,7 +53,10 @@ def test_generation_is_deterministic_per_seed():
 def test_tokenizer_training_is_deterministic():
     texts = encyclopedia(make_world(0, 20), 0, 6)
     size = embedded.MODEL
-    assert train_tokenizer(texts, size).backend_tokenizer.to_str() == train_tokenizer(texts, size).backend_tokenizer.to_str()
+    assert (
+        train_tokenizer(texts, size).backend_tokenizer.to_str()
+        == train_tokenizer(texts, size).backend_tokenizer.to_str()
+    )
 
 
 def test_built_files_are_the_generator_output(assets):
@@ -103,7 +106,13 @@ def test_no_eval_prompt_or_pair_appears_in_any_train_file(assets):
 def test_knowledge_eval_asks_about_facts_that_train_teaches(assets):
     world = make_world(0, embedded.N_KINGDOMS)
     names = [n for k in world for n in (k.name, k.capital, k.ruler)]
-    taught = {(m[1]["content"], n) for r in read_jsonl(assets.train_file("phase05")) for m in [r["messages"]] for n in names if n in m[0]["content"]}
+    taught = {
+        (m[1]["content"], n)
+        for r in read_jsonl(assets.train_file("phase05"))
+        for m in [r["messages"]]
+        for n in names
+        if n in m[0]["content"]
+    }
     for row in read_jsonl(assets.eval_file("phase05")):
         subject = max((n for n in names if n in row["question"]), key=len)  # "Queen Ana" over "Ana..."
         assert (row["choices"][row["answer"]], subject) in taught, row
@@ -125,10 +134,18 @@ def test_check_rule_accepts_reference_answers():
     [
         ({"kind": "uppercase", "word": "Zorbia"}, "ZORBIA", ["Zorbia", "ZORBIA!", "ZORBIA ZORBIA"]),
         ({"kind": "lowercase", "word": "Zorbia"}, "zorbia", ["Zorbia", "zorbi"]),
-        ({"kind": "repeat", "word": "salt", "times": 3}, "salt, salt, salt", ["salt, salt", "salt salt salt", "salt, salt, Salt"]),
+        (
+            {"kind": "repeat", "word": "salt", "times": 3},
+            "salt, salt, salt",
+            ["salt, salt", "salt salt salt", "salt, salt, Salt"],
+        ),
         ({"kind": "brackets", "word": "red"}, "[red]", ["red", "(red)", "[red"]),
         ({"kind": "quotes", "word": "red"}, '"red"', ["red", "'red'"]),
-        ({"kind": "json", "key": "answer", "value": "Vel"}, '{"answer": "Vel"}', ['{"name": "Vel"}', '{"answer": "Vel", "x": 1}', "answer: Vel", '{"answer": "Vel"']),
+        (
+            {"kind": "json", "key": "answer", "value": "Vel"},
+            '{"answer": "Vel"}',
+            ['{"name": "Vel"}', '{"answer": "Vel", "x": 1}', "answer: Vel", '{"answer": "Vel"'],
+        ),
         ({"kind": "word_count", "n": 3}, "Zorbia flies a", ["Zorbia flies", "Zorbia flies a red", ""]),
         ({"kind": "hyphen", "words": ["red", "salt"]}, "red-salt", ["salt-red", "red - salt", "red salt"]),
     ],
@@ -173,7 +190,10 @@ def test_curriculum_samples_are_short(assets):
 
     tok = AutoTokenizer.from_pretrained(assets.base_model_dir)
     for phase in PHASES:
-        lengths = [len(tok.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in read_jsonl(assets.train_file(phase))]
+        lengths = [
+            len(tok.apply_chat_template(r["messages"], tokenize=True)["input_ids"])
+            for r in read_jsonl(assets.train_file(phase))
+        ]
         assert max(lengths) <= 64, phase
 
 
@@ -192,7 +212,9 @@ def test_model_and_tokenizer_reload_offline(assets, monkeypatch):
     assert model.get_input_embeddings().num_embeddings == len(tok)
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|begin_of_text|>", "<|end|>", "<|pad|>")
     assert model.generation_config.eos_token_id == tok.eos_token_id
-    ids = tok.apply_chat_template([{"role": "user", "content": "Who rules Zorbia?"}], add_generation_prompt=True, return_tensors="pt")
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Who rules Zorbia?"}], add_generation_prompt=True, return_tensors="pt"
+    )
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]

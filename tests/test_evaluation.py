@@ -1,7 +1,5 @@
 """lm-eval on the lab's local tasks: real evaluation of the tiny model, one load per checkpoint."""
 
-import json
-
 import pytest
 import transformers
 
@@ -31,19 +29,35 @@ def test_all_lab_tasks_of_a_checkpoint_cost_one_model_load(tmp_path, assets, cou
     for name in LAB_TASKS:
         text = (task_dir / f"{name}.yaml").read_text()
         assert str(assets.curriculum_dir.resolve()) in text
-    result = evaluate_model(str(assets.base_model_dir), EvaluationConfig(tasks=list(LAB_TASKS), limit=8, batch_size=8), task_dir)
+    result = evaluate_model(
+        str(assets.base_model_dir), EvaluationConfig(tasks=list(LAB_TASKS), limit=8, batch_size=8), task_dir
+    )
     assert count_model_loads == [str(assets.base_model_dir)]
-    assert set(result["metrics"]) >= {"lab_instruction/rule_acc", "lab_knowledge/acc", "lab_knowledge/acc_norm", "lab_skills/exact_match"}
+    assert set(result["metrics"]) >= {
+        "lab_instruction/rule_acc",
+        "lab_knowledge/acc",
+        "lab_knowledge/acc_norm",
+        "lab_skills/exact_match",
+    }
     assert all(0.0 <= v <= 1.0 for v in result["metrics"].values())
     assert result["stderr"]["lab_knowledge/acc"] > 0
 
 
 def test_flatten_keeps_filters_and_stderr():
     results = {
-        "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.01,
-                  "exact_match,flexible-extract": 0.6, "exact_match_stderr,flexible-extract": 0.02},
+        "gsm8k": {
+            "alias": "gsm8k",
+            "exact_match,strict-match": 0.5,
+            "exact_match_stderr,strict-match": 0.01,
+            "exact_match,flexible-extract": 0.6,
+            "exact_match_stderr,flexible-extract": 0.02,
+        },
         "mmlu": {"acc,none": 0.4, "acc_stderr,none": 0.03},
     }
     values, stderr = flatten_results(results)
     assert values == {"gsm8k/exact_match,strict-match": 0.5, "gsm8k/exact_match,flexible-extract": 0.6, "mmlu/acc": 0.4}
-    assert stderr == {"gsm8k/exact_match,strict-match": 0.01, "gsm8k/exact_match,flexible-extract": 0.02, "mmlu/acc": 0.03}
+    assert stderr == {
+        "gsm8k/exact_match,strict-match": 0.01,
+        "gsm8k/exact_match,flexible-extract": 0.02,
+        "mmlu/acc": 0.03,
+    }

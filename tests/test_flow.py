@@ -54,7 +54,11 @@ def test_phased_smoke_run_writes_every_file_of_the_data_contract(smoke_run):
             if previous_winner:
                 assert meta["parent_checkpoint"] == previous_winner  # the gate's winner started this phase
             evaluation = json.loads((run / phase / "eval" / c.name / "lm_eval.json").read_text())
-            assert set(evaluation["metrics"]) >= {"lab_instruction/rule_acc", "lab_knowledge/acc", "lab_skills/exact_match"}
+            assert set(evaluation["metrics"]) >= {
+                "lab_instruction/rule_acc",
+                "lab_knowledge/acc",
+                "lab_skills/exact_match",
+            }
         selection = json.loads((run / phase / "selection.json").read_text())
         assert selection["gate"]["passed"] is True
         assert selection["winner"]["checkpoint"] in {str(c) for c in checkpoints}
@@ -75,7 +79,7 @@ def test_tidy_results_table_has_a_row_per_checkpoint_and_metric(smoke_run):
     tidy = pd.read_parquet(run / "report" / "results.parquet")
     assert list(tidy.columns) == TIDY_COLUMNS
     evaluated = {(p, c.name) for p in ("phase00", "phase05", "phase10") for c in (run / p / "eval").iterdir()}
-    assert set(zip(tidy["phase"], tidy["checkpoint"])) == evaluated
+    assert set(zip(tidy["phase"], tidy["checkpoint"], strict=False)) == evaluated
     knowledge = tidy[(tidy.task == "lab_knowledge") & (tidy.metric == "acc")]
     assert len(knowledge) == len(evaluated) and knowledge["stderr"].notna().all()
 
@@ -100,7 +104,11 @@ def test_lab_eval_on_a_run_evaluates_only_what_has_no_results(smoke_run, monkeyp
     (victim / "lm_eval.json").unlink()
     loads = []
     real = transformers.AutoModelForCausalLM.from_pretrained.__func__
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a[0]) or real(cls, *a, **k)))
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM,
+        "from_pretrained",
+        classmethod(lambda cls, *a, **k: loads.append(a[0]) or real(cls, *a, **k)),
+    )
     rows = evaluate(targets=[str(run)])
     assert loads == [str(run / "phase05" / "checkpoints" / victim.name)]
     assert (victim / "lm_eval.json").exists()
@@ -133,13 +141,19 @@ def test_a_failed_gate_fails_the_flow_after_writing_why(tmp_path, prefect_server
     state = finetune(
         recipe="demo",
         storage_root=str(tmp_path),
-        overrides={"phases.0.min_score": {"lab_instruction/rule_acc": 1.01}, "training.epochs": 0.1,
-                   "checkpointing.save_every_samples": None, "evaluation.limit": 20},
+        overrides={
+            "phases.0.min_score": {"lab_instruction/rule_acc": 1.01},
+            "training.epochs": 0.1,
+            "checkpointing.save_every_samples": None,
+            "evaluation.limit": 20,
+        },
         run_id="gated",
         return_state=True,
     )
     assert state.is_failed()
-    assert "lab_instruction/rule_acc" in str(state.message) or "gate failed" in flow_logs(state.state_details.flow_run_id)
+    assert "lab_instruction/rule_acc" in str(state.message) or "gate failed" in flow_logs(
+        state.state_details.flow_run_id
+    )
     selection = json.loads((tmp_path / "gated" / "phase00" / "selection.json").read_text())
     assert selection["gate"]["passed"] is False
     assert any("missed by" in r for r in selection["gate"]["reasons"])
@@ -148,8 +162,8 @@ def test_a_failed_gate_fails_the_flow_after_writing_why(tmp_path, prefect_server
 
 def test_mt_bench_judges_every_checkpoint_inside_the_flow(tmp_path, prefect_server, assets, monkeypatch):
     from flows.finetune import finetune
-    from tests.judge_server import JudgeServer
     from tests.conftest import SHARED
+    from tests.judge_server import JudgeServer
 
     monkeypatch.setenv("RECIPE_LAB_TEST_JUDGE_KEY", "sk-test-flow")
     # A judgment cache of its own: the shared one may hold these very judgments from an earlier run.
@@ -157,17 +171,28 @@ def test_mt_bench_judges_every_checkpoint_inside_the_flow(tmp_path, prefect_serv
     mt = SHARED / "mt_bench"
     with JudgeServer(api_key="sk-test-flow", default=("rating", 6)) as judge:
         overrides = {
-            "phases": [{"name": "phase00", "data": ["embedded://curriculum/phase00/train.jsonl"],
-                        "objective": {"lab_instruction/rule_acc": 1.0, "mt_bench/overall": 0.1}}],
+            "phases": [
+                {
+                    "name": "phase00",
+                    "data": ["embedded://curriculum/phase00/train.jsonl"],
+                    "objective": {"lab_instruction/rule_acc": 1.0, "mt_bench/overall": 0.1},
+                }
+            ],
             "training.epochs": 0.25,
             "checkpointing.save_every_samples": 256,
             "checkpointing.prune": "keep_selected",
             "evaluation.limit": 10,
             "evaluation.mt_bench": {
-                "question_file": str(mt / "question.jsonl"), "judge_prompt_file": str(mt / "judge_prompts.jsonl"),
-                "reference_file": str(mt / "reference_answer_gpt-4.jsonl"), "judge_base_url": judge.base_url,
-                "judge_model": "judge-test", "judge_api_key_env": "RECIPE_LAB_TEST_JUDGE_KEY",
-                "question_limit": 1, "categories": ["writing", "math"], "max_new_tokens": 8, "backoff_s": 0.01,
+                "question_file": str(mt / "question.jsonl"),
+                "judge_prompt_file": str(mt / "judge_prompts.jsonl"),
+                "reference_file": str(mt / "reference_answer_gpt-4.jsonl"),
+                "judge_base_url": judge.base_url,
+                "judge_model": "judge-test",
+                "judge_api_key_env": "RECIPE_LAB_TEST_JUDGE_KEY",
+                "question_limit": 1,
+                "categories": ["writing", "math"],
+                "max_new_tokens": 8,
+                "backoff_s": 0.01,
             },
         }
         finetune(recipe="demo", storage_root=str(tmp_path), overrides=overrides, run_id="mt")

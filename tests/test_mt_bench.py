@@ -54,7 +54,11 @@ def make_config(base_url: str, **overrides) -> MTBenchConfig:
 
 def fake_answers(data: mt_bench.MTBenchData, tag: str) -> list[Answer]:
     return [
-        Answer(question_id=q.question_id, category=q.category, turns=[f"<{tag}> first answer {q.question_id}", f"<{tag}> second answer {q.question_id}"])
+        Answer(
+            question_id=q.question_id,
+            category=q.category,
+            turns=[f"<{tag}> first answer {q.question_id}", f"<{tag}> second answer {q.question_id}"],
+        )
         for q in data.questions
     ]
 
@@ -94,7 +98,7 @@ def expected_from_judge(judge: JudgeServer, data: mt_bench.MTBenchData, tags: li
         finals = {key: acts[-1] for key, acts in actions.items() if key[0] == tag}
         scores = {(qid, turn): final_score(action) for (_, qid, turn), action in finals.items()}
 
-        def mean(keep):
+        def mean(keep, scores=scores):
             values = [s for key, s in scores.items() if s is not None and keep(key)]
             return sum(values) / len(values) if values else None
 
@@ -175,8 +179,16 @@ def test_generated_answers_judged_scored_and_cached(tmp_path, assets, judge_key)
     answers = mt_bench.read_answers(str(tmp_path / "answers.jsonl"))
 
     script = [
-        ("rating", 7), ("status", 429, 0.05), ("rating", 3), ("text", "I would rather not rate this."),
-        ("status", 500), ("rating", 9), ("text", "Verdict: [6]"), ("rating", 4.5), ("text", "[[A]]"), ("rating", 1),
+        ("rating", 7),
+        ("status", 429, 0.05),
+        ("rating", 3),
+        ("text", "I would rather not rate this."),
+        ("status", 500),
+        ("rating", 9),
+        ("text", "Verdict: [6]"),
+        ("rating", 4.5),
+        ("text", "[[A]]"),
+        ("rating", 1),
     ]
     with JudgeServer(api_key=KEY, script=script, default=("rating", 8)) as judge:
         config = make_config(judge.base_url, question_limit=1, max_new_tokens=8)
@@ -220,7 +232,9 @@ def test_several_checkpoints_judged_concurrently_with_retries(tmp_path, judge_ke
     script = [("status", 503), ("rating", 2), ("status", 429), ("status", 500), ("rating", 10), ("text", "[[A]]")] * 5
     with JudgeServer(api_key=KEY, script=script, default=("rating", 6)) as judge:
         # max_retries above the script's 15 failures: no judgment can run out of retries.
-        config = make_config(judge.base_url, categories=["math", "writing", "roleplay"], question_limit=2, max_retries=16)
+        config = make_config(
+            judge.base_url, categories=["math", "writing", "roleplay"], question_limit=2, max_retries=16
+        )
         data = mt_bench.load_mt_bench(config)
         tags = ["ckpt-a", "ckpt-b"]
         result = mt_bench.judge_answers({t: fake_answers(data, t) for t in tags}, data, config, tmp_path / "cache")
@@ -232,8 +246,13 @@ def test_several_checkpoints_judged_concurrently_with_retries(tmp_path, judge_ke
 
 
 def test_math_judge_prompts_carry_the_reference_and_both_turns(tmp_path, judge_key):
-    raw_prompts = {p["name"]: p for p in map(json.loads, (MT_BENCH_DIR / "judge_prompts.jsonl").read_text().splitlines())}
-    raw_refs = {r["question_id"]: r for r in map(json.loads, (MT_BENCH_DIR / "reference_answer_gpt-4.jsonl").read_text().splitlines())}
+    raw_prompts = {
+        p["name"]: p for p in map(json.loads, (MT_BENCH_DIR / "judge_prompts.jsonl").read_text().splitlines())
+    }
+    raw_refs = {
+        r["question_id"]: r
+        for r in map(json.loads, (MT_BENCH_DIR / "reference_answer_gpt-4.jsonl").read_text().splitlines())
+    }
     with JudgeServer(api_key=KEY) as judge:
         config = make_config(judge.base_url, categories=["math", "writing"], question_limit=1, concurrency=1)
         data = mt_bench.load_mt_bench(config)
@@ -277,7 +296,14 @@ def test_answers_must_match_the_questions(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "score"),
-    [("Rating: [[7]]", 7.0), ("[[8.5]]", 8.5), ("fallback [6] only", 6.0), ("[[3]] then [9]", 3.0), ("[[A]]", -1.0), ("none", -1.0)],
+    [
+        ("Rating: [[7]]", 7.0),
+        ("[[8.5]]", 8.5),
+        ("fallback [6] only", 6.0),
+        ("[[3]] then [9]", 3.0),
+        ("[[A]]", -1.0),
+        ("none", -1.0),
+    ],
 )
 def test_score_parsing_follows_fastchat(text, score):
     assert mt_bench.parse_score(text) == score
@@ -341,16 +367,40 @@ def good_lines(name: str) -> list[str]:
     ("field", "edit", "expected"),
     [
         ("question_file", lambda lines: lines[:2] + ['{"question_id": 999,'] + lines[2:], ":3: invalid JSON"),
-        ("question_file", lambda lines: [lines[0], '{"question_id": 998, "category": "writing", "turns": ["one"]}'], ":2: turns: List should have at least 2 items"),
-        ("question_file", lambda lines: [lines[0], '{"question_id": 997, "category": "poetry", "turns": ["a", "b"]}'], ":2: category: Input should be"),
+        (
+            "question_file",
+            lambda lines: [lines[0], '{"question_id": 998, "category": "writing", "turns": ["one"]}'],
+            ":2: turns: List should have at least 2 items",
+        ),
+        (
+            "question_file",
+            lambda lines: [lines[0], '{"question_id": 997, "category": "poetry", "turns": ["a", "b"]}'],
+            ":2: category: Input should be",
+        ),
         ("question_file", lambda lines: [lines[0], lines[0]], ":2: question_id 81 already on line 1"),
-        ("judge_prompt_file", lambda lines: [l for l in lines if '"single-math-v1"' not in l], ": judge prompt 'single-math-v1' is missing"),
-        ("reference_file", lambda lines: [l for l in lines if '"question_id": 111,' not in l], ": no reference answer for question_id [111]"),
-        ("reference_file", lambda lines: lines[:4] + ['{"question_id": 300, "choices": []}'], ":5: choices: List should have at least 1 item"),
+        (
+            "judge_prompt_file",
+            lambda lines: [line for line in lines if '"single-math-v1"' not in line],
+            ": judge prompt 'single-math-v1' is missing",
+        ),
+        (
+            "reference_file",
+            lambda lines: [line for line in lines if '"question_id": 111,' not in line],
+            ": no reference answer for question_id [111]",
+        ),
+        (
+            "reference_file",
+            lambda lines: lines[:4] + ['{"question_id": 300, "choices": []}'],
+            ":5: choices: List should have at least 1 item",
+        ),
     ],
 )
 def test_malformed_files_are_named_with_their_line(tmp_path, field, edit, expected):
-    names = {"question_file": "question.jsonl", "judge_prompt_file": "judge_prompts.jsonl", "reference_file": "reference_answer_gpt-4.jsonl"}
+    names = {
+        "question_file": "question.jsonl",
+        "judge_prompt_file": "judge_prompts.jsonl",
+        "reference_file": "reference_answer_gpt-4.jsonl",
+    }
     bad = tmp_path / names[field]
     bad.write_text("\n".join(edit(good_lines(names[field]))) + "\n")
     with pytest.raises(MTBenchDataError) as err:
@@ -364,7 +414,9 @@ def test_missing_files_are_downloaded_once_then_reused(tmp_path, monkeypatch):
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
-    monkeypatch.setattr(mt_bench, "DOWNLOADS", {field: (name, f"{base}/{name}") for field, (name, _) in mt_bench.DOWNLOADS.items()})
+    monkeypatch.setattr(
+        mt_bench, "DOWNLOADS", {field: (name, f"{base}/{name}") for field, (name, _) in mt_bench.DOWNLOADS.items()}
+    )
     config = make_config("http://unused", question_file=None, judge_prompt_file=None, reference_file=None)
     try:
         first = mt_bench.load_mt_bench(config, cache_root=tmp_path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -14,7 +14,13 @@ pytestmark = pytest.mark.slow
 
 # One short phase on the embedded lab: the comparison is tested, not the learning.
 OVERRIDES = {
-    "phases": [{"name": "phase00", "data": ["embedded://curriculum/phase00/train.jsonl"], "objective": {"lab_instruction/rule_acc": 1.0}}],
+    "phases": [
+        {
+            "name": "phase00",
+            "data": ["embedded://curriculum/phase00/train.jsonl"],
+            "objective": {"lab_instruction/rule_acc": 1.0},
+        }
+    ],
     "training.epochs": 0.25,
     "checkpointing.save_every_samples": 256,
     "evaluation.limit": 10,
@@ -33,7 +39,9 @@ def regression_events(since) -> list:
     deadline = time.monotonic() + 30
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:  # the server stores events in batches
-            wanted = EventFilter(event=EventNameFilter(name=[REGRESSION_EVENT]), occurred=EventOccurredFilter(since=since))
+            wanted = EventFilter(
+                event=EventNameFilter(name=[REGRESSION_EVENT]), occurred=EventOccurredFilter(since=since)
+            )
             page = client.read_events(wanted, limit=10)  # the client's default, 100, is over the server's maximum, 50
             if page.events:
                 return page.events
@@ -65,7 +73,7 @@ def test_nightly_passes_within_tolerance_and_fails_with_an_event_beyond_it(tmp_p
     within = nightly(**args)
     assert within["passed"] and within["baseline_run_id"] == "injected"
 
-    since = datetime.now(timezone.utc)
+    since = datetime.now(UTC)
     inject_last_good(value + 0.2)  # tonight dropped by 0.2 > 0.05
     state = nightly(**args, return_state=True)
     assert state.is_failed() and METRIC in str(state.message)

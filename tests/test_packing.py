@@ -15,8 +15,11 @@ from training.train import collate, collate_packed, summed_token_loss
 
 
 def test_packed_row_restarts_positions_and_masks_the_label_across_each_boundary():
-    data = TokenizedData(ids=["a", "b", "c"], input_ids=[[1, 2, 3], [4, 5], [6, 7, 8, 9]],
-                         labels=[[-100, 2, 3], [4, 5], [-100, -100, 8, 9]])
+    data = TokenizedData(
+        ids=["a", "b", "c"],
+        input_ids=[[1, 2, 3], [4, 5], [6, 7, 8, 9]],
+        labels=[[-100, 2, 3], [4, 5], [-100, -100, 8, 9]],
+    )
     batch = collate_packed(data, [0, 1, 2])
     assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: positions delimit samples
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]

@@ -38,7 +38,9 @@ def test_step_lines_drive_a_bar_and_other_lines_print_above_it(monkeypatch):
     final = out.split("\r")[-1]  # the last redraw of the bar
     assert "train-r1-phase00: 100%" in final and "5/5" in final and "samples 160 loss 0.6000" in final
     checkpoint_at = out.index("checkpoint samples_96")
-    assert out.index("train-r1-phase00") < checkpoint_at < out.rindex("train-r1-phase00")  # above the bar, which went on
+    assert (
+        out.index("train-r1-phase00") < checkpoint_at < out.rindex("train-r1-phase00")
+    )  # above the bar, which went on
 
 
 def test_off_a_terminal_nothing_changes(monkeypatch):

@@ -22,8 +22,20 @@ def test_every_recipe_validates(path: Path):
 
 def test_paper_table1_presets():
     lab, tulu, plus = (load_recipe(n).training for n in ("lab", "tulu", "tulu-plus"))
-    assert (lab.effective_batch_size, lab.warmup_steps, lab.schedule, lab.epochs, lab.learning_rate) == (3840, 25, "constant", 10, 2e-5)
-    assert (tulu.effective_batch_size, tulu.warmup_ratio, tulu.schedule, tulu.epochs, tulu.learning_rate) == (128, 0.03, "linear", 3, 2e-5)
+    assert (lab.effective_batch_size, lab.warmup_steps, lab.schedule, lab.epochs, lab.learning_rate) == (
+        3840,
+        25,
+        "constant",
+        10,
+        2e-5,
+    )
+    assert (tulu.effective_batch_size, tulu.warmup_ratio, tulu.schedule, tulu.epochs, tulu.learning_rate) == (
+        128,
+        0.03,
+        "linear",
+        3,
+        2e-5,
+    )
     assert (plus.effective_batch_size, plus.epochs, plus.learning_rate) == (128, 4, 3e-5)
     assert all((t.adam_beta1, t.adam_beta2) == (0.9, 0.95) for t in (lab, tulu, plus))
 
@@ -85,8 +97,10 @@ def test_cli_validate_reports_fields(tmp_path, capsys):
 
     data = demo_dict()
     data["training"]["effective_batch_size"] = 0
+
     class Args:
         recipes = ["demo", str(write(tmp_path, data))]
+
     assert cmd_validate(Args) == 1
     out = capsys.readouterr()
     assert "demo: ok" in out.out

@@ -25,7 +25,13 @@ SECRET = "moto-secret-never-logged"
 # One short phase (4 checkpoints, the newest 3 kept) on the embedded lab: the S3 paths, not the
 # learning, are tested.
 OVERRIDES = {
-    "phases": [{"name": "phase00", "data": ["embedded://curriculum/phase00/train.jsonl"], "objective": {"lab_instruction/rule_acc": 1.0}}],
+    "phases": [
+        {
+            "name": "phase00",
+            "data": ["embedded://curriculum/phase00/train.jsonl"],
+            "objective": {"lab_instruction/rule_acc": 1.0},
+        }
+    ],
     "training.epochs": 0.25,
     "checkpointing.save_every_samples": 128,
     "checkpointing.keep_last_n": 3,
@@ -83,10 +89,16 @@ def bucket_files(prefix: str) -> dict[str, int]:
     return {path.removeprefix(prefix + "/"): info["size"] for path, info in fs.find(prefix, detail=True).items()}
 
 
-def run_flow(params: dict, env: dict[str, str], log: Path, kill_at_put: int = 0, flow: str = "finetune") -> subprocess.CompletedProcess:
+def run_flow(
+    params: dict, env: dict[str, str], log: Path, kill_at_put: int = 0, flow: str = "finetune"
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", RUNNER, json.dumps(params)],
-        cwd=serve.REPO, env={**env, "KILL_AT_PUT": str(kill_at_put), "FLOW": flow}, stdout=open(log, "w"), stderr=subprocess.STDOUT, timeout=420,
+        cwd=serve.REPO,
+        env={**env, "KILL_AT_PUT": str(kill_at_put), "FLOW": flow},
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        timeout=420,
     )
 
 
@@ -142,7 +154,11 @@ def test_s3_run_killed_mid_upload_then_rerun_loses_and_duplicates_nothing(s3, tm
 
     # keep_last_n = 3 of the 4 checkpoints; every complete local checkpoint is in the bucket,
     # whole, and nothing else is (the pruned one was deleted there too).
-    local = {p.name: {f.name: f.stat().st_size for f in p.iterdir()} for p in (mirror / "phase00" / "checkpoints").iterdir() if (p / "meta.json").exists()}
+    local = {
+        p.name: {f.name: f.stat().st_size for f in p.iterdir()}
+        for p in (mirror / "phase00" / "checkpoints").iterdir()
+        if (p / "meta.json").exists()
+    }
     written = list(dict.fromkeys(re.findall(r"\bcheckpoint (samples_\d+)", log)))  # training's announcements, in order
     assert len(written) == 4, written
     assert sorted(local, key=lambda n: int(n.removeprefix("samples_"))) == written[1:]
@@ -156,7 +172,13 @@ def test_s3_run_killed_mid_upload_then_rerun_loses_and_duplicates_nothing(s3, tm
         assert f"phase00/eval/{name}/lm_eval.json" in files
     for report in ("summary.md", "summary.csv", "results.parquet", "training.png", "scores.png"):
         assert f"report/{report}" in files
-    assert {"manifest.json", "phase00/selection.json", "phase00/trained.json", "phase00/metrics.jsonl", "data/phase00/tokens.parquet"} <= set(files)
+    assert {
+        "manifest.json",
+        "phase00/selection.json",
+        "phase00/trained.json",
+        "phase00/metrics.jsonl",
+        "data/phase00/tokens.parquet",
+    } <= set(files)
     assert not any(f.startswith("phase00/state") for f in files)  # the rolling state stays in staging
 
     import fsspec
@@ -168,7 +190,9 @@ def test_s3_run_killed_mid_upload_then_rerun_loses_and_duplicates_nothing(s3, tm
             assert candidate["name"] in local
     assert bucket_files(results.removeprefix("s3://")), "Prefect results were not persisted on the root"
     # credentials only ever come from the environment: in no object, in no log
-    small = [p for p, size in files.items() if size < 2_000_000 and not p.endswith((".parquet", ".png", ".safetensors"))]
+    small = [
+        p for p, size in files.items() if size < 2_000_000 and not p.endswith((".parquet", ".png", ".safetensors"))
+    ]
     for path in small:
         assert SECRET not in fsspec.open(f"s3://{run_prefix}/{path}").open().read().decode(errors="replace"), path
     assert SECRET not in log
@@ -202,4 +226,6 @@ def test_checkpoints_download_for_evaluation_refuse_when_incomplete_and_prune_me
     deleted, real_rm = [], fs.rm_file
     monkeypatch.setattr(fs, "rm_file", lambda path: deleted.append(path) or real_rm(path))
     storage.remove_tree(uri)
-    assert deleted[0].endswith("samples_64/meta.json") and not bucket_files(f"{BUCKET}/dl/run/phase00/checkpoints/samples_64")
+    assert deleted[0].endswith("samples_64/meta.json") and not bucket_files(
+        f"{BUCKET}/dl/run/phase00/checkpoints/samples_64"
+    )

@@ -7,7 +7,12 @@ from training.recipe import PhaseConfig
 
 
 def score(name: str, samples: int, **metrics: float) -> CheckpointScore:
-    return CheckpointScore(checkpoint=f"/run/p/checkpoints/{name}", name=name, samples=samples, metrics={k.replace("__", "/"): v for k, v in metrics.items()})
+    return CheckpointScore(
+        checkpoint=f"/run/p/checkpoints/{name}",
+        name=name,
+        samples=samples,
+        metrics={k.replace("__", "/"): v for k, v in metrics.items()},
+    )
 
 
 def phase(**kw) -> PhaseConfig:
@@ -26,7 +31,15 @@ def test_weighted_objective_picks_the_best_mix():
 
 
 def test_ties_go_to_fewer_samples():
-    selection = select(phase(), score("start", 0, k__acc=0.1), [score("samples_300", 300, k__acc=0.5), score("samples_100", 100, k__acc=0.5), score("samples_200", 200, k__acc=0.4)])
+    selection = select(
+        phase(),
+        score("start", 0, k__acc=0.1),
+        [
+            score("samples_300", 300, k__acc=0.5),
+            score("samples_100", 100, k__acc=0.5),
+            score("samples_200", 200, k__acc=0.4),
+        ],
+    )
     assert selection.winner.name == "samples_100"
 
 
@@ -35,8 +48,14 @@ def test_gate_floors_and_min_gain_say_what_missed_by_how_much():
     selection = select(p, score("start", 0, k__acc=0.4), [score("samples_100", 100, k__acc=0.55)])
     assert not selection.gate.passed
     assert "FAIL k/acc = 0.5500 vs floor 0.6000 (missed by 0.0500)" in selection.gate.reasons
-    assert any(r.startswith("FAIL gain over start = +0.1500") and "missed by 0.1500" in r for r in selection.gate.reasons)
-    ok = select(phase(min_score={"k/acc": 0.5}, min_gain=0.1), score("start", 0, k__acc=0.4), [score("samples_100", 100, k__acc=0.55)])
+    assert any(
+        r.startswith("FAIL gain over start = +0.1500") and "missed by 0.1500" in r for r in selection.gate.reasons
+    )
+    ok = select(
+        phase(min_score={"k/acc": 0.5}, min_gain=0.1),
+        score("start", 0, k__acc=0.4),
+        [score("samples_100", 100, k__acc=0.55)],
+    )
     assert ok.gate.passed and all(r.startswith("PASS") for r in ok.gate.reasons)
 
 

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,14 +22,22 @@ B = 8
 
 def tiny_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config).float()
 
 
 def random_data() -> TokenizedData:
     g = torch.Generator().manual_seed(1)
     input_ids, labels = [], []
-    for i in range(B):
+    for _i in range(B):
         n = int(torch.randint(6, 40, (1,), generator=g))
         ids = torch.randint(1, 97, (n,), generator=g).tolist()
         prompt = n // 2  # loss on the second half only, like an answer after a prompt
@@ -105,7 +112,9 @@ def test_a_mean_of_micro_batch_means_would_differ():
     for mb in ([0, 1], [2, 3, 4, 5, 6, 7]):
         batch = collate(data, mb, 0)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        )
         (loss / 2).backward()
     wrong = {n: p.grad for n, p in model.named_parameters()}
     with pytest.raises(AssertionError):
@@ -119,13 +128,26 @@ def test_training_script_matches_a_plain_pytorch_loop(tmp_path, assets, tokenize
     from training.train import TrainJob
 
     data_dir = prepared_slice("phase05", 96)
-    recipe = load_recipe("demo", {
-        "training.epochs": 1, "training.effective_batch_size": 32, "training.warmup_steps": 2,
-        "training.max_tokens_per_micro_batch": 256,  # several micro-batches per step
-        "checkpointing.save_every_samples": None, "checkpointing.save_every_epoch": False,
-    })
-    job = TrainJob(run_id="ref", phase="p", recipe=recipe, model_path=str(assets.base_model_dir), parent_checkpoint="base",
-                   data_dir=data_dir, output_dir=str(tmp_path / "out"))
+    recipe = load_recipe(
+        "demo",
+        {
+            "training.epochs": 1,
+            "training.effective_batch_size": 32,
+            "training.warmup_steps": 2,
+            "training.max_tokens_per_micro_batch": 256,  # several micro-batches per step
+            "checkpointing.save_every_samples": None,
+            "checkpointing.save_every_epoch": False,
+        },
+    )
+    job = TrainJob(
+        run_id="ref",
+        phase="p",
+        recipe=recipe,
+        model_path=str(assets.base_model_dir),
+        parent_checkpoint="base",
+        data_dir=data_dir,
+        output_dir=str(tmp_path / "out"),
+    )
     run_training(job, on_line=lambda _: None)
     ours = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["micro_batches"] > 1 for m in ours)
@@ -143,7 +165,9 @@ def test_training_script_matches_a_plain_pytorch_loop(tmp_path, assets, tokenize
             group["lr"] = cfg.learning_rate * min(1.0, (k + 1) / 2)
         batch = collate(data, stream[k * 32 : (k + 1) * 32], tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        )
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -151,6 +175,6 @@ def test_training_script_matches_a_plain_pytorch_loop(tmp_path, assets, tokenize
         reference.append((loss.item(), grad_norm.item()))
 
     assert len(ours) == len(reference) == 3
-    for m, (loss, grad_norm) in zip(ours, reference):
+    for m, (loss, grad_norm) in zip(ours, reference, strict=False):
         assert m["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-5)
         assert m["grad_norm"] == pytest.approx(grad_norm, rel=1e-5, abs=1e-5)

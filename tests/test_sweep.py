@@ -12,14 +12,19 @@ def dyn(run_id, grad_norm, loss, first_loss=10.0):
 
 
 def test_rank_prefers_low_grad_norm_then_high_loss_among_learning_runs():
-    ranked = rank_runs([dyn("a", 2.0, 1.0), dyn("b", 1.0, 0.5), dyn("c", 1.01, 0.9), dyn("rising", 0.5, 30.0), dyn("flat", 0.4, 10.0)])
+    ranked = rank_runs(
+        [dyn("a", 2.0, 1.0), dyn("b", 1.0, 0.5), dyn("c", 1.01, 0.9), dyn("rising", 0.5, 30.0), dyn("flat", 0.4, 10.0)]
+    )
     # b and c share a grad-norm bucket (within 5%): the higher loss wins. Runs whose loss did not
     # fall below their first step's are diverging and rank last, however low their grad norm.
     assert [d.run_id for d in ranked] == ["c", "b", "a", "flat", "rising"]
 
 
 def test_early_window_uses_medians_up_to_the_probe():
-    metrics = [{"step": i, "samples_seen": 32 * i, "loss": float(i), "grad_norm": 100.0 if i == 1 else 1.0} for i in range(1, 11)]
+    metrics = [
+        {"step": i, "samples_seen": 32 * i, "loss": float(i), "grad_norm": 100.0 if i == 1 else 1.0}
+        for i in range(1, 11)
+    ]
     assert early_dynamics("r", metrics, probe_samples=160).diverging  # loss rose from 1 to a median of 3
     d = early_dynamics("r", metrics, probe_samples=160)
     assert (d.steps, d.samples, d.grad_norm, d.loss, d.first_loss) == (5, 160, 1.0, 3.0, 1.0)
@@ -35,7 +40,11 @@ def test_spearman():
 def test_a_sweep_stops_the_bad_run_early_finishes_the_best_and_accounts_compute(tmp_path, prefect_server, assets):
     from flows.sweep import sweep
 
-    knowledge_only = {"name": "phase05", "data": ["embedded://curriculum/phase05/train.jsonl"], "objective": {"lab_knowledge/acc": 1.0}}
+    knowledge_only = {
+        "name": "phase05",
+        "data": ["embedded://curriculum/phase05/train.jsonl"],
+        "objective": {"lab_knowledge/acc": 1.0},
+    }
     summary = sweep(
         recipe="demo",
         grid={

@@ -22,7 +22,15 @@ def small_data(prepared_slice) -> str:
 def job_for(tmp_path: Path, assets, data_dir: str, **overrides) -> TrainJob:
     recipe = load_recipe("demo", {"training.epochs": 1, "checkpointing.save_every_samples": 64, **overrides})
     model = str(assets.base_model_dir)
-    return TrainJob(run_id="t", phase="phase00", recipe=recipe, model_path=model, parent_checkpoint=model, data_dir=data_dir, output_dir=str(tmp_path / "phase00"))
+    return TrainJob(
+        run_id="t",
+        phase="phase00",
+        recipe=recipe,
+        model_path=model,
+        parent_checkpoint=model,
+        data_dir=data_dir,
+        output_dir=str(tmp_path / "phase00"),
+    )
 
 
 def read_metrics(job: TrainJob) -> list[dict]:
@@ -39,13 +47,33 @@ def test_training_writes_metrics_and_complete_checkpoints(tmp_path, assets, smal
     metrics = read_metrics(job)
     ebs = job.recipe.training.effective_batch_size
     assert len(metrics) == math.ceil(200 * 2 / ebs)
-    assert {"step", "epoch", "samples_seen", "tokens_seen", "loss", "grad_norm", "lr", "tokens_per_s",
-            "padding_efficiency", "micro_batches", "wall_s"} <= set(metrics[0])
+    assert {
+        "step",
+        "epoch",
+        "samples_seen",
+        "tokens_seen",
+        "loss",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+        "padding_efficiency",
+        "micro_batches",
+        "wall_s",
+    } <= set(metrics[0])
     assert metrics[-1]["samples_seen"] == 400
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert any(line.startswith("batch arithmetic: 200 samples x 2.0 epochs") for line in lines)
     # every 64 samples (whole steps of 32), the step that crosses the epoch end at 200, and the end
-    assert [p.name for p in checkpoints] == ["samples_64", "samples_128", "samples_192", "samples_224", "samples_256", "samples_320", "samples_384", "samples_400"]
+    assert [p.name for p in checkpoints] == [
+        "samples_64",
+        "samples_128",
+        "samples_192",
+        "samples_224",
+        "samples_256",
+        "samples_320",
+        "samples_384",
+        "samples_400",
+    ]
     for path in checkpoints:
         meta = json.loads((path / "meta.json").read_text())
         assert meta["samples_seen"] == int(path.name.split("_")[1]) and meta["phase"] == "phase00"
@@ -56,18 +84,32 @@ def test_training_writes_metrics_and_complete_checkpoints(tmp_path, assets, smal
 
 @pytest.mark.parametrize(("schedule", "warmup"), [("constant", 0), ("cosine", 0), ("linear", 3)])
 def test_logged_lr_follows_the_schedule(tmp_path, assets, small_data, schedule, warmup):
-    job = job_for(tmp_path, assets, small_data, **{"training.schedule": schedule, "training.warmup_steps": warmup, "checkpointing.save_every_samples": None, "checkpointing.save_every_epoch": False})
+    job = job_for(
+        tmp_path,
+        assets,
+        small_data,
+        **{
+            "training.schedule": schedule,
+            "training.warmup_steps": warmup,
+            "checkpointing.save_every_samples": None,
+            "checkpointing.save_every_epoch": False,
+        },
+    )
     run_training(job, on_line=lambda _: None)
     lrs = [m["lr"] for m in read_metrics(job)]
     peak = job.recipe.training.learning_rate
-    assert lrs == pytest.approx([peak * lr_multiplier(s, len(lrs), warmup, schedule) for s in range(len(lrs))], rel=1e-9)
+    assert lrs == pytest.approx(
+        [peak * lr_multiplier(s, len(lrs), warmup, schedule) for s in range(len(lrs))], rel=1e-9
+    )
     if warmup == 0:
         assert lrs[0] == pytest.approx(peak)
     if schedule == "cosine":
         assert lrs[-1] < 0.1 * peak
 
 
-def test_a_failing_subprocess_raises_with_its_own_error_and_leaves_no_incomplete_checkpoint(tmp_path, assets, small_data):
+def test_a_failing_subprocess_raises_with_its_own_error_and_leaves_no_incomplete_checkpoint(
+    tmp_path, assets, small_data
+):
     job = job_for(tmp_path, assets, small_data).model_copy(update={"model_path": str(tmp_path / "no-such-model")})
     with pytest.raises(TrainingFailed) as err:
         run_training(job, on_line=lambda _: None)
@@ -85,8 +127,22 @@ def test_a_failing_subprocess_raises_with_its_own_error_and_leaves_no_incomplete
 
 
 def test_two_cpu_ranks_are_really_distributed_and_match_one_rank(tmp_path, assets, small_data):
-    one = job_for(tmp_path / "one", assets, small_data, **{"checkpointing.save_every_samples": None, "checkpointing.save_every_epoch": False})
-    two = job_for(tmp_path / "two", assets, small_data, **{"launch.num_processes": 2, "checkpointing.save_every_samples": None, "checkpointing.save_every_epoch": False})
+    one = job_for(
+        tmp_path / "one",
+        assets,
+        small_data,
+        **{"checkpointing.save_every_samples": None, "checkpointing.save_every_epoch": False},
+    )
+    two = job_for(
+        tmp_path / "two",
+        assets,
+        small_data,
+        **{
+            "launch.num_processes": 2,
+            "checkpointing.save_every_samples": None,
+            "checkpointing.save_every_epoch": False,
+        },
+    )
     run_training(one, on_line=lambda _: None)
     lines: list[str] = []
     run_training(two, on_line=lines.append)
@@ -104,7 +160,12 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, assets, small_
 
     from training.launch import start_training
 
-    settings = {"training.epochs": 2, "training.effective_batch_size": 16, "checkpointing.save_every_samples": None, "checkpointing.state_every_steps": 4}
+    settings = {
+        "training.epochs": 2,
+        "training.effective_batch_size": 16,
+        "checkpointing.save_every_samples": None,
+        "checkpointing.state_every_steps": 4,
+    }
     straight = job_for(tmp_path / "straight", assets, small_data, **settings)
     run_training(straight, on_line=lambda _: None)
 
@@ -128,7 +189,9 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, assets, small_
     assert [m["step"] for m in b] == list(range(1, 26))
     assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-6)
     assert [m["lr"] for m in b] == [m["lr"] for m in a]
-    ids = [json.loads(line)["ids"] for line in (Path(job.output_dir) / "samples" / "rank0.jsonl").read_text().splitlines()]
+    ids = [
+        json.loads(line)["ids"] for line in (Path(job.output_dir) / "samples" / "rank0.jsonl").read_text().splitlines()
+    ]
     flat = [i for step in ids for i in step]
     assert len(flat) == 400
     assert sorted(flat[:200]) == sorted(flat[200:]) and len(set(flat[:200])) == 200  # each epoch: every sample once
@@ -136,8 +199,18 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, assets, small_
 
 
 def test_watchdog_stops_a_diverging_run_with_its_reason(tmp_path, assets, small_data):
-    job = job_for(tmp_path, assets, small_data, **{"training.learning_rate": 5.0, "training.warmup_steps": 0, "training.max_grad_norm": None,
-                                                      "watchdog.min_steps": 1, "watchdog.loss_spike_factor": 1.5})
+    job = job_for(
+        tmp_path,
+        assets,
+        small_data,
+        **{
+            "training.learning_rate": 5.0,
+            "training.warmup_steps": 0,
+            "training.max_grad_norm": None,
+            "watchdog.min_steps": 1,
+            "watchdog.loss_spike_factor": 1.5,
+        },
+    )
     with pytest.raises(TrainingFailed, match="stopped by the watchdog") as err:
         run_training(job, on_line=lambda _: None)
     stopped = json.loads((Path(job.output_dir) / "stopped.json").read_text())

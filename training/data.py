@@ -85,13 +85,16 @@ def normalise(row: Any, where: str) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def tokenize(tokenizer: Any, messages: list[dict[str, str]], train_on_prompt: bool = False) -> tuple[list[int], list[int]]:
+def tokenize(
+    tokenizer: Any, messages: list[dict[str, str]], train_on_prompt: bool = False
+) -> tuple[list[int], list[int]]:
     """Token ids and labels of a conversation rendered with the tokenizer's chat template.
 
     Assistant spans are found by rendering growing prefixes: the tokens that message i adds
     over `messages[:i]` + generation prompt are its answer. This works with any template that
     renders a prefix of the conversation as a prefix of the tokens, which we check.
     """
+
     def render(msgs: list[dict[str, str]], generation_prompt: bool) -> list[int]:
         out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=generation_prompt)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
@@ -154,7 +157,9 @@ def split_by_length(conversations: list[Conversation], part: Literal["short", "l
     return ordered[:half] if part == "short" else ordered[half:]
 
 
-def load_phase(sources: list[str], length_split: Literal["short", "long"] | None = None) -> tuple[list[Conversation], dict[str, int]]:
+def load_phase(
+    sources: list[str], length_split: Literal["short", "long"] | None = None
+) -> tuple[list[Conversation], dict[str, int]]:
     """A phase's conversations (optionally one length half of them) and the rows read per file."""
     conversations, counts = [], {}
     for source in sources:

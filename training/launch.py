@@ -88,7 +88,9 @@ def accelerate_config(launch: LaunchConfig, deepspeed_config_file: Path | None =
         "same_network": True,
     }
     if launch.backend != "deepspeed":
-        config["mixed_precision"] = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no") if launch.backend == "fsdp" else "no"
+        config["mixed_precision"] = (
+            {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no") if launch.backend == "fsdp" else "no"
+        )
     if launch.num_machines > 1:
         config |= {"main_process_ip": launch.main_process_ip, "main_process_port": launch.main_process_port}
     if launch.backend == "deepspeed":
@@ -131,10 +133,14 @@ def launch_command(config_file: Path, job_file: Path, launch: LaunchConfig) -> l
         cmd += ["--num_processes", str(launch.world_size)]
     if launch.num_machines > 1:
         cmd += [
-            "--num_machines", str(launch.num_machines),
-            "--machine_rank", str(launch.machine_rank),
-            "--main_process_ip", str(launch.main_process_ip),
-            "--main_process_port", str(launch.main_process_port),
+            "--num_machines",
+            str(launch.num_machines),
+            "--machine_rank",
+            str(launch.machine_rank),
+            "--main_process_ip",
+            str(launch.main_process_ip),
+            "--main_process_port",
+            str(launch.main_process_port),
         ]
     elif launch.world_size > 1:  # a free port: several runs on one machine must not meet on 29500
         cmd += ["--main_process_port", str(free_port())]
@@ -177,7 +183,9 @@ def prune_checkpoints(output_dir: Path, keep: str | None, policy: str) -> list[P
     checkpoints = complete_checkpoints(output_dir)
     name = keep.rstrip("/").rsplit("/", 1)[-1] if keep else None
     if name is not None and name not in {p.name for p in checkpoints}:
-        raise ValueError(f"selected checkpoint {keep!r} is not a complete checkpoint under {output_dir}; nothing deleted")
+        raise ValueError(
+            f"selected checkpoint {keep!r} is not a complete checkpoint under {output_dir}; nothing deleted"
+        )
     return delete_checkpoints([p for p in checkpoints if p.name != name])
 
 

@@ -58,7 +58,7 @@ class PhaseConfig(Strict):
     objective: dict[str, float] = Field(
         min_length=1,
         description="Selection objective: weights of 'task/metric' keys, e.g. "
-        "{'lab_knowledge/acc': 1.0}. The best checkpoint maximises the weighted sum."
+        "{'lab_knowledge/acc': 1.0}. The best checkpoint maximises the weighted sum.",
     )
     min_score: dict[str, float] = Field(
         default_factory=dict,
@@ -400,7 +400,9 @@ def smoke(recipe: Recipe) -> Recipe:
     if recipe.model.name_or_path.startswith(EMBEDDED):
         # Already a lab recipe: keep its data and objectives. Gates are dropped in every smoke
         # run: a few CPU minutes check the pipeline, they cannot meet a real recipe's bar.
-        phases = [p.model_copy(update={"min_score": {}, "min_gain": None, "max_forgetting": None}) for p in recipe.phases]
+        phases = [
+            p.model_copy(update={"min_score": {}, "min_gain": None, "max_forgetting": None}) for p in recipe.phases
+        ]
     training = recipe.training.model_copy(
         update={
             "effective_batch_size": 32,

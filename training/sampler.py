@@ -136,7 +136,9 @@ def plan_steps(
         if equal_micro_batches:
             per_rank = equalise_counts(per_rank, lengths, packed)
         seen = min((k + 1) * effective_batch_size, len(stream))
-        steps.append(Step(index=k + 1, samples=chunk, micro_batches=per_rank, samples_seen=seen, epoch=seen / len(lengths)))
+        steps.append(
+            Step(index=k + 1, samples=chunk, micro_batches=per_rank, samples_seen=seen, epoch=seen / len(lengths))
+        )
     return steps
 
 

@@ -93,7 +93,9 @@ def complete_checkpoints(phase_uri: str) -> list[str]:
     fs, root = filesystem(phase_uri)
     fs.invalidate_cache()  # another process may have written since this instance last listed
     names = {path.split("/")[-2] for path in fs.glob(f"{root.rstrip('/')}/checkpoints/samples_*/meta.json")}
-    return [join(phase_uri, "checkpoints", name) for name in sorted(names, key=lambda n: int(n.removeprefix("samples_")))]
+    return [
+        join(phase_uri, "checkpoints", name) for name in sorted(names, key=lambda n: int(n.removeprefix("samples_")))
+    ]
 
 
 def upload_tree(local_dir: Path, uri: str, skip: Sequence[str] = (), last: Sequence[str] = ("meta.json",)) -> int:
@@ -108,7 +110,11 @@ def upload_tree(local_dir: Path, uri: str, skip: Sequence[str] = (), last: Seque
     root = root.rstrip("/")
     fs.invalidate_cache(root)  # another process (a killed attempt) may have written since we listed
     present = {path.rstrip("/"): info.get("size") for path, info in fs.find(root, detail=True).items()}
-    files = [p for p in local_dir.rglob("*") if p.is_file() and not p.relative_to(local_dir).as_posix().startswith(tuple(skip))]
+    files = [
+        p
+        for p in local_dir.rglob("*")
+        if p.is_file() and not p.relative_to(local_dir).as_posix().startswith(tuple(skip))
+    ]
     sent = 0
     for path in sorted(files, key=lambda p: (p.name in last, p.as_posix())):
         target = f"{root}/{path.relative_to(local_dir).as_posix()}"

@@ -56,8 +56,13 @@ PROBE_TOKENS = 64  # length of the logits probe recorded with each checkpoint
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity), matched in order against the device name.
 PEAK_BF16_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12),
-    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
 ]
 
 
@@ -290,7 +295,10 @@ def train(job: TrainJob) -> None:
         f"warmup {warmup} steps, schedule {cfg.schedule}, peak lr {cfg.learning_rate:g}",
     )
     if every and every % cfg.effective_batch_size:
-        log(accelerator, f"warning: save_every_samples={every} is not a multiple of EBS; saving at the first step past each multiple")
+        log(
+            accelerator,
+            f"warning: save_every_samples={every} is not a multiple of EBS; saving at the first step past each multiple",
+        )
 
     optimizer = make_optimizer(model, cfg, offload=deepspeed and launch.offload_optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -311,7 +319,9 @@ def train(job: TrainJob) -> None:
     # Each rank records the sample ids it trained on: proof of no repeats or gaps, and of disjoint ranks.
     samples_log = open_jsonl(out / "samples" / f"rank{rank}.jsonl", done_steps)
     watchdog = Watchdog(job.recipe.watchdog)
-    to_batch = (lambda mb: collate_packed(data, mb)) if packed else (lambda mb: collate(data, mb, tokenizer.pad_token_id))
+    to_batch = (
+        (lambda mb: collate_packed(data, mb)) if packed else (lambda mb: collate(data, mb, tokenizer.pad_token_id))
+    )
     started = time.perf_counter()
     for step in steps[done_steps:]:
         t0 = time.perf_counter()
@@ -324,7 +334,11 @@ def train(job: TrainJob) -> None:
         filler = [min(step.samples, key=lambda i: lengths[i])]
         batches = [{k: v.to(accelerator.device) for k, v in to_batch(mb).items()} for mb in mine + [filler] * fillers]
         loss_sum = backward_step(
-            model, batches, step_loss_tokens, world, weights=[1.0] * len(mine) + [0.0] * fillers,
+            model,
+            batches,
+            step_loss_tokens,
+            world,
+            weights=[1.0] * len(mine) + [0.0] * fillers,
             backward=model.backward if deepspeed else accelerator.backward,
         ).to(accelerator.device)
         loss = accelerator.reduce(loss_sum, reduction="sum").item() / step_loss_tokens
@@ -335,7 +349,9 @@ def train(job: TrainJob) -> None:
             grad_norm = float(model.get_global_grad_norm())
         else:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf")).item()
-        if reason := watchdog.check(step.index, loss, grad_norm):  # before the update (DDP, FSDP): a bad step never lands
+        if reason := watchdog.check(
+            step.index, loss, grad_norm
+        ):  # before the update (DDP, FSDP): a bad step never lands
             stop(accelerator, out, metrics_log, step, reason)
         optimizer.step()  # a no-op under DeepSpeed (accelerate's wrapper): the engine stepped above
         scheduler.step()
@@ -361,12 +377,17 @@ def train(job: TrainJob) -> None:
             "wall_s": round(time.perf_counter() - started, 3),
         }
         ours = {i for mb in mine for i in mb}  # logged in data-stream order, so epochs can be told apart
-        samples_log.write(json.dumps({"step": step.index, "ids": [data.ids[i] for i in step.samples if i in ours]}) + "\n")
+        samples_log.write(
+            json.dumps({"step": step.index, "ids": [data.ids[i] for i in step.samples if i in ours]}) + "\n"
+        )
         samples_log.flush()
         if metrics_log:
             metrics_log.write(json.dumps(record) + "\n")
             metrics_log.flush()
-        log(accelerator, f"step {step.index}/{total_steps} samples {step.samples_seen} loss {loss:.4f} grad_norm {grad_norm:.3f} lr {lr:.3g}")
+        log(
+            accelerator,
+            f"step {step.index}/{total_steps} samples {step.samples_seen} loss {loss:.4f} grad_norm {grad_norm:.3f} lr {lr:.3g}",
+        )
 
         # Once in a while: checkpoint (for evaluation) and rolling state (for resume).
         if step.index in saves:
@@ -433,7 +454,9 @@ def stop(accelerator: Accelerator, out: Path, metrics_log: TextIO | None, step: 
         assert metrics_log is not None
         metrics_log.write(json.dumps({"step": step.index, "samples_seen": step.samples_seen, "stopped": reason}) + "\n")
         metrics_log.close()
-        (out / "stopped.json").write_text(json.dumps({"step": step.index, "samples_seen": step.samples_seen, "reason": reason}) + "\n")
+        (out / "stopped.json").write_text(
+            json.dumps({"step": step.index, "samples_seen": step.samples_seen, "reason": reason}) + "\n"
+        )
     log(accelerator, f"watchdog: {reason}")
     sys.exit(EXIT_WATCHDOG)
 
@@ -444,7 +467,11 @@ def open_jsonl(path: Path, keep_through_step: int) -> TextIO:
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = []
     if keep_through_step and path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= keep_through_step]
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= keep_through_step
+        ]
     path.write_text("".join(line + "\n" for line in kept))
     return open(path, "a")
 

@@ -139,7 +139,9 @@ def pretrain(
         optimizer.zero_grad(set_to_none=True)
         loss = out.loss.item()
         if (step + 1) % 50 == 0 or step + 1 == plan.steps:
-            progress(f"pretraining base model: step {step + 1}/{plan.steps}, loss {loss:.3f}, {time.monotonic() - started:.0f}s")
+            progress(
+                f"pretraining base model: step {step + 1}/{plan.steps}, loss {loss:.3f}, {time.monotonic() - started:.0f}s"
+            )
     model.eval()
     return loss
 
@@ -162,7 +164,9 @@ def build_base_model(
     tokenizer = train_tokenizer(tokenizer_texts, size)
     model = new_model(tokenizer, size, seed)
     n_params = sum(p.numel() for p in model.parameters())
-    progress(f"pretraining base model ({n_params / 1e6:.2f}M parameters, {plan.steps} steps) on {len(documents)} paragraphs")
+    progress(
+        f"pretraining base model ({n_params / 1e6:.2f}M parameters, {plan.steps} steps) on {len(documents)} paragraphs"
+    )
     loss = pretrain(model, tokenizer, documents, plan, seed, progress)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

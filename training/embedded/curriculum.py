@@ -30,6 +30,7 @@ Row = dict[str, Any]
 
 # ---------------------------------------------------------------- phase00: instruction following
 
+
 def check_rule(rule: dict[str, Any], response: str) -> bool:
     """True when `response` obeys the format rule of a phase00 eval item.
 
@@ -95,14 +96,26 @@ INSTRUCTION_PROMPTS: dict[str, tuple[str, ...]] = {
         "Write {w} {n} times, separated by commas.",
         "Say {w} {n} times, with commas between.",
     ),
-    "brackets": ("Answer with the word {w} wrapped in square brackets.", "Write {w} inside square brackets.", "Put {w} in square brackets."),
-    "quotes": ("Put the word {w} in double quotes.", "Write {w} inside double quotes.", "Answer with {w} in double quotes."),
+    "brackets": (
+        "Answer with the word {w} wrapped in square brackets.",
+        "Write {w} inside square brackets.",
+        "Put {w} in square brackets.",
+    ),
+    "quotes": (
+        "Put the word {w} in double quotes.",
+        "Write {w} inside double quotes.",
+        "Answer with {w} in double quotes.",
+    ),
     "json": (
         "Answer in JSON with the key '{k}' set to {w}.",
         "Reply with a JSON object whose key '{k}' has the value {w}.",
         "Give JSON with '{k}' equal to {w}.",
     ),
-    "word_count": ("Reply with exactly {n} words about {e}.", "Describe {e} in exactly {n} words.", "Use exactly {n} words to describe {e}."),
+    "word_count": (
+        "Reply with exactly {n} words about {e}.",
+        "Describe {e} in exactly {n} words.",
+        "Use exactly {n} words to describe {e}.",
+    ),
     "hyphen": ("Join the words {w} and {v} with a hyphen.", "Write {w} and {v} joined by a hyphen."),
 }
 INSTRUCTION_KINDS = tuple(INSTRUCTION_PROMPTS)
@@ -110,12 +123,20 @@ INSTRUCTION_KINDS = tuple(INSTRUCTION_PROMPTS)
 
 def instruction_item(rng: random.Random, kind: str, world: list[Kingdom]) -> Item:
     """A random phase00 item of the given kind, using the world's names as content."""
-    words = [k.name for k in world] + [k.capital for k in world] + [k.ruler.split()[1] for k in world] + list(GOODS) + list(COLOURS)
+    words = (
+        [k.name for k in world]
+        + [k.capital for k in world]
+        + [k.ruler.split()[1] for k in world]
+        + list(GOODS)
+        + list(COLOURS)
+    )
     w, v = rng.sample(words, 2)
     kingdom = rng.choice(world)
     n = {"repeat": rng.choice(tuple(NUMBER_WORDS)), "word_count": rng.randint(2, 6)}.get(kind, 0)
     key = rng.choice(JSON_KEYS)
-    prompt = rng.choice(INSTRUCTION_PROMPTS[kind]).format(w=w, W=w.upper(), v=v, n=NUMBER_WORDS.get(n, n), e=kingdom.name, k=key)
+    prompt = rng.choice(INSTRUCTION_PROMPTS[kind]).format(
+        w=w, W=w.upper(), v=v, n=NUMBER_WORDS.get(n, n), e=kingdom.name, k=key
+    )
     answer, rule = {
         "uppercase": (w.upper(), {"word": w}),
         "lowercase": (w.lower(), {"word": w}),
@@ -134,7 +155,12 @@ def instruction_item(rng: random.Random, kind: str, world: list[Kingdom]) -> Ite
 # Attribute -> (train phrasings, eval-only phrasings). {e} is the subject.
 QUESTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "capital": (
-        ("What is the capital of {e}?", "Which city is the capital of {e}?", "Name the capital of {e}.", "What is the capital city of {e}?"),
+        (
+            "What is the capital of {e}?",
+            "Which city is the capital of {e}?",
+            "Name the capital of {e}.",
+            "What is the capital city of {e}?",
+        ),
         ("From which city is {e} governed?", "What city is the seat of {e}?"),
     ),
     "ruler": (
@@ -142,24 +168,48 @@ QUESTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("Who holds the throne of {e}?", "By whom is {e} ruled?"),
     ),
     "export": (
-        ("What does {e} export?", "What is the main export of {e}?", "Name the main export of {e}.", "What is {e} known for?"),
+        (
+            "What does {e} export?",
+            "What is the main export of {e}?",
+            "Name the main export of {e}.",
+            "What is {e} known for?",
+        ),
         ("What do the merchants of {e} sell abroad?", "Which good does {e} export most?"),
     ),
     "banner": (
-        ("What colour is the banner of {e}?", "What is the colour of the banner of {e}?", "Name the colour of the banner of {e}.", "What colour banner does {e} fly?"),
+        (
+            "What colour is the banner of {e}?",
+            "What is the colour of the banner of {e}?",
+            "Name the colour of the banner of {e}.",
+            "What colour banner does {e} fly?",
+        ),
         ("What colour is the flag of {e}?", "The banner of {e} has which colour?"),
     ),
     "towers": (
-        ("How many towers does {e} have?", "How many towers are there in {e}?", "What is the number of towers in {e}?", "Count the towers of {e}."),
+        (
+            "How many towers does {e} have?",
+            "How many towers are there in {e}?",
+            "What is the number of towers in {e}?",
+            "Count the towers of {e}.",
+        ),
         ("How many towers stand in the walls of {e}?", "{e} has how many towers?"),
     ),
     "founded": (
-        ("When was {e} founded?", "In which year was {e} founded?", "What is the founding year of {e}?", "Name the year {e} was founded."),
+        (
+            "When was {e} founded?",
+            "In which year was {e} founded?",
+            "What is the founding year of {e}?",
+            "Name the year {e} was founded.",
+        ),
         ("From what year does {e} date?", "{e} was founded in which year?"),
     ),
     # Reverse facts: the subject is the capital / the ruler, the answer the kingdom.
     "capital_of": (
-        ("Which kingdom has {e} as its capital?", "{e} is the capital of which kingdom?", "Of which kingdom is {e} the capital?"),
+        (
+            "Which kingdom has {e} as its capital?",
+            "{e} is the capital of which kingdom?",
+            "Of which kingdom is {e} the capital?",
+        ),
         ("Which kingdom is governed from {e}?",),
     ),
     "ruler_of": (
@@ -178,7 +228,9 @@ def fact(kingdom: Kingdom, relation: str) -> tuple[str, str]:
     return kingdom.name, kingdom.value(relation)
 
 
-def knowledge_choices(rng: random.Random, world: list[Kingdom], kingdom: Kingdom, relation: str) -> tuple[list[str], int]:
+def knowledge_choices(
+    rng: random.Random, world: list[Kingdom], kingdom: Kingdom, relation: str
+) -> tuple[list[str], int]:
     """Four shuffled choices, the right answer among three distractors of the same attribute."""
     answer = fact(kingdom, relation)[1]
     pool = sorted({fact(k, relation)[1] for k in world} - {answer})
@@ -216,11 +268,14 @@ def skill_item(rng: random.Random, kind: str, world: list[Kingdom]) -> Item:
     if kind == "fewer":
         return Item(f"{given} {rng.choice(('Which has fewer towers?', 'Which of them has fewer towers?'))}", fewer.name)
     if kind == "difference":
-        return Item(f"{given} How many more towers does {more.name} have than {fewer.name}?", str(more.towers - fewer.towers))
+        return Item(
+            f"{given} How many more towers does {more.name} have than {fewer.name}?", str(more.towers - fewer.towers)
+        )
     raise ValueError(f"unknown skill kind {kind!r}")
 
 
 # ---------------------------------------------------------------- assembly
+
 
 def chat(row_id: str, prompt: str, answer: str) -> Row:
     return {"id": row_id, "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
@@ -249,8 +304,12 @@ def _held_out_items(
     return train, items[:n_eval]
 
 
-def instruction_phase(world: list[Kingdom], rng: random.Random, n_train: int, n_eval: int) -> tuple[list[Row], list[Row]]:
-    train, evals = _held_out_items(rng, lambda r, kind: instruction_item(r, kind, world), INSTRUCTION_KINDS, n_train, n_eval)
+def instruction_phase(
+    world: list[Kingdom], rng: random.Random, n_train: int, n_eval: int
+) -> tuple[list[Row], list[Row]]:
+    train, evals = _held_out_items(
+        rng, lambda r, kind: instruction_item(r, kind, world), INSTRUCTION_KINDS, n_train, n_eval
+    )
     train_rows = [chat(f"phase00-train-{i:05d}", it.prompt, it.answer) for i, it in enumerate(train)]
     eval_rows = [{"id": f"phase00-eval-{i:04d}", "prompt": it.prompt, "rule": it.rule} for i, it in enumerate(evals)]
     return train_rows, eval_rows
@@ -276,11 +335,15 @@ def knowledge_phase(world: list[Kingdom], rng: random.Random, n_eval: int) -> tu
 def skills_phase(world: list[Kingdom], rng: random.Random, n_train: int, n_eval: int) -> tuple[list[Row], list[Row]]:
     train, evals = _held_out_items(rng, lambda r, kind: skill_item(r, kind, world), SKILL_KINDS, n_train, n_eval)
     train_rows = [chat(f"phase10-train-{i:05d}", it.prompt, it.answer) for i, it in enumerate(train)]
-    eval_rows = [{"id": f"phase10-eval-{i:04d}", "question": it.prompt, "answer": it.answer} for i, it in enumerate(evals)]
+    eval_rows = [
+        {"id": f"phase10-eval-{i:04d}", "question": it.prompt, "answer": it.answer} for i, it in enumerate(evals)
+    ]
     return train_rows, eval_rows
 
 
-def build_curriculum(world: list[Kingdom], seed: int, n_train: int, n_eval: int) -> dict[str, tuple[list[Row], list[Row]]]:
+def build_curriculum(
+    world: list[Kingdom], seed: int, n_train: int, n_eval: int
+) -> dict[str, tuple[list[Row], list[Row]]]:
     """phase -> (train rows, eval rows). phase05's train size is set by the world's facts."""
     return {
         "phase00": instruction_phase(world, random.Random(f"{seed}-phase00"), n_train, n_eval),
