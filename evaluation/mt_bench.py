@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, Field, ValidationError
 
-from training import storage
+from training import chat, storage
 from training.recipe import MTBenchCategory as Category
 from training.recipe import MTBenchConfig
 
@@ -294,7 +294,7 @@ def _generate_batch(
     from transformers import GenerationConfig
 
     eos_ids = _eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    pad_id = chat.pad_token_id(tokenizer, model.config)
     prompts = [
         tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         for messages in conversations
@@ -330,13 +330,10 @@ def _generate_batch(
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The tokenizer's EOS plus the model's (chat models often end turns with their own token)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    """The template's end-of-turn token(s) and EOS, plus any the model's generation config adds."""
     model_eos = model.generation_config.eos_token_id
-    ids += model_eos if isinstance(model_eos, list) else [model_eos] if model_eos is not None else []
-    if not ids:
-        raise ValueError("neither the tokenizer nor the model's generation config defines an EOS token")
-    return list(dict.fromkeys(ids))
+    extra = model_eos if isinstance(model_eos, list) else [model_eos] if model_eos is not None else []
+    return list(dict.fromkeys(chat.stop_token_ids(tokenizer) + extra))
 
 
 # ---------------------------------------------------------------------------------------------

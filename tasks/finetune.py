@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from evaluation import lm_eval_runner, mt_bench, report
 from evaluation.selection import CheckpointScore, Selection, gate_markdown, select
 from training import storage
+from training.chat import apply_template, configure_generation
 from training.data import PrepStats, load_phase, prepare
 from training.launch import TrainingFailed, complete_checkpoints, keep_last_checkpoints, prune_checkpoints, run_training
 from training.recipe import PhaseConfig, Recipe
@@ -110,6 +111,7 @@ def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> dict[str, 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(storage.resolve_embedded(recipe.model.name_or_path))
+    apply_template(tokenizer, recipe.model.chat_template, recipe.model.name_or_path)
     conversations, files = load_phase(phase.data, phase.length_split)
     earlier = recipe.phases[: [p.name for p in recipe.phases].index(phase.name)]
     replay_pool = [c for p in earlier for c in load_phase(p.data, p.length_split)[0]] if phase.replay else []
@@ -123,6 +125,7 @@ def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> dict[str, 
         replay_fraction=phase.replay,
         seed=recipe.training.seed,
         files=files,
+        system_message=recipe.model.system_message,
     )
     get_run_logger().info(
         f"{phase.name}: {stats.samples} samples ({stats.replayed} replayed from earlier phases), {stats.tokens} tokens "
@@ -237,7 +240,13 @@ def evaluate_model(recipe: Recipe, model: ModelRef, out: str) -> CheckpointScore
                 curriculum = Path(storage.resolve_embedded("embedded://curriculum/"))
                 task_dir = lm_eval_runner.write_lab_tasks(Path(tmp), curriculum, recipe.evaluation.max_gen_tokens)
             result = lm_eval_runner.evaluate_checkpoint(
-                storage.local_checkpoint(model.uri), recipe.evaluation, task_dir, out, model.uri, model.samples
+                storage.local_checkpoint(model.uri),
+                recipe.evaluation,
+                task_dir,
+                out,
+                model.uri,
+                model.samples,
+                chat_template=recipe.model.chat_template,
             )
         get_run_logger().info(f"{model.name}: {result['metrics']} ({time.perf_counter() - t0:.1f}s)")
     return CheckpointScore(
@@ -254,8 +263,9 @@ def generate_mt_bench_answers(recipe: Recipe, model: ModelRef, out: str) -> str:
         return out
     config = recipe.evaluation.mt_bench
     path = storage.local_checkpoint(model.uri)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = apply_template(AutoTokenizer.from_pretrained(path), recipe.model.chat_template, model.uri)
     llm = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    configure_generation(llm, tokenizer)  # the base model's own config may stop at EOS only
     answers = mt_bench.generate_answers(llm, tokenizer, mt_bench.load_mt_bench(config).questions, config)
     mt_bench.write_answers(answers, out)
     get_run_logger().info(f"{model.name}: {len(answers)} MT-Bench answers -> {out}")

@@ -74,3 +74,12 @@ def prepared_slice(tmp_path_factory, assets, tokenizer):
         return built[(phase, n)]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory, assets):
+    """{family: model directory}: tiny random models of real families with their real chat
+    templates and special tokens (tests/zoo.py), built once per session."""
+    from tests.zoo import build_zoo
+
+    return build_zoo(assets.base_model_dir, tmp_path_factory.mktemp("zoo"))

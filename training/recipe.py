@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from training.chat import template_text
+
 EMBEDDED = "embedded://"  # prefix of references to the locally built lab assets
 
 
@@ -34,6 +36,25 @@ class ModelConfig(Strict):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="flash_attention_2 enables padding-free packing; needs the gpu extra."
     )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template applied to the tokenizer and saved with every checkpoint: a bundled "
+        "name (chatml, gemma, llama3, mistral, qwen2.5, qwen3) or a Jinja file. None = the model's own "
+        "(a base model without one must set this).",
+    )
+    system_message: Literal["as_is", "merge_into_first_user"] = Field(
+        "as_is",
+        description="as_is: system messages go to the template (one that rejects them, like Gemma's, "
+        "fails naming the row); merge_into_first_user: a leading system message is prepended to the "
+        "first user turn.",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, setting: str | None) -> str | None:
+        if setting is not None:
+            template_text(setting)  # a bundled name or a readable file, else a clear error
+        return setting
 
 
 class PhaseConfig(Strict):

@@ -40,6 +40,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import NoReturn, TextIO
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, InitProcessGroupKwargs
@@ -47,6 +48,7 @@ from pydantic import BaseModel, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
+from training.chat import apply_template, configure_generation
 from training.data import IGNORE_INDEX, TokenizedData, load_tokenized
 from training.recipe import Recipe, TrainingConfig, WatchdogConfig, warmup_steps
 from training.sampler import Step, padded_tokens, plan_steps, save_points
@@ -122,13 +124,16 @@ def collate_packed(data: TokenizedData, indices: list[int]) -> dict[str, torch.T
     each sample is masked: it would be the next-token target of the previous sample's last
     token. Shifted as in the padded case, the loss covers exactly the same tokens.
     """
-    input_ids = [t for i in indices for t in data.input_ids[i]]
-    labels = [IGNORE_INDEX if j == 0 else t for i in indices for j, t in enumerate(data.labels[i])]
-    position_ids = [j for i in indices for j in range(len(data.input_ids[i]))]
+    input_ids = np.concatenate([np.asarray(data.input_ids[i]) for i in indices])
+    labels = np.concatenate([np.asarray(data.labels[i]) for i in indices])
+    lengths = [len(data.input_ids[i]) for i in indices]
+    starts = np.cumsum([0, *lengths[:-1]])
+    labels[starts] = IGNORE_INDEX  # a copy: the prepared buffers are untouched
+    position_ids = np.concatenate([np.arange(n) for n in lengths])
     return {
-        "input_ids": torch.tensor([input_ids], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-        "position_ids": torch.tensor([position_ids], dtype=torch.long),
+        "input_ids": torch.as_tensor(input_ids, dtype=torch.long)[None],
+        "labels": torch.as_tensor(labels, dtype=torch.long)[None],
+        "position_ids": torch.as_tensor(position_ids, dtype=torch.long)[None],
     }
 
 
@@ -265,7 +270,8 @@ def train(job: TrainJob) -> None:
     sharded = launch.backend in ("deepspeed", "fsdp")  # collectives in every forward/backward
     packed = job.recipe.model.attn_implementation == "flash_attention_2"
 
-    tokenizer = AutoTokenizer.from_pretrained(job.model_path)
+    # The recipe's template (if any) is saved with every checkpoint, like the stop tokens below.
+    tokenizer = apply_template(AutoTokenizer.from_pretrained(job.model_path), job.recipe.model.chat_template)
     # Under ZeRO-3 the Accelerator above makes from_pretrained load straight into shards. FSDP
     # keeps fp32 weights and computes in `dtype` (mixed precision set by the launcher).
     model = AutoModelForCausalLM.from_pretrained(
@@ -273,6 +279,8 @@ def train(job: TrainJob) -> None:
         dtype=torch.float32 if launch.backend == "fsdp" else dtype,
         attn_implementation=job.recipe.model.attn_implementation,
     )
+    configure_generation(model, tokenizer)
+    pad_id = model.generation_config.pad_token_id  # Llama 3 / Mistral have no pad token: never None here
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 shards
     data = load_tokenized(job.data_dir)
     lengths, loss_tokens = data.lengths(), data.loss_tokens()
@@ -283,7 +291,7 @@ def train(job: TrainJob) -> None:
     warmup = warmup_steps(cfg, total_steps)
     every = job.recipe.checkpointing.save_every_samples
     saves = save_points(steps, len(data), every, job.recipe.checkpointing.save_every_epoch)
-    probe = torch.tensor([data.input_ids[0][:PROBE_TOKENS]], device=accelerator.device)
+    probe = torch.as_tensor(data.input_ids[0][:PROBE_TOKENS], dtype=torch.long, device=accelerator.device)[None]
 
     write_line(f"world_size={world} rank={rank}")  # every rank: proof that the run is really distributed
     log(
@@ -319,9 +327,7 @@ def train(job: TrainJob) -> None:
     # Each rank records the sample ids it trained on: proof of no repeats or gaps, and of disjoint ranks.
     samples_log = open_jsonl(out / "samples" / f"rank{rank}.jsonl", done_steps)
     watchdog = Watchdog(job.recipe.watchdog)
-    to_batch = (
-        (lambda mb: collate_packed(data, mb)) if packed else (lambda mb: collate(data, mb, tokenizer.pad_token_id))
-    )
+    to_batch = (lambda mb: collate_packed(data, mb)) if packed else (lambda mb: collate(data, mb, pad_id))
     started = time.perf_counter()
     for step in steps[done_steps:]:
         t0 = time.perf_counter()

@@ -1,0 +1,219 @@
+"""Chat templates of real model families: which template, where answers are, when turns end.
+
+Every family differs in what the lab's own template hid: Llama 3 ends a turn with
+`<|eot_id|>` but its EOS is `<|end_of_text|>` and it has no pad token; Qwen ends with
+`<|im_end|>` and adds a default system prompt; Qwen 3 rewrites earlier assistant turns (their
+think blocks go); Mistral has no generation prompt and folds the system message into the last
+user turn; Gemma rejects the system role. Everything that depends on the template lives here,
+found from renderings of the template itself, never from a table of family names:
+
+    apply_template(tokenizer, recipe.model.chat_template)   the recipe's template, or the model's own
+    assistant_spans / assistant_labels                      loss masks from ONE rendering
+    end_of_turn_ids, stop_token_ids, pad_token_id           stopping and padding
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+BUNDLED = sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
+IGNORE_INDEX = -100
+_PROBE_ANSWER = "PROBEANSWER"  # a word no template rewrites, to see what a template puts after an answer
+
+
+class ChatTemplateError(ValueError):
+    """No usable chat template; the message names the recipe field to set."""
+
+
+def template_text(setting: str) -> str:
+    """The Jinja text of `model.chat_template`: a bundled name (chatml, llama3, ...) or a file."""
+    if setting in BUNDLED:
+        return (TEMPLATES_DIR / f"{setting}.jinja").read_text()
+    path = Path(setting).expanduser()
+    if path.is_file():
+        return path.read_text()
+    raise ChatTemplateError(
+        f"model.chat_template: {setting!r} is neither a bundled template ({', '.join(BUNDLED)}) nor a Jinja file"
+    )
+
+
+def apply_template(tokenizer: Any, setting: str | None, model_name: str = "the model") -> Any:
+    """Set the recipe's template on `tokenizer` (saved with it, so with every checkpoint).
+
+    Without a setting the tokenizer keeps its own template; a base model that has none fails
+    here, before anything is tokenized or trained.
+    """
+    if setting is not None:
+        tokenizer.chat_template = template_text(setting)
+    elif not tokenizer.chat_template:
+        raise ChatTemplateError(
+            f"{model_name} has no chat template: set model.chat_template to a bundled template "
+            f"({', '.join(BUNDLED)}) or to a Jinja file"
+        )
+    return tokenizer
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+@dataclass(frozen=True)
+class TemplateShape:
+    """What a template writes around an answer, measured on a probe conversation."""
+
+    header: str  # the generation prompt: what precedes every answer ('' for Mistral)
+    end_of_turn: tuple[str, ...]  # special token(s) that close an assistant turn ('' none)
+    generation_blocks: bool  # the template marks answers with {% generation %}
+
+
+def special_tokens(tokenizer: Any) -> list[str]:
+    """Every special token string, longest first (so `<|im_end|>` wins over a shorter prefix)."""
+    added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    return sorted(set(added) | set(tokenizer.all_special_tokens), key=len, reverse=True)
+
+
+_shapes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (template, shape)
+
+
+def template_shape(tokenizer: Any) -> TemplateShape:
+    """The template's shape, measured once per tokenizer and template (three small renders)."""
+    template = tokenizer.chat_template or ""
+    cached = _shapes.get(tokenizer)
+    if cached is None or cached[0] != template:
+        cached = _shapes[tokenizer] = (template, _measure(tokenizer, template))
+    return cached[1]
+
+
+def _measure(tokenizer: Any, template: str) -> TemplateShape:
+    user = [{"role": "user", "content": "Hello."}]
+    bare, prompted = render(tokenizer, user), render(tokenizer, user, generation_prompt=True)
+    header = prompted[len(bare) :] if prompted.startswith(bare) else ""
+    answered = render(tokenizer, [*user, {"role": "assistant", "content": _PROBE_ANSWER}])
+    after = answered[answered.rindex(_PROBE_ANSWER) + len(_PROBE_ANSWER) :].lstrip(" ")
+    closing = next((s for s in special_tokens(tokenizer) if after.startswith(s)), None)
+    return TemplateShape(
+        header=header, end_of_turn=(closing,) if closing else (), generation_blocks="generation %}" in template
+    )
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Token ids that close an assistant turn in this template (may be the EOS, may be none)."""
+    return [tokenizer.convert_tokens_to_ids(t) for t in template_shape(tokenizer).end_of_turn]
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Where generation stops: the template's end-of-turn token(s), then EOS."""
+    ids = end_of_turn_ids(tokenizer) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    if not ids:
+        raise ChatTemplateError("the tokenizer has no EOS and its chat template closes turns with no special token")
+    return list(dict.fromkeys(ids))
+
+
+def pad_token_id(tokenizer: Any, config: Any = None) -> int:
+    """The tokenizer's pad, else the model config's, else the end-of-turn token: never None.
+
+    Pad positions are masked out of attention and loss, so any id works; end-of-turn (Llama 3,
+    Mistral have no pad) is what their own fine-tuning guides use.
+    """
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if config is not None and getattr(config, "pad_token_id", None) is not None:
+        return config.pad_token_id
+    return stop_token_ids(tokenizer)[0]
+
+
+def configure_generation(model: Any, tokenizer: Any) -> None:
+    """Generation stops at the template's end-of-turn token(s) and at EOS, and pads with a real
+    id: set on the model's generation_config, so every checkpoint saved from it (and every
+    export copying its generation_config.json) stops where its answers end."""
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    model.generation_config.pad_token_id = pad_token_id(tokenizer, model.config)
+
+
+def _located(text: str, content: str, start: int) -> tuple[int, int] | None:
+    """(begin, end) of `content` in `text` at or after `start`, as the template wrote it.
+
+    Templates trim content (Llama 3, Gemma) or keep only the answer after a think block
+    (Qwen 3 on earlier turns); each form is tried, the exact one first.
+    """
+    forms = [content, content.strip(), content.split("</think>")[-1].strip()]
+    for form in dict.fromkeys(f for f in forms if f):
+        at = text.find(form, start)
+        if at >= 0:
+            return at, at + len(form)
+    return None
+
+
+def assistant_spans(text: str, messages: list[dict[str, str]], shape: TemplateShape) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in one rendering of the whole conversation.
+
+    A span runs from the end of the turn's header (the generation prompt) through the closing
+    end-of-turn token, so the model learns everything it must generate after the prompt,
+    stopping included, and nothing of the next turn. User turns are located too, in order, so
+    an answer is never matched inside a later question. System messages are skipped: templates
+    move them (Mistral folds the system message into the last user turn).
+    """
+    spans, cursor = [], 0
+    for j, message in enumerate(messages):
+        if message["role"] == "system":
+            continue
+        found = _located(text, message["content"], cursor)
+        if found is None:
+            raise ValueError(f"message {j} ({message['role']}) is not in the template's rendering of the conversation")
+        begin, end = found
+        if message["role"] == "assistant":
+            header_at = text.rfind(shape.header, cursor, begin) if shape.header else -1
+            if header_at >= 0:
+                begin = header_at + len(shape.header)
+            closings = [(text.find(t, end), t) for t in shape.end_of_turn if text.find(t, end) >= 0]
+            if closings:
+                at, token = min(closings)
+                end = at + len(token)
+            spans.append((begin, end))
+        cursor = end
+    return spans
+
+
+def assistant_labels(
+    tokenizer: Any, messages: list[dict[str, str]], train_on_prompt: bool = False
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels (IGNORE_INDEX outside the answers) from one rendering.
+
+    Templates with `{% generation %}` blocks mark the answers themselves; for the others,
+    the assistant spans' character offsets become token offsets (a token is trained when it
+    overlaps a span: Mistral's answer starts with a token that carries the space before it).
+    """
+    shape = template_shape(tokenizer)
+    if shape.generation_blocks and not train_on_prompt:
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids = list(out["input_ids"])
+        return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"], strict=True)]
+    text = render(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=not train_on_prompt)
+    ids = list(encoded["input_ids"])
+    if train_on_prompt:
+        return ids, list(ids)
+    spans = assistant_spans(text, messages, shape)
+    labels = [IGNORE_INDEX] * len(ids)
+    for t, (begin, end) in enumerate(encoded["offset_mapping"]):
+        if any(end > a and begin < b for a, b in spans):
+            labels[t] = ids[t]
+    return ids, labels
+
+
+def merge_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """A leading system message folded into the first user turn (for templates without a system role)."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], messages[1:]
+    first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+    if first_user is None:
+        return rest
+    merged = {"role": "user", "content": f"{system}\n\n{rest[first_user]['content']}"}
+    return [*rest[:first_user], merged, *rest[first_user + 1 :]]
