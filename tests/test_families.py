@@ -188,3 +188,154 @@ def test_parallel_chunked_prep_equals_one_process_and_is_reused_until_inputs_cha
     chat.apply_template(tokenizer, "chatml")  # another template: other tokens, prepared again
     redone = prepare(conversations, tokenizer, str(tmp_path / "par"), 256, files=files)
     assert redone.content_hash != parallel.content_hash and tokens.stat().st_mtime_ns != written
+
+
+def force_answers(model, answer_token: int, end_of_turn: int, k: int) -> None:
+    """Bias the logits so that every answer is `answer_token` k times, then `end_of_turn`, then
+    `answer_token` again: a generator that misses the end of turn runs on past k tokens."""
+    import torch
+
+    generated = {"n": 0}
+
+    def bias(module, args, kwargs, output):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids.shape[1] > 1:  # a prefill: a new answer starts
+            generated["n"] = 0
+        token = end_of_turn if generated["n"] == k else answer_token
+        forced = torch.full_like(output.logits[:, -1], -1e4)
+        forced[:, token] = 1e4
+        output.logits[:, -1] = forced
+        generated["n"] += 1
+        return output
+
+    model.register_forward_hook(bias, with_kwargs=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_answers_stop_at_the_family_end_of_turn_in_lm_eval_and_mt_bench(zoo, family):
+    from lm_eval.api.instance import Instance
+
+    from evaluation import lm_eval_runner, mt_bench
+    from training.recipe import EvaluationConfig, MTBenchConfig
+
+    k = 3
+    lm = lm_eval_runner.load_lm(str(zoo[family]), EvaluationConfig(tasks=["lab_skills"], batch_size=2))
+    tokenizer = lm.tokenizer
+    answer_token = tokenizer(" ok", add_special_tokens=False)["input_ids"][-1]
+    end_of_turn = tokenizer.convert_tokens_to_ids(FAMILIES[family].end_of_turn)
+    force_answers(lm.model, answer_token, end_of_turn, k)
+    expected = tokenizer.decode([answer_token] * k)
+
+    prompts = [
+        chat.render(tokenizer, [{"role": "user", "content": q}], generation_prompt=True)
+        for q in ("Name a colour.", "Name a much longer list of colours, please.")
+    ]
+    requests = [
+        Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 4 * k, "do_sample": False}), i)
+        for i, p in enumerate(prompts)
+    ]
+    assert lm.generate_until(requests) == [expected, expected]
+
+    questions = [
+        mt_bench.Question(question_id=1, category="writing", turns=["Write a line.", "Shorter."]),
+        mt_bench.Question(question_id=2, category="math", turns=["What is 2+2?", "And 3+3?"]),
+    ]
+    config = MTBenchConfig(judge_base_url="http://unused", judge_model="unused", max_new_tokens=4 * k)
+    answers = mt_bench.generate_answers(lm.model, tokenizer, questions, config)
+    assert [a.turns for a in answers] == [[expected.strip()] * 2] * 2
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_run(request, tmp_path_factory, prefect_server, assets, zoo):
+    """One real finetune flow per family (prep -> train -> checkpoints -> lm-eval on the lab
+    tasks -> MT-Bench answers for two questions, judged by a local double), shared by the
+    tests that read it. The data carries a system prompt (Gemma's is merged, as it must be)."""
+    from flows.finetune import finetune
+    from tests.conftest import SHARED
+    from tests.judge_server import JudgeServer
+
+    family = request.param
+    root = tmp_path_factory.mktemp(f"flow-{family}")
+    with open(assets.train_file("phase00")) as f:
+        rows = [json.loads(next(f)) for _ in range(32)]
+    for row in rows:
+        row["messages"] = [{"role": "system", "content": "Answer briefly."}, *row["messages"]]
+    data = write_jsonl(root / "train.jsonl", rows)
+    mt = SHARED / "mt_bench"
+    with pytest.MonkeyPatch.context() as patch, JudgeServer(api_key="sk-test-families", default=("rating", 5)) as judge:
+        patch.setenv("RECIPE_LAB_TEST_JUDGE_KEY", "sk-test-families")
+        patch.setattr("tasks.finetune.mt_bench_cache_dir", lambda: root / "judgments")  # no judgments shared
+        overrides = {
+            "model.name_or_path": str(zoo[family]),
+            "model.system_message": "as_is" if FAMILIES[family].system_role else "merge_into_first_user",
+            "phases": [{"name": "phase00", "data": [str(data)], "objective": {"lab_instruction/rule_acc": 1.0}}],
+            "training.epochs": 1,
+            "training.effective_batch_size": 16,
+            "training.warmup_steps": 0,
+            "checkpointing.save_every_samples": None,
+            "evaluation.limit": 4,
+            "evaluation.batch_size": 8,
+            "evaluation.max_gen_tokens": 8,
+            "evaluation.mt_bench": {
+                "question_file": str(mt / "question.jsonl"),
+                "judge_prompt_file": str(mt / "judge_prompts.jsonl"),
+                "reference_file": str(mt / "reference_answer_gpt-4.jsonl"),
+                "judge_base_url": judge.base_url,
+                "judge_model": "judge-test",
+                "judge_api_key_env": "RECIPE_LAB_TEST_JUDGE_KEY",
+                "question_limit": 1,
+                "categories": ["writing", "math"],
+                "max_new_tokens": 8,
+            },
+        }
+        finetune(recipe="demo", storage_root=str(root), overrides=overrides, run_id=family)
+    return family, root / family
+
+
+@pytest.mark.slow
+def test_finetune_flow_runs_for_every_family(family_run):
+    from transformers import AutoConfig, GenerationConfig
+
+    family, run = family_run
+    spec = FAMILIES[family]
+    checkpoint = run / "phase00" / "checkpoints" / "samples_32"
+    assert (checkpoint / "meta.json").exists()
+    assert AutoConfig.from_pretrained(checkpoint).model_type == spec.model_type
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    stops = tokenizer.convert_tokens_to_ids([spec.end_of_turn, spec.eos])
+    assert GenerationConfig.from_pretrained(checkpoint).eos_token_id == list(dict.fromkeys(stops))
+    assert tokenizer.chat_template == chat.template_text(spec.template)
+    stats = json.loads((run / "data" / "phase00" / "stats.json").read_text())
+    assert stats["samples"] == 32 and stats["content_hash"]
+    for model in ("base", "samples_32"):
+        scores = json.loads((run / "phase00" / "eval" / model / "lm_eval.json").read_text())["metrics"]
+        assert {"lab_instruction/rule_acc", "lab_knowledge/acc", "lab_skills/exact_match"} <= set(scores)
+        answers = (run / "phase00" / "eval" / model / "mt_bench_answers.jsonl").read_text().splitlines()
+        assert [len(json.loads(a)["turns"]) for a in answers] == [2, 2]
+        result = json.loads((run / "phase00" / "eval" / model / "mt_bench.json").read_text())
+        assert result["metrics"]["mt_bench/overall"] == 5.0 and result["error_rate"] == 0.0
+    assert json.loads((run / "phase00" / "selection.json").read_text())["winner"]["name"] in ("base", "samples_32")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_packed_row_gives_each_family_the_padded_loss(zoo, family):
+    """Samples packed into one row (position_ids restart per sample) are scored exactly as in a
+    padded batch by every family's attention, sliding windows (Mistral, Gemma: 16 tokens)
+    included: no attention crosses a sample boundary."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training.data import TokenizedData
+    from training.train import collate, collate_packed, summed_token_loss
+
+    model = AutoModelForCausalLM.from_pretrained(zoo[family], dtype=torch.float32, attn_implementation="sdpa")
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(10, 2000, (n,), generator=g).tolist() for n in (30, 7, 22)]
+    data = TokenizedData(ids=["a", "b", "c"], input_ids=ids, labels=ids)
+    pad = chat.pad_token_id(AutoTokenizer.from_pretrained(zoo[family]), model.config)
+    with torch.no_grad():
+        padded = summed_token_loss(model, collate(data, [0, 1, 2], pad))
+        packed = summed_token_loss(model, collate_packed(data, [0, 1, 2]))
+        alone = sum(summed_token_loss(model, collate(data, [i], pad)) for i in range(3))
+    assert torch.allclose(padded, alone, rtol=1e-5) and torch.allclose(packed, alone, rtol=1e-5)

@@ -123,8 +123,8 @@ def tokenize(
     messages: list[dict[str, str]],
     train_on_prompt: bool = False,
     system_message: SystemMessage = "as_is",
-) -> tuple[list[int], list[int]]:
-    """Token ids and labels of a conversation rendered once with the tokenizer's chat template
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and labels (int32 arrays) of a conversation rendered once with the tokenizer's chat template
     (training.chat.assistant_labels: answers and their end-of-turn token carry the loss)."""
     if system_message == "merge_into_first_user":
         messages = chat.merge_system(messages)
@@ -223,27 +223,32 @@ def _init_worker(tokenizer: Any, settings: dict[str, Any]) -> None:
 def _tokenize_chunk(conversations: list[Conversation]) -> _Chunk:
     tokenizer, settings = _worker["tokenizer"], _worker["settings"]
     ids, lengths, all_ids, all_labels = [], [], [], []
-    chunk = _Chunk([], np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32))
+    dropped_too_long = dropped_no_loss_tokens = 0
     for conversation in conversations:
         input_ids, labels = _tokenize_one(tokenizer, conversation, settings)
         if len(input_ids) > settings["max_seq_len"]:
-            chunk.dropped_too_long += 1
+            dropped_too_long += 1
             continue
-        if all(t == IGNORE_INDEX for t in labels[1:]):
-            chunk.dropped_no_loss_tokens += 1
+        if (labels[1:] == IGNORE_INDEX).all():
+            dropped_no_loss_tokens += 1
             continue
         ids.append(conversation.id)
         lengths.append(len(input_ids))
-        all_ids += input_ids
-        all_labels += labels
-    chunk.ids = ids
-    chunk.lengths = np.asarray(lengths, np.int64)
-    chunk.input_ids = np.asarray(all_ids, np.int32)
-    chunk.labels = np.asarray(all_labels, np.int32)
-    return chunk
+        all_ids.append(input_ids)
+        all_labels.append(labels)
+    return _Chunk(
+        ids=ids,
+        lengths=np.asarray(lengths, np.int64),
+        input_ids=np.concatenate(all_ids) if all_ids else np.zeros(0, np.int32),
+        labels=np.concatenate(all_labels) if all_labels else np.zeros(0, np.int32),
+        dropped_too_long=dropped_too_long,
+        dropped_no_loss_tokens=dropped_no_loss_tokens,
+    )
 
 
-def _tokenize_one(tokenizer: Any, conversation: Conversation, settings: dict[str, Any]) -> tuple[list[int], list[int]]:
+def _tokenize_one(
+    tokenizer: Any, conversation: Conversation, settings: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
     """tokenize(), with template errors turned into errors naming the row."""
     try:
         return tokenize(tokenizer, conversation.messages, settings["train_on_prompt"], settings["system_message"])
@@ -413,9 +418,8 @@ class TokenizedData:
         if isinstance(self.labels, Ragged):
             trained = self.labels.values != IGNORE_INDEX
             starts = self.labels.offsets[:-1]
-            trained[starts[np.diff(self.labels.offsets) > 0]] = False
-            counts = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
-            return (counts[self.labels.offsets[1:]] - counts[starts]).tolist()
+            trained[starts] = False  # prepared samples are never empty
+            return np.add.reduceat(trained, starts, dtype=np.int64).tolist() if len(starts) else []
         return [sum(1 for t in lab[1:] if t != IGNORE_INDEX) for lab in self.labels]
 
     def nbytes(self) -> int:
@@ -424,10 +428,18 @@ class TokenizedData:
 
 
 def _ragged(column: pa.ChunkedArray) -> Ragged:
-    rows = column.combine_chunks()
-    offsets = np.asarray(rows.offsets, dtype=np.int64)
-    values = rows.values.to_numpy()[offsets[0] : offsets[-1]]
-    return Ragged(values, offsets - offsets[0])
+    """A list<int32> column (one chunk per row group) copied into one flat array, chunk by chunk:
+    the Arrow buffers are released afterwards and only about 4 bytes per token stay."""
+    lengths = np.concatenate([np.diff(np.asarray(chunk.offsets)) for chunk in column.chunks] or [np.zeros(0, np.int64)])
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    values = np.empty(offsets[-1], dtype=np.int32)
+    at = 0
+    for chunk in column.chunks:
+        chunk_offsets = np.asarray(chunk.offsets)
+        flat = chunk.values.to_numpy()[chunk_offsets[0] : chunk_offsets[-1]]
+        values[at : at + len(flat)] = flat
+        at += len(flat)
+    return Ragged(values, offsets)
 
 
 def load_tokenized(data_dir: str) -> TokenizedData:
@@ -438,8 +450,11 @@ def load_tokenized(data_dir: str) -> TokenizedData:
     else:
         with fsspec.open(uri, "rb") as f:
             table = pq.read_table(io.BytesIO(f.read()))
-    return TokenizedData(
+    data = TokenizedData(
         ids=table.column("id").to_pylist(),
         input_ids=_ragged(table.column("input_ids")),
         labels=_ragged(table.column("labels")),
     )
+    del table
+    pa.default_memory_pool().release_unused()  # the decoded Parquet pages: copied above
+    return data
