@@ -72,7 +72,7 @@ class PhaseConfig(Strict):
         None,
         ge=0,
         description="Forgetting guard: a checkpoint is ineligible if any earlier phase's objective "
-        "metric fell by more than this below the phase's starting model (phased training only).",
+        "metric fell by more than this below the best value the run reached for it (phased training only).",
     )
 
     @field_validator("objective", "min_score")
@@ -239,6 +239,22 @@ class EvaluationConfig(Strict):
     )
 
 
+class SelectionConfig(Strict):
+    confidence: float = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="Noise-aware selection: a checkpoint within this confidence interval of the best "
+        "(stderr of the difference) counts as just as good, and the one with the fewest samples wins.",
+    )
+    average_last_k: int | None = Field(
+        None,
+        ge=2,
+        description="Also evaluate the uniform weight average of the phase's last k checkpoints as a "
+        "candidate (saved as checkpoints/avg_last<k>); None = no averaged candidate.",
+    )
+
+
 class LaunchConfig(Strict):
     backend: Literal["cpu", "ddp", "deepspeed", "fsdp"] = Field(
         "cpu",
@@ -290,6 +306,7 @@ class Recipe(Strict):
     training: TrainingConfig
     checkpointing: CheckpointConfig = Field(default_factory=CheckpointConfig)
     evaluation: EvaluationConfig
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
 
