@@ -201,7 +201,6 @@ def test_mt_bench_judges_every_checkpoint_inside_the_flow(tmp_path, prefect_serv
                 "question_limit": 1,
                 "categories": ["writing", "math"],
                 "max_new_tokens": 8,
-                "backoff_s": 0.01,
             },
         }
         finetune(recipe="demo", storage_root=str(tmp_path), overrides=overrides, run_id="mt")

@@ -202,10 +202,11 @@ class MTBenchConfig(Strict):
     seed: int = Field(0, description="Torch seed set before answer generation.")
     concurrency: int = Field(8, gt=0, description="Judge requests in flight at once.")
     max_retries: int = Field(
-        6, ge=0, description="Retries per judge request on HTTP 429 / 5xx, timeouts and connection errors."
+        6,
+        ge=0,
+        description="Retries per judge request on HTTP 408 / 409 / 429 / 5xx, timeouts and connection errors "
+        "(the openai SDK's: backoff 0.5 s doubling to 8 s, Retry-After honoured up to 120 s).",
     )
-    backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubles each retry.")
-    max_backoff_s: float = Field(60.0, ge=0, description="Cap on one wait, Retry-After included.")
     timeout_s: float = Field(120.0, gt=0, description="Timeout of one judge request, in seconds.")
     max_error_rate: float = Field(
         0.05,
