@@ -462,11 +462,13 @@ def resolve(
     """The recipe a run trains with: loaded, overridden, shrunk for smoke, stacked if asked.
 
     A stacked recipe has a single phase holding every phase's data (see Recipe.stacked).
+    Smoke never overwrites what the user set: the overrides are applied again on top of the
+    shrunk recipe (a sweep's grid over the learning rate must train each run at its own rate).
     """
     source = recipe.model_dump(mode="json") if isinstance(recipe, Recipe) else recipe
     resolved = load_recipe(source, overrides)
     if strategy is not None:
         resolved = resolved.model_copy(update={"strategy": strategy})
     if smoke_run:
-        resolved = smoke(resolved)
+        resolved = load_recipe(smoke(resolved).model_dump(mode="json"), overrides)
     return resolved.stacked() if resolved.strategy == "stacked" else resolved
