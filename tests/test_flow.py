@@ -214,8 +214,10 @@ def test_mt_bench_judges_every_checkpoint_inside_the_flow(tmp_path, prefect_serv
         assert result["metrics"]["mt_bench/overall"] == 6.0 and result["error_rate"] == 0.0
     selection = json.loads((run / "selection.json").read_text())
     assert all(c["metrics"]["mt_bench/overall"] == 6.0 for c in selection["candidates"])
-    # prune: keep_selected left only the winner on disk
-    assert [str(c) for c in (run / "checkpoints").iterdir()] == [selection["winner"]["checkpoint"]]
+    # prune: keep_selected left only the winner on disk (none of them when the start model won)
+    winner = selection["winner"]["checkpoint"]
+    kept = [] if winner == selection["start"]["checkpoint"] else [winner]
+    assert [str(c) for c in (run / "checkpoints").iterdir()] == kept
     assert "sk-test-flow" not in (tmp_path / "mt" / "manifest.json").read_text()
 
 
