@@ -102,6 +102,10 @@ def test_a_model_without_template_fails_naming_the_field_and_works_once_set(tmp_
         ids, labels = chat.assistant_labels(tokenizer, CONVERSATION[1:3])
         assert trained_texts(tokenizer, ids, labels) == ["Blue.<|im_end|>"]
         assert "You are Qwen" not in tokenizer.decode(ids)  # plain ChatML: no default system prompt
+    # A template written for other tokens (ChatML on Llama 3's) could never teach where a turn ends.
+    llama = chat.apply_template(AutoTokenizer.from_pretrained(zoo["llama3"]), "chatml")
+    with pytest.raises(chat.ChatTemplateError, match=r"model\.chat_template: .*'<\|im_end\|>"):
+        chat.assistant_labels(llama, CONVERSATION[1:3])
     recipe = {"model.name_or_path": str(zoo["qwen2.5"]), "model.chat_template": "no-such-template"}
     with pytest.raises(RecipeError, match=r"model\.chat_template: .*no-such-template"):
         load_recipe("demo", recipe)

@@ -161,3 +161,14 @@ def build_family(base_tokenizer_dir: Path, family: Family, out_dir: Path, seed: 
 
 def build_zoo(base_tokenizer_dir: Path, root: Path) -> dict[str, Path]:
     return {name: build_family(base_tokenizer_dir, family, root / name) for name, family in FAMILIES.items()}
+
+
+if (
+    __name__ == "__main__"
+):  # python -m tests.zoo DIR: the zoo on disk, e.g. for `lab run --set model.name_or_path=DIR/llama3`
+    import sys
+
+    from training.embedded import build_assets
+
+    for name, path in build_zoo(build_assets().base_model_dir, Path(sys.argv[1])).items():
+        print(f"{name}: {path}")

@@ -68,7 +68,7 @@ class TemplateShape:
     """What a template writes around an answer, measured on a probe conversation."""
 
     header: str  # the generation prompt: what precedes every answer ('' for Mistral)
-    end_of_turn: tuple[str, ...]  # special token(s) that close an assistant turn ('' none)
+    end_of_turn: tuple[str, ...]  # the special token that closes an assistant turn
     generation_blocks: bool  # the template marks answers with {% generation %}
 
 
@@ -97,21 +97,24 @@ def _measure(tokenizer: Any, template: str) -> TemplateShape:
     answered = render(tokenizer, [*user, {"role": "assistant", "content": _PROBE_ANSWER}])
     after = answered[answered.rindex(_PROBE_ANSWER) + len(_PROBE_ANSWER) :].lstrip(" ")
     closing = next((s for s in special_tokens(tokenizer) if after.startswith(s)), None)
-    return TemplateShape(
-        header=header, end_of_turn=(closing,) if closing else (), generation_blocks="generation %}" in template
-    )
+    if closing is None:
+        # The model could never learn (nor be told) where its answer ends; typically a template
+        # written for other tokens, e.g. ChatML's <|im_end|> on a tokenizer without it.
+        raise ChatTemplateError(
+            f"model.chat_template: the template closes an assistant turn with {after[:20]!r}, which does "
+            "not start with a special token of this tokenizer; use a template written for this model's tokens"
+        )
+    return TemplateShape(header=header, end_of_turn=(closing,), generation_blocks="generation %}" in template)
 
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """Token ids that close an assistant turn in this template (may be the EOS, may be none)."""
+    """Token ids that close an assistant turn in this template (may be the EOS)."""
     return [tokenizer.convert_tokens_to_ids(t) for t in template_shape(tokenizer).end_of_turn]
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
     """Where generation stops: the template's end-of-turn token(s), then EOS."""
     ids = end_of_turn_ids(tokenizer) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    if not ids:
-        raise ChatTemplateError("the tokenizer has no EOS and its chat template closes turns with no special token")
     return list(dict.fromkeys(ids))
 
 
@@ -171,10 +174,11 @@ def assistant_spans(text: str, messages: list[dict[str, str]], shape: TemplateSh
             header_at = text.rfind(shape.header, cursor, begin) if shape.header else -1
             if header_at >= 0:
                 begin = header_at + len(shape.header)
-            closings = [(text.find(t, end), t) for t in shape.end_of_turn if text.find(t, end) >= 0]
-            if closings:
-                at, token = min(closings)
-                end = at + len(token)
+            (closing,) = shape.end_of_turn
+            at = text.find(closing, end)
+            if at < 0:
+                raise ValueError(f"message {j} (assistant) is not closed by {closing!r} in the template's rendering")
+            end = at + len(closing)
             spans.append((begin, end))
         cursor = end
     return spans
