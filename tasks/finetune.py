@@ -248,14 +248,16 @@ def evaluate_model(recipe: Recipe, model: ModelRef, out: str) -> CheckpointScore
 @task(name="generate-mt-bench-answers")
 def generate_mt_bench_answers(recipe: Recipe, model: ModelRef, out: str) -> str:
     """MT-Bench answers of one model (both turns) into `out` (JSONL); reused when present."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from evaluation.device import load_causal_lm
 
     if storage.exists(out):
         return out
     config = recipe.evaluation.mt_bench
     path = storage.local_checkpoint(model.uri)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    llm = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    llm = load_causal_lm(path, recipe.evaluation.device)  # batched generation on the GPU when there is one
     answers = mt_bench.generate_answers(llm, tokenizer, mt_bench.load_mt_bench(config).questions, config)
     mt_bench.write_answers(answers, out)
     get_run_logger().info(f"{model.name}: {len(answers)} MT-Bench answers -> {out}")
