@@ -94,9 +94,9 @@ def test_a_misfit_is_refused_by_lab_run_before_anything_starts_naming_the_knob(l
 def import_baseline_bytes() -> int:
     """Peak RSS of a process that only imports the training script (Python, torch, transformers,
     accelerate): what the training process holds before any tensor of the plan exists."""
-    code = "import resource, training.train; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    code = "import torch, training.train as t; print(t.peak_memory_bytes(torch.device('cpu')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1]) * 1024
+    return int(out.stdout.split()[-1])
 
 
 @pytest.mark.slow

@@ -564,10 +564,19 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig, offload: bool) -
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this rank so far: allocated tensors on a GPU, the process's peak RSS on CPU."""
+    """Peak memory of this rank so far: allocated tensors on a GPU, the process's peak RSS on CPU.
+
+    VmHWM (Linux), not ru_maxrss: ru_maxrss survives exec, so a process started from a big
+    parent would report the parent's size at fork time.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    status = Path("/proc/self/status")
+    if status.exists():
+        hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) * 1024  # kB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:
