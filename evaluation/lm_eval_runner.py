@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from evaluation.device import load_causal_lm
 from training import storage
 from training.chat import apply_template, configure_generation
 from training.recipe import EvaluationConfig
@@ -108,16 +109,16 @@ def flatten_results(results: dict[str, Any]) -> tuple[dict[str, float], dict[str
 
 
 def load_lm(model_dir: str, config: EvaluationConfig, chat_template: str | None = None) -> Any:
-    """The checkpoint as lm-eval's HFLM: `chat_template` is the recipe's `model.chat_template`
-    (a base model may have none of its own), and generation stops at the template's
-    end-of-turn token(s) as well as at EOS (Llama 3, Qwen and Gemma end turns before EOS)."""
+    """The checkpoint as lm-eval's HFLM on `evaluation.device`: `chat_template` is the recipe's
+    `model.chat_template` (a base model may have none of its own), and generation stops at the
+    template's end-of-turn token(s) as well as at EOS (Llama 3, Qwen and Gemma end turns before EOS)."""
     from lm_eval.models.huggingface import HFLM
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if config.apply_chat_template:
         apply_template(tokenizer, chat_template, model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    model = load_causal_lm(model_dir, config.device)  # on the GPU in the training dtype when there is one
     configure_generation(model, tokenizer)
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=str(model.device))
 
@@ -125,7 +126,8 @@ def load_lm(model_dir: str, config: EvaluationConfig, chat_template: str | None 
 def evaluate_model(
     model_dir: str, config: EvaluationConfig, task_dir: Path | None, chat_template: str | None = None
 ) -> dict[str, Any]:
-    """Run every configured task on one model directory with a single model load."""
+    """Run every configured task on one model directory with a single model load, batched
+    (`evaluation.batch_size`), on `evaluation.device`."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 

@@ -257,14 +257,16 @@ def evaluate_model(recipe: Recipe, model: ModelRef, out: str) -> CheckpointScore
 @task(name="generate-mt-bench-answers")
 def generate_mt_bench_answers(recipe: Recipe, model: ModelRef, out: str) -> str:
     """MT-Bench answers of one model (both turns) into `out` (JSONL); reused when present."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from evaluation.device import load_causal_lm
 
     if storage.exists(out):
         return out
     config = recipe.evaluation.mt_bench
     path = storage.local_checkpoint(model.uri)
     tokenizer = apply_template(AutoTokenizer.from_pretrained(path), recipe.model.chat_template, model.uri)
-    llm = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    llm = load_causal_lm(path, recipe.evaluation.device)  # batched generation on the GPU when there is one
     configure_generation(llm, tokenizer)  # the base model's own config may stop at EOS only
     answers = mt_bench.generate_answers(llm, tokenizer, mt_bench.load_mt_bench(config).questions, config)
     mt_bench.write_answers(answers, out)

@@ -294,7 +294,16 @@ def family_run(request, tmp_path_factory, prefect_server, assets, zoo):
             },
         }
         finetune(recipe="demo", storage_root=str(root), overrides=overrides, run_id=family)
-    return family, root / family
+    run = root / family
+    # The flow trained packed (training.packing, sdpa); the same phase is also trained padded,
+    # through the same launcher, from the flow's own job file.
+    from training.launch import run_training
+    from training.train import TrainJob
+
+    job = TrainJob.model_validate_json((run / "phase00" / "job.json").read_text())
+    recipe = job.recipe.model_copy(update={"training": job.recipe.training.model_copy(update={"packing": False})})
+    run_training(job.model_copy(update={"recipe": recipe, "output_dir": str(root / "padded")}), on_line=lambda _: None)
+    return family, run
 
 
 @pytest.mark.slow
@@ -303,13 +312,22 @@ def test_finetune_flow_runs_for_every_family(family_run):
 
     family, run = family_run
     spec = FAMILIES[family]
-    checkpoint = run / "phase00" / "checkpoints" / "samples_32"
-    assert (checkpoint / "meta.json").exists()
-    assert AutoConfig.from_pretrained(checkpoint).model_type == spec.model_type
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    stops = tokenizer.convert_tokens_to_ids([spec.end_of_turn, spec.eos])
-    assert GenerationConfig.from_pretrained(checkpoint).eos_token_id == list(dict.fromkeys(stops))
-    assert tokenizer.chat_template == chat.template_text(spec.template)
+    packed, padded = (
+        json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for d in (run / "phase00", run.parent / "padded")
+    )
+    assert packed["padding_efficiency"] == 1.0 > padded["padding_efficiency"]  # one row vs a padded batch
+    assert packed["samples_seen"] == padded["samples_seen"] == 32
+    for checkpoint in (
+        run / "phase00" / "checkpoints" / "samples_32",
+        run.parent / "padded" / "checkpoints" / "samples_32",
+    ):
+        assert (checkpoint / "meta.json").exists()
+        assert AutoConfig.from_pretrained(checkpoint).model_type == spec.model_type
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        stops = tokenizer.convert_tokens_to_ids([spec.end_of_turn, spec.eos])
+        generation = GenerationConfig.from_pretrained(checkpoint)
+        assert generation.eos_token_id == list(dict.fromkeys(stops)) and generation.pad_token_id is not None
+        assert tokenizer.chat_template == chat.template_text(spec.template)
     stats = json.loads((run / "data" / "phase00" / "stats.json").read_text())
     assert stats["samples"] == 32 and stats["content_hash"]
     for model in ("base", "samples_32"):
