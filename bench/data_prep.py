@@ -86,11 +86,13 @@ def build_tokenizer(out_dir: Path) -> Path:
 
 
 def peak_rss_mb() -> dict[str, float]:
-    """Peak resident memory of this process and of its largest finished child (Linux: KiB)."""
-    return {
-        "self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-    }
+    """Peak resident memory: this process's VmHWM, and the largest ru_maxrss of its finished
+    children (our tokenization workers). ru_maxrss survives exec, so a child's figure is an
+    upper bound that includes this process's size when it was started."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    own = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"self": round(own / 1024, 1), "children_max": round(children / 1024, 1)}
 
 
 def run_ours(data: Path, tokenizer_dir: Path, out: Path, workers: int) -> dict:
@@ -162,6 +164,7 @@ def run_loaded(data: Path, tokenizer_dir: Path, out: Path, workers: int) -> dict
 
     from training.data import load_tokenized
 
+    load_tokenized(str(out))  # a first load imports and warms what any load needs (then freed)
     before = psutil.Process().memory_info().rss
     loaded = load_tokenized(str(out))
     lengths = loaded.lengths()
