@@ -31,7 +31,7 @@ from evaluation.dynamics import EarlyDynamics, early_dynamics, rank_runs, spearm
 from flows.finetune import finetune
 from tasks.finetune import ModelRef, artifact_key, init_run, prepare_data, train_phase
 from training import storage
-from training.data import load_phase
+from training.data import phase_conversations
 from training.recipe import Recipe, resolve
 
 
@@ -64,9 +64,8 @@ def planned_samples(cfg: Recipe) -> int:
     """Samples a full run of the recipe trains: every phase's rows (and replay) x epochs."""
     total = 0
     for i, phase in enumerate(cfg.phases):
-        rows = len(load_phase(phase.data, phase.length_split)[0])
-        replay = sum(len(load_phase(p.data, p.length_split)[0]) for p in cfg.phases[:i]) if phase.replay else 0
-        total += round((rows + round(phase.replay * replay)) * cfg.training.epochs)
+        conversations, replay_pool, _ = phase_conversations(cfg.phases, i)
+        total += round((len(conversations) + round(phase.replay * len(replay_pool))) * cfg.training.epochs)
     return total
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -28,10 +29,10 @@ from pydantic import BaseModel
 from evaluation import lm_eval_runner, mt_bench, report
 from evaluation.selection import CheckpointScore, Selection, gate_markdown, select
 from training import storage
-from training.data import PrepStats, load_phase, prepare
+from training.data import PrepStats, phase_conversations, prepare
 from training.launch import TrainingFailed, complete_checkpoints, keep_last_checkpoints, prune_checkpoints, run_training
 from training.recipe import PhaseConfig, Recipe
-from training.train import CHECKPOINT_LINE, STEP_LINE, TrainJob
+from training.train import CHECKPOINT_LINE, FINISHED, STEP_LINE, TrainJob
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINED = "trained.json"  # a phase's training finished: its checkpoints, written after everything else
@@ -110,9 +111,7 @@ def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> dict[str, 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(storage.resolve_embedded(recipe.model.name_or_path))
-    conversations, files = load_phase(phase.data, phase.length_split)
-    earlier = recipe.phases[: [p.name for p in recipe.phases].index(phase.name)]
-    replay_pool = [c for p in earlier for c in load_phase(p.data, p.length_split)[0]] if phase.replay else []
+    conversations, replay_pool, files = phase_conversations(recipe.phases, recipe.phases.index(phase))
     stats: PrepStats = prepare(
         conversations,
         tokenizer,
@@ -156,6 +155,9 @@ def train_phase(
     if (local / TRAINED).exists():
         logger.info(f"{phase.name}: trained before; uploading what is missing")
         return publish_phase(local, phase_uri)
+    if (local / FINISHED).exists():
+        logger.info(f"{phase.name}: training finished before the phase was recorded; recording it, not retraining")
+        return record_trained(recipe, local, phase_uri)
 
     remote = not storage.is_local(phase_uri)
     progress = create_progress_artifact(
@@ -169,10 +171,7 @@ def train_phase(
     def checkpoint_written(name: str) -> None:
         if remote:
             storage.upload_tree(local / "checkpoints" / name, storage.join(phase_uri, "checkpoints", name))
-        for old in keep_last_checkpoints(local, recipe.checkpointing.keep_last_n):
-            if remote:  # the local copies are the staging mirror: the bucket's go too
-                storage.remove_tree(storage.join(phase_uri, "checkpoints", old.name))
-            logger.info(f"{phase.name}: keep_last_n={recipe.checkpointing.keep_last_n} deleted {old.name}")
+        keep_last_n(recipe, local, phase_uri)
 
     def on_line(line: str) -> None:
         logger.info(line)
@@ -201,8 +200,25 @@ def train_phase(
         raise
     finally:
         uploader.shutdown(wait=False, cancel_futures=True)
-    if not (local / "state").exists():  # finished, not paused: the rolling state is removed at the end
-        storage.write_json(str(local / TRAINED), [c.model_dump() for c in checkpoint_refs(local, phase_uri)])
+    if (local / FINISHED).exists():  # not a probe's pause, which keeps its state for the next call
+        return record_trained(recipe, local, phase_uri)
+    return publish_phase(local, phase_uri)
+
+
+def keep_last_n(recipe: Recipe, local: Path, phase_uri: str) -> None:
+    """checkpointing.keep_last_n: delete all but the newest N complete checkpoints, local and uploaded."""
+    for old in keep_last_checkpoints(local, recipe.checkpointing.keep_last_n):
+        if not storage.is_local(phase_uri):  # the local copies are the staging mirror: the bucket's go too
+            storage.remove_tree(storage.join(phase_uri, "checkpoints", old.name))
+        get_run_logger().info(f"{local.name}: keep_last_n={recipe.checkpointing.keep_last_n} deleted {old.name}")
+
+
+def record_trained(recipe: Recipe, local: Path, phase_uri: str) -> list[ModelRef]:
+    """A finished phase: trained.json, then the rolling state goes (it is needed until the phase is
+    recorded: a kill before this point resumes here, not from step 0), then the upload."""
+    keep_last_n(recipe, local, phase_uri)  # again: a kill may have cut the last pruning short
+    storage.write_json(str(local / TRAINED), [c.model_dump() for c in checkpoint_refs(local, phase_uri)])
+    shutil.rmtree(local / "state", ignore_errors=True)
     return publish_phase(local, phase_uri)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from training import storage
+from training.recipe import PhaseConfig
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -167,6 +168,22 @@ def load_phase(
         counts[source] = len(rows)
         conversations += rows
     return (split_by_length(conversations, length_split) if length_split else conversations), counts
+
+
+def phase_conversations(
+    phases: Sequence[PhaseConfig], index: int
+) -> tuple[list[Conversation], list[Conversation], dict[str, int]]:
+    """What phase `index` of `phases` trains on: (its conversations, the pool its `replay` samples
+    from, rows read per file). A stacked phase's conversations are each part's (its length half),
+    once; the pool is the earlier phases' conversations."""
+    phase = phases[index]
+    conversations, files = [], {}
+    for part in phase.stacked_from or [phase]:
+        rows, counts = load_phase(part.data, part.length_split)
+        conversations += rows
+        files |= counts
+    pool = [c for earlier in range(index) for c in phase_conversations(phases, earlier)[0]] if phase.replay else []
+    return conversations, pool, files
 
 
 def prepare(

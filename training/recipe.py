@@ -36,7 +36,9 @@ class ModelConfig(Strict):
     )
 
 
-class PhaseConfig(Strict):
+class PhaseData(Strict):
+    """What a phase trains on: its files, optionally one length half of them, plus replay."""
+
     name: str = Field(description="Phase name; also its directory under the run (e.g. phase00).")
     data: list[str] = Field(
         min_length=1,
@@ -55,6 +57,9 @@ class PhaseConfig(Strict):
         description="Fraction of every earlier phase's data mixed into this one (seeded sample): "
         "the usual guard against forgetting in phased training. 0 = none.",
     )
+
+
+class PhaseConfig(PhaseData):
     objective: dict[str, float] = Field(
         min_length=1,
         description="Selection objective: weights of 'task/metric' keys, e.g. "
@@ -73,6 +78,11 @@ class PhaseConfig(Strict):
         ge=0,
         description="Forgetting guard: a checkpoint is ineligible if any earlier phase's objective "
         "metric fell by more than this below the phase's starting model (phased training only).",
+    )
+    stacked_from: list[PhaseData] = Field(
+        default_factory=list,
+        description="Set by stacked training (not by hand): the phases whose data this one phase mixes, "
+        "each with its own length split; their replay is already in the mix (each sample once per epoch).",
     )
 
     @field_validator("objective", "min_score")
@@ -301,7 +311,13 @@ class Recipe(Strict):
         return self
 
     def stacked(self) -> Recipe:
-        """The single phase of stacked training: all data, objective = sum of the phases'."""
+        """The single phase of stacked training: every phase's data, objective = sum of the phases'.
+
+        Each phase keeps its length split, so a difficulty-split recipe (one file, short then
+        long half) trains every sample once per epoch. Replay is not repeated: a stacked run
+        already trains every earlier phase's data in full, so replayed copies would only make
+        some samples count twice.
+        """
         objective: dict[str, float] = {}
         for phase in self.phases:
             for key, weight in phase.objective.items():
@@ -310,6 +326,11 @@ class Recipe(Strict):
             name="stacked",
             data=[path for p in self.phases for path in p.data],
             objective=objective,
+            stacked_from=[
+                PhaseData.model_validate(part.model_dump(include=set(PhaseData.model_fields)))
+                for p in self.phases
+                for part in (p.stacked_from or [p])  # stacking a stacked recipe keeps its parts
+            ],
         )
         return self.model_copy(update={"phases": [phase], "strategy": "stacked"})
 

@@ -8,6 +8,7 @@ Launch (the Prefect task does this for you, with a generated accelerate config):
 prepared data and the output directory. Outputs, under `output_dir`:
 
     metrics.jsonl                       one line per optimizer step (rank 0)
+    finished.json                       the last step is done (the rolling state/ is kept for the caller)
     samples/rank<r>.jsonl               the sample ids each rank trained on, per step
     checkpoints/samples_<N>/            save_pretrained + tokenizer + meta.json (written last)
 
@@ -52,6 +53,7 @@ from training.recipe import Recipe, TrainingConfig, WatchdogConfig, warmup_steps
 from training.sampler import Step, padded_tokens, plan_steps, save_points
 
 EXIT_WATCHDOG = 3  # exit code of a run stopped by the watchdog (NaN/inf)
+FINISHED = "finished.json"  # written by rank 0 after the last step (not after a probe's pause)
 PROBE_TOKENS = 64  # length of the logits probe recorded with each checkpoint
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity), matched in order against the device name.
@@ -310,6 +312,8 @@ def train(job: TrainJob) -> None:
 
     out = Path(job.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        (out / FINISHED).unlink(missing_ok=True)  # this launch decides again
     state_dir = out / "state"
     accelerator.register_for_checkpointing(scheduler)  # not prepare()d: that would step it once per rank
     done_steps, tokens_seen = load_state(accelerator, state_dir)
@@ -402,7 +406,10 @@ def train(job: TrainJob) -> None:
             break
     else:
         if accelerator.is_main_process:
-            shutil.rmtree(state_dir, ignore_errors=True)  # finished: the full state is only for resume
+            # The rolling state stays: the caller removes it once it has recorded the phase as
+            # trained, so a kill before that record finds this file instead of retraining.
+            finished = {"steps": total_steps, "samples_seen": steps[-1].samples_seen}
+            (out / FINISHED).write_text(json.dumps(finished) + "\n")
     samples_log.close()
     if metrics_log:
         metrics_log.close()
