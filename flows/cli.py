@@ -6,7 +6,8 @@ lab eval TARGET... [--recipe R] [--set key=value]...   runs or models, outside t
 lab sweep RECIPE --grid key=v1,v2 [--probe-samples N] [--validate]   early-terminated grid
 lab reproduce                    the paper's findings, scaled down to the lab (resumable)
 lab demo [--storage-root DIR]    the embedded lab, phased and stacked, with a comparison
-lab serve [--port N] [--storage-root s3://...]   local Prefect server + UI, pool, deployments, worker
+lab serve [--port N] [--storage-root s3://...] [--alert-block B]   Prefect server + UI, pool, deployments,
+                                 regression alert, worker
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from flows.serve import serve
 
-    serve(args.port, args.storage_root)
+    serve(args.port, args.storage_root, args.alert_block)
     return 0
 
 
@@ -219,6 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("serve", help="local Prefect server (UI), the lab work pool, every deployment and a worker")
     p.add_argument("--port", type=int, default=4200)
     p.add_argument("--storage-root", default=None, help="s3://bucket/prefix: keep Prefect results there too")
+    p.add_argument(
+        "--alert-block",
+        default=None,
+        help="notification block (type/name, e.g. slack-webhook/team) for nightly regressions; "
+        "default: a webhook block for $RECIPE_LAB_ALERT_WEBHOOK when set",
+    )
     p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)

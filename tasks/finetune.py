@@ -6,6 +6,7 @@ to orchestration (retries, timeouts, artifacts, logging) lives here, not in the 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -171,7 +172,7 @@ def train_phase(
     def checkpoint_written(name: str) -> None:
         if remote:
             storage.upload_tree(local / "checkpoints" / name, storage.join(phase_uri, "checkpoints", name))
-        keep_last_n(recipe, local, phase_uri)
+        keep_last_n(recipe, local, phase_uri, logger)
 
     def on_line(line: str) -> None:
         logger.info(line)
@@ -205,18 +206,19 @@ def train_phase(
     return publish_phase(local, phase_uri)
 
 
-def keep_last_n(recipe: Recipe, local: Path, phase_uri: str) -> None:
-    """checkpointing.keep_last_n: delete all but the newest N complete checkpoints, local and uploaded."""
+def keep_last_n(recipe: Recipe, local: Path, phase_uri: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """checkpointing.keep_last_n: delete all but the newest N complete checkpoints, local and uploaded.
+    (The logger is passed in: this also runs on the upload thread, outside the task's context.)"""
     for old in keep_last_checkpoints(local, recipe.checkpointing.keep_last_n):
         if not storage.is_local(phase_uri):  # the local copies are the staging mirror: the bucket's go too
             storage.remove_tree(storage.join(phase_uri, "checkpoints", old.name))
-        get_run_logger().info(f"{local.name}: keep_last_n={recipe.checkpointing.keep_last_n} deleted {old.name}")
+        logger.info(f"{local.name}: keep_last_n={recipe.checkpointing.keep_last_n} deleted {old.name}")
 
 
 def record_trained(recipe: Recipe, local: Path, phase_uri: str) -> list[ModelRef]:
     """A finished phase: trained.json, then the rolling state goes (it is needed until the phase is
     recorded: a kill before this point resumes here, not from step 0), then the upload."""
-    keep_last_n(recipe, local, phase_uri)  # again: a kill may have cut the last pruning short
+    keep_last_n(recipe, local, phase_uri, get_run_logger())  # again: a kill may have cut the last pruning short
     storage.write_json(str(local / TRAINED), [c.model_dump() for c in checkpoint_refs(local, phase_uri)])
     shutil.rmtree(local / "state", ignore_errors=True)
     return publish_phase(local, phase_uri)
