@@ -67,29 +67,3 @@ def rank_runs(runs: list[EarlyDynamics], tie_ratio: float = 1.05) -> list[EarlyD
         return False, bucket, -run.loss
 
     return sorted(runs, key=key)
-
-
-def ranks(values: list[float]) -> list[float]:
-    """1-based ranks, ties sharing their average rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    result = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            result[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return result
-
-
-def spearman(x: list[float], y: list[float]) -> float | None:
-    """Spearman's rank correlation; None when undefined (fewer than 2 points or no spread)."""
-    if len(x) < 2:
-        return None
-    rx, ry = ranks(x), ranks(y)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=False))
-    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return cov / var if var else None

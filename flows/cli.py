@@ -3,7 +3,7 @@
 lab validate RECIPE...           check recipes, errors by field
 lab run RECIPE [--strategy phased|stacked] [--storage-root DIR] [--smoke] [--set key=value]...
 lab eval TARGET... [--recipe R] [--set key=value]...   runs or models, outside training
-lab sweep RECIPE --grid key=v1,v2 [--probe-samples N] [--validate]   early-terminated grid
+lab sweep RECIPE --grid key=v1,v2 [--rungs N1,N2 --eta 2 --pruner eval] [--validate]   successive halving
 lab reproduce                    the paper's findings, scaled down to the lab (resumable)
 lab demo [--storage-root DIR]    the embedded lab, phased and stacked, with a comparison
 lab serve [--port N] [--storage-root s3://...] [--alert-block B]   Prefect server + UI, pool, deployments,
@@ -102,21 +102,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     summary = sweep(
         recipe=args.recipe,
         grid=parse_grid(args.grid) or None,
-        probe_samples=args.probe_samples,
-        stop_fraction=args.stop_fraction,
+        rungs=[int(v) for v in args.rungs.split(",")] if args.rungs else None,
+        eta=args.eta,
+        pruner=args.pruner,
         validate_ranking=args.validate,
         storage_root=args.storage_root,
         smoke=args.smoke,
         sweep_id=args.sweep_id,
     )
     print_summary(
-        [{k: v for k, v in r.items() if k not in ("early", "overrides")} | r["overrides"] for r in summary["runs"]],
+        [{k: v for k, v in r.items() if k != "overrides"} | r["overrides"] for r in summary["runs"]],
         f"sweep {summary['sweep_id']}",
     )
     print(
         f"samples trained {summary['samples_trained']} of {summary['samples_planned']} planned; saved {summary['samples_saved']} "
         f"samples ({summary['train_seconds_saved']} s of training); winner {summary.get('winner')}"
     )
+    if summary["validation"]:
+        print_summary(summary["validation"], "pruners validated against the final scores")
     return 0
 
 
@@ -190,19 +193,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("sweep", help="a grid of runs with early termination from training dynamics")
+    p = sub.add_parser("sweep", help="a grid of runs with multi-rung early stopping (successive halving)")
     p.add_argument("recipe", help="recipe name or YAML path")
     p.add_argument(
         "--grid", action="append", default=[], metavar="KEY=V1,V2", help="e.g. training.learning_rate=1e-3,2e-3"
     )
     p.add_argument(
-        "--probe-samples",
-        type=int,
+        "--rungs",
         default=None,
-        help="probe window (samples of the first phase); none = no early stop",
+        metavar="N1,N2",
+        help="samples of the first phase at which runs are ranked and cut (successive halving); none = no early stop",
     )
-    p.add_argument("--stop-fraction", type=float, default=0.34, help="fraction of runs stopped after the probe")
-    p.add_argument("--validate", action="store_true", help="also finish stopped runs and check the early ranking")
+    p.add_argument("--eta", type=float, default=2.0, help="at each rung the best ceil(n / eta) of n runs go on")
+    p.add_argument(
+        "--pruner", choices=["eval", "dynamics", "loss_slope"], default="eval", help="how runs are ranked at a rung"
+    )
+    p.add_argument(
+        "--validate", action="store_true", help="stop nothing; finish every run and score each pruner's ranking"
+    )
     p.add_argument("--storage-root", default="./runs")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--sweep-id", default=None)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from evaluation.selection import CheckpointScore, Selection
+from evaluation.selection import CheckpointScore, Selection, best_reached
 from tasks.finetune import (
     ModelRef,
     eval_uri,
@@ -79,6 +79,7 @@ def finetune(
 
     start = ModelRef(name="base", uri=cfg.model.name_or_path, samples=0)
     start_score = None  # the base model is evaluated after the first training, so that fails fast
+    carried: list[CheckpointScore] = []  # each phase's winner: the forgetting guard's reference
     for i, phase in enumerate(cfg.phases):
         if phase.name in manifest["phases"]:
             selection = Selection.model_validate(storage.read_json(storage.join(run_uri, phase.name, "selection.json")))
@@ -89,15 +90,18 @@ def finetune(
                 start_score, *scores = score_models(cfg, [start, *checkpoints], run_uri, phase.name)
             else:
                 scores = score_models(cfg, checkpoints, run_uri, phase.name)
-            guarded = [key for earlier in cfg.phases[:i] for key in earlier.objective]  # forgetting guard
-            selection = select_checkpoint(phase, start_score, scores, guarded, run_uri, run_id)
+            reference = best_reached([key for earlier in cfg.phases[:i] for key in earlier.objective], carried)
+            selection = select_checkpoint(cfg, phase, start_score, scores, reference, run_uri, run_id)
             if not selection.gate.passed:
                 raise GateFailed(f"phase {phase.name}: gate failed\n" + "\n".join(selection.gate.reasons))
             manifest = mark_phase_done(run_uri, manifest, selection)
-            prune_phase_checkpoints(cfg, run_uri, phase.name, selection.winner.checkpoint)
+            kept = selection.winner.checkpoint if selection.winner.checkpoint != start.uri else None
+            prune_phase_checkpoints(cfg, run_uri, phase.name, kept)
         winner = selection.winner
-        start = ModelRef(name=winner.name, uri=winner.checkpoint, samples=winner.samples)
-        start_score = winner.model_copy(update={"name": f"start ({phase.name}/{winner.name})", "samples": 0})
+        carried.append(winner)
+        if start_score is None or winner.checkpoint != start.uri:  # else the start is kept for the next phase
+            start = ModelRef(name=winner.name, uri=winner.checkpoint, samples=winner.samples)
+            start_score = winner.model_copy(update={"name": f"start ({phase.name}/{winner.name})", "samples": 0})
 
     summary = write_report(run_uri, run_id, cfg)
     base, phases = summary[0], summary[1:]  # the report's first row is the base model

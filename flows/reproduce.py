@@ -116,22 +116,24 @@ def reproduce(storage_root: str = "./runs") -> list[dict[str, str]]:
     summary = sweep(
         recipe="demo",
         grid={**{k: [v] for k, v in KNOWLEDGE.items()}, "training.learning_rate": LR_GRID},
-        probe_samples=480,
-        stop_fraction=0.5,
+        rungs=[480],
+        eta=2,
+        pruner="dynamics",
         validate_ranking=True,
         storage_root=root,
         sweep_id="reproduce-lr",
     )
     finals = {r["overrides"]["training.learning_rate"]: r["final_objective"] for r in summary["runs"]}
     best_lr = max(finals, key=finals.get)
-    rho = summary.get("spearman_early_vs_final")
+    paper_rule = next(v for v in summary["validation"] if v["pruner"] == "dynamics")
+    rho = paper_rule["spearman_first_rung"]
     findings.append(
         {
             "claim": "lower grad norm and higher loss early predict the better final run",
             "measured": f"Spearman(early rank, final score) = {rho if rho is None else round(rho, 3)} over {len(finals)} LRs; "
-            f"winner survived early stopping: {summary.get('winner_survived')}",
+            f"winner survived early stopping: {paper_rule['winner_survived']}",
             "rule": "agree if rho > 0 and the winner survived",
-            "verdict": "agree" if rho is not None and rho > 0 and summary.get("winner_survived") else "disagree",
+            "verdict": "agree" if rho is not None and rho > 0 and paper_rule["winner_survived"] else "disagree",
         }
     )
     findings.append(

@@ -311,28 +311,31 @@ def mt_bench_cache_dir() -> Path:
 
 @task(name="select-checkpoint")
 def select_checkpoint(
+    recipe: Recipe,
     phase: PhaseConfig,
     start: CheckpointScore,
     candidates: list[CheckpointScore],
-    guarded: list[str],
+    best_reached: dict[str, float],
     run_uri: str,
     run_id: str,
 ) -> Selection:
-    """Pick the phase's best checkpoint, judge the gate, write selection.json and artifacts."""
-    selection = select(phase, start, candidates, guarded)
+    """Pick the phase's checkpoint (or keep its start), judge the gate, write selection.json and artifacts."""
+    selection = select(phase, start, candidates, best_reached, recipe.selection.confidence)
     storage.write_json(storage.join(run_uri, phase.name, "selection.json"), selection.model_dump(mode="json"))
     create_table_artifact(
         key=artifact_key(run_id, phase.name, "scores"),
         table=[
             {
-                "checkpoint": c.name,
+                "candidate": c.name,
                 "samples": c.samples,
                 "objective": round(c.objective, 4),
+                "interval": f"[{c.interval[0]:.4f}, {c.interval[1]:.4f}]",
+                "winner": c.checkpoint == selection.winner.checkpoint,
                 **{k: round(v, 4) for k, v in c.metrics.items()},
             }
             for c in [selection.start, *selection.candidates]
         ],
-        description=f"{phase.name}: score of every checkpoint",
+        description=f"{phase.name}: score of every candidate, with its {selection.confidence:.0%} interval",
     )
     create_markdown_artifact(
         key=artifact_key(run_id, phase.name, "gate"),
@@ -344,9 +347,9 @@ def select_checkpoint(
 
 
 @task(name="prune-checkpoints")
-def prune_phase_checkpoints(recipe: Recipe, run_uri: str, phase: str, winner: str) -> list[str]:
+def prune_phase_checkpoints(recipe: Recipe, run_uri: str, phase: str, winner: str | None) -> list[str]:
     """checkpointing.prune = keep_selected: delete the phase's checkpoints except the winner
-    (their eval results stay). Runs after the gate passed, so nothing needed is lost."""
+    (None: the start model won; their eval results stay). Runs after the gate passed."""
     phase_uri = storage.join(run_uri, phase)
     removed = prune_checkpoints(storage.local_path(phase_uri), winner, recipe.checkpointing.prune)
     if not storage.is_local(phase_uri):  # the local copies were the staging mirror: the bucket's go too

@@ -31,6 +31,8 @@ def test_every_deployment_and_schedule_validates_against_its_flow():
             CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # raises on a bad cron or zone
             flow.validate_parameters({**deployment.get("parameters", {}), **schedule.get("parameters", {})})
 
+    lr_sweep = next(d for d in config["deployments"] if d["name"] == "lr-sweep")
+    assert lr_sweep["parameters"]["rungs"] and lr_sweep["parameters"]["eta"] > 1  # it stops runs early
     nightly = next(d for d in config["deployments"] if d["name"] == "nightly-regression")
     assert nightly["schedules"][0]["cron"].split()[:2] == ["0", "2"]
     assert nightly["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}

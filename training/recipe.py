@@ -77,7 +77,7 @@ class PhaseConfig(PhaseData):
         None,
         ge=0,
         description="Forgetting guard: a checkpoint is ineligible if any earlier phase's objective "
-        "metric fell by more than this below the phase's starting model (phased training only).",
+        "metric fell by more than this below the best value the run reached for it (phased training only).",
     )
     stacked_from: list[PhaseData] = Field(
         default_factory=list,
@@ -212,10 +212,11 @@ class MTBenchConfig(Strict):
     seed: int = Field(0, description="Torch seed set before answer generation.")
     concurrency: int = Field(8, gt=0, description="Judge requests in flight at once.")
     max_retries: int = Field(
-        6, ge=0, description="Retries per judge request on HTTP 429 / 5xx, timeouts and connection errors."
+        6,
+        ge=0,
+        description="Retries per judge request on HTTP 408 / 409 / 429 / 5xx, timeouts and connection errors "
+        "(the openai SDK's: backoff 0.5 s doubling to 8 s, Retry-After honoured up to 120 s).",
     )
-    backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubles each retry.")
-    max_backoff_s: float = Field(60.0, ge=0, description="Cap on one wait, Retry-After included.")
     timeout_s: float = Field(120.0, gt=0, description="Timeout of one judge request, in seconds.")
     max_error_rate: float = Field(
         0.05,
@@ -246,6 +247,22 @@ class EvaluationConfig(Strict):
     max_gen_tokens: int = Field(64, gt=0, description="Generation cap for generate_until tasks of the lab.")
     mt_bench: MTBenchConfig | None = Field(
         None, description="Also judge every checkpoint on MT-Bench (metrics mt_bench/overall, ...); None = skip."
+    )
+
+
+class SelectionConfig(Strict):
+    confidence: float = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="Noise-aware selection: a checkpoint within this confidence interval of the best "
+        "(stderr of the difference) counts as just as good, and the one with the fewest samples wins.",
+    )
+    average_last_k: int | None = Field(
+        None,
+        ge=2,
+        description="Also evaluate the uniform weight average of the phase's last k checkpoints as a "
+        "candidate (saved as checkpoints/avg_last<k>); None = no averaged candidate.",
     )
 
 
@@ -300,6 +317,7 @@ class Recipe(Strict):
     training: TrainingConfig
     checkpointing: CheckpointConfig = Field(default_factory=CheckpointConfig)
     evaluation: EvaluationConfig
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
 
@@ -465,11 +483,13 @@ def resolve(
     """The recipe a run trains with: loaded, overridden, shrunk for smoke, stacked if asked.
 
     A stacked recipe has a single phase holding every phase's data (see Recipe.stacked).
+    Smoke never overwrites what the user set: the overrides are applied again on top of the
+    shrunk recipe (a sweep's grid over the learning rate must train each run at its own rate).
     """
     source = recipe.model_dump(mode="json") if isinstance(recipe, Recipe) else recipe
     resolved = load_recipe(source, overrides)
     if strategy is not None:
         resolved = resolved.model_copy(update={"strategy": strategy})
     if smoke_run:
-        resolved = smoke(resolved)
+        resolved = load_recipe(smoke(resolved).model_dump(mode="json"), overrides)
     return resolved.stacked() if resolved.strategy == "stacked" else resolved

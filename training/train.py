@@ -81,8 +81,8 @@ class TrainJob(BaseModel):
     code_version: str = "unknown"
     stop_after_samples: int | None = Field(
         None,
-        description="Probe: pause after the first step at or past this many samples, saving the "
-        "rolling state, so that a later launch of the same job continues exactly (sweeps).",
+        description="Probe: pause after the first step at or past this many samples, saving a "
+        "checkpoint and the rolling state, so that a later launch of the same job continues exactly (sweeps).",
     )
 
 
@@ -379,6 +379,7 @@ def train(job: TrainJob) -> None:
             "padding_efficiency": round(step_tokens / computed, 4),
             "micro_batches": sum(len(per_rank) for per_rank in step.micro_batches),
             "wall_s": round(time.perf_counter() - started, 3),
+            "time": round(time.time(), 3),  # when the step ended (Unix time): concurrent runs can be told apart
         }
         ours = {i for mb in mine for i in mb}  # logged in data-stream order, so epochs can be told apart
         samples_log.write(
@@ -393,12 +394,13 @@ def train(job: TrainJob) -> None:
             f"step {step.index}/{total_steps} samples {step.samples_seen} loss {loss:.4f} grad_norm {grad_norm:.3f} lr {lr:.3g}",
         )
 
-        # Once in a while: checkpoint (for evaluation) and rolling state (for resume).
-        if step.index in saves:
+        # Once in a while: checkpoint (for evaluation) and rolling state (for resume). A probe's
+        # pause also saves a checkpoint: a sweep may rank its runs by evaluating it.
+        probe_done = job.stop_after_samples is not None and step.samples_seen >= job.stop_after_samples
+        if step.index in saves or probe_done:
             save_checkpoint(accelerator, model, tokenizer, job, step, record, probe)
             log(accelerator, f"checkpoint samples_{step.samples_seen}")
         state_every = job.recipe.checkpointing.state_every_steps
-        probe_done = job.stop_after_samples is not None and step.samples_seen >= job.stop_after_samples
         if step.index < total_steps and (probe_done or (state_every and step.index % state_every == 0)):
             save_state(accelerator, state_dir, step.index, tokens_seen)
         if probe_done and step.index < total_steps:
