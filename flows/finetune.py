@@ -27,6 +27,7 @@ from tasks.finetune import (
     train_phase,
     write_report,
 )
+from tasks.tracking import track_phase_results
 from training import storage
 from training.recipe import Recipe, resolve
 
@@ -92,6 +93,7 @@ def finetune(
                 scores = score_models(cfg, checkpoints, run_uri, phase.name)
             reference = best_reached([key for earlier in cfg.phases[:i] for key in earlier.objective], carried)
             selection = select_checkpoint(cfg, phase, start_score, scores, reference, run_uri, run_id)
+            track_phase_results(cfg, run_uri, run_id, selection)  # training.report_to: the phase's tracker runs
             if not selection.gate.passed:
                 raise GateFailed(f"phase {phase.name}: gate failed\n" + "\n".join(selection.gate.reasons))
             manifest = mark_phase_done(run_uri, manifest, selection)

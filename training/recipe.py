@@ -131,6 +131,13 @@ class TrainingConfig(Strict):
         False, description="Also put loss on user/system tokens (default: assistant tokens only)."
     )
     seed: int = Field(42, description="Seeds data order and initialisation.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers (accelerate's tracking API): every step's metrics, each checkpoint's "
+        "scores, the selection and the recipe, one tracker run per phase grouped by run id. Where they write "
+        "and their credentials come from the environment (MLFLOW_TRACKING_URI, WANDB_API_KEY, WANDB_MODE...); "
+        "TensorBoard writes <phase>/tensorboard/. Empty = none.",
+    )
 
     @model_validator(mode="after")
     def _one_warmup(self) -> TrainingConfig:

@@ -48,6 +48,7 @@ from pydantic import BaseModel, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
+from training import tracking
 from training.data import IGNORE_INDEX, TokenizedData, load_tokenized
 from training.recipe import Recipe, TrainingConfig, WatchdogConfig, warmup_steps
 from training.sampler import Step, padded_tokens, plan_steps, save_points
@@ -260,7 +261,10 @@ def train(job: TrainJob) -> None:
     # Several CPU ranks (and DeepSpeed on CPU) need gloo named explicitly (NOTES.md); with one
     # process, naming a backend makes accelerate look for a process group that does not exist.
     distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [])
+    trackers = tracking.phase_trackers(job.recipe, job.run_id, job.phase, Path(job.output_dir))
+    accelerator = Accelerator(
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [], log_with=trackers or None
+    )
     torch.manual_seed(cfg.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     deepspeed = launch.backend == "deepspeed"
@@ -314,6 +318,10 @@ def train(job: TrainJob) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         (out / FINISHED).unlink(missing_ok=True)  # this launch decides again
+    if trackers:  # rank 0 only (accelerate): the phase's tracker runs, the recipe as parameters
+        accelerator.init_trackers(job.recipe.name, config=tracking.recipe_params(job.recipe, job.run_id, job.phase))
+        if accelerator.is_main_process:
+            tracking.save_run_ids(out, accelerator.trackers)
     state_dir = out / "state"
     accelerator.register_for_checkpointing(scheduler)  # not prepare()d: that would step it once per rank
     done_steps, tokens_seen = load_state(accelerator, state_dir)
@@ -386,6 +394,7 @@ def train(job: TrainJob) -> None:
             json.dumps({"step": step.index, "ids": [data.ids[i] for i in step.samples if i in ours]}) + "\n"
         )
         samples_log.flush()
+        accelerator.log(tracking.step_metrics(record), step=step.index)  # no-op without trackers
         if metrics_log:
             metrics_log.write(json.dumps(record) + "\n")
             metrics_log.flush()
@@ -467,6 +476,7 @@ def stop(accelerator: Accelerator, out: Path, metrics_log: TextIO | None, step: 
             json.dumps({"step": step.index, "samples_seen": step.samples_seen, "reason": reason}) + "\n"
         )
     log(accelerator, f"watchdog: {reason}")
+    accelerator.end_training()  # closes the tracker runs
     sys.exit(EXIT_WATCHDOG)
 
 
