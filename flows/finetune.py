@@ -13,6 +13,7 @@ from typing import Any, Literal
 from prefect import flow
 
 from evaluation.selection import CheckpointScore, Selection, best_reached
+from tasks.export import export_model
 from tasks.finetune import (
     ModelRef,
     eval_uri,
@@ -106,5 +107,7 @@ def finetune(
             start_score = winner.model_copy(update={"name": f"start ({phase.name}/{winner.name})", "samples": 0})
 
     summary = write_report(run_uri, run_id, cfg)
+    if cfg.export.to or cfg.export.push_to_hub:
+        export_model(run_uri, run_id, cfg)
     base, phases = summary[0], summary[1:]  # the report's first row is the base model
     return {"run_id": run_id, "run_uri": run_uri, "strategy": cfg.strategy, "base": base, "phases": phases}

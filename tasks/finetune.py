@@ -79,7 +79,9 @@ def init_run(run_uri: str, run_id: str, recipe: Recipe) -> dict[str, Any]:
     uri = storage.join(run_uri, "manifest.json")
     if storage.exists(uri):
         manifest = storage.read_json(uri)
-        if manifest["recipe"] != recipe.model_dump(mode="json"):
+        # Where the model is exported is not what the run trains: a finished run may be re-run to export it.
+        trained = {k: v for k, v in manifest["recipe"].items() if k != "export"}
+        if trained != recipe.model_dump(mode="json", exclude={"export"}):
             raise ValueError(f"{uri}: run {run_id} exists with a different recipe; use a new run_id")
         get_run_logger().info(f"resuming run {run_id}: phases done {list(manifest['phases'])}")
         return manifest

@@ -311,6 +311,18 @@ class LaunchConfig(Strict):
         return self.num_processes * self.num_machines
 
 
+class ExportConfig(Strict):
+    to: str | None = Field(
+        None,
+        description="At the end of a finetune run, export the last phase's selected model here (directory or "
+        "s3://...): safetensors in the training dtype, tokenizer with chat template, generation config, model "
+        "card. An earlier export there is replaced. None = no export (`lab export` does it any time).",
+    )
+    push_to_hub: str | None = Field(
+        None, description="Also push the export to this Hugging Face Hub repo (token from HF_TOKEN, never here)."
+    )
+
+
 class Recipe(Strict):
     name: str = Field(description="Recipe name, used in run ids and reports.")
     description: str = Field("", description="What this recipe is for.")
@@ -327,6 +339,7 @@ class Recipe(Strict):
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
     def _unique_phase_names(self) -> Recipe:
