@@ -55,6 +55,8 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
 
 def selected(run_uri: str, phase: str | None) -> tuple[dict[str, Any], Recipe, Selection]:
     """(manifest, recipe, selection) of `phase`, by default the run's last phase."""
+    if not storage.exists(storage.join(run_uri, "manifest.json")):
+        raise ExportError(f"{run_uri}: no manifest.json there; expected a run directory or URI")
     manifest = storage.read_json(storage.join(run_uri, "manifest.json"))
     recipe = Recipe.model_validate(manifest["recipe"])
     names = [p.name for p in recipe.phases]

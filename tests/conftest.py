@@ -56,9 +56,11 @@ def prefect_server():
         yield
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3(tmp_path_factory):
-    """A moto S3 server; yields the environment (credentials and endpoint only in the env)."""
+    """A moto S3 server with BUCKET, one per session (moto's store is per process, so a second
+    server would see the same buckets); yields the environment (credentials and endpoint only
+    in the env). Tests keep to their own prefixes."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)

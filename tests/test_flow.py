@@ -308,6 +308,28 @@ def test_lab_export_loads_stops_at_the_end_of_turn_names_the_winner_and_equals_i
     assert "![training.png](training.png)" in card and "base_model" not in card  # embedded base: no Hub id
 
 
+def test_export_arguments_are_checked_and_push_to_hub_goes_through_huggingface_hub(smoke_run, tmp_path, capsys):
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from evaluation.export import export_run
+    from flows.cli import main
+
+    _, run = smoke_run
+    for args, message in [
+        ([str(run)], "needs a destination"),
+        ([str(tmp_path / "nothing"), "--to", str(tmp_path / "x")], "no manifest.json"),
+        ([str(run), "--phase", "phase99", "--to", str(tmp_path / "x")], "no phase 'phase99'"),
+        ([str(run), "--to", str(run)], "not empty and holds no earlier recipe-lab export"),
+    ]:
+        with pytest.raises(SystemExit) as done:
+            main(["export", *args])
+        assert done.value.code == 2 and message in capsys.readouterr().err
+    assert (run / "manifest.json").exists()  # the refused destination is untouched
+    # Offline here, so the Hub push can only be seen reaching huggingface_hub, which refuses it.
+    with pytest.raises(OfflineModeIsEnabled):
+        export_run(str(run), None, push_to_hub="someone/demo-export")
+
+
 def test_export_completes_a_generation_config_missing_the_end_of_turn_token(smoke_run, tmp_path):
     """A checkpoint whose generation config stops only at another token (as a base model's
     <|end_of_text|> under a chat template's <|eot_id|>) is exported stopping at both."""
