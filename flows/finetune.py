@@ -78,14 +78,14 @@ def finetune(
     manifest = init_run(run_uri, run_id, cfg)
 
     start = ModelRef(name="base", uri=cfg.model.name_or_path, samples=0)
-    start_score = None  # the base model is evaluated after the first training, so that fails fast
+    start_score = None  # the base model: evaluated beside the first training, or after it (so that fails fast)
     carried: list[CheckpointScore] = []  # each phase's winner: the forgetting guard's reference
     for i, phase in enumerate(cfg.phases):
         if phase.name in manifest["phases"]:
             selection = Selection.model_validate(storage.read_json(storage.join(run_uri, phase.name, "selection.json")))
         else:
             prepare_data(cfg, phase, run_uri)
-            checkpoints = train_phase(cfg, phase, run_uri, run_id, start)
+            checkpoints = train_phase(cfg, phase, run_uri, run_id, start, evaluate_start=start_score is None)
             if start_score is None:
                 start_score, *scores = score_models(cfg, [start, *checkpoints], run_uri, phase.name)
             else:
