@@ -29,6 +29,7 @@ from evaluation import mt_bench, report, worker
 from evaluation.selection import CheckpointScore, Selection, gate_markdown, select
 from evaluation.worker import BackgroundEvaluator, EvalRequest
 from training import storage
+from training.averaging import average_checkpoints
 from training.data import PrepStats, load_phase, prepare
 from training.launch import (
     TrainingFailed,
@@ -273,6 +274,27 @@ def background_evaluator(
     evaluator = BackgroundEvaluator(local, log)
     evaluator.add_worker({**os.environ, **device_env(devices, visible_gpus())[1]})
     return evaluator
+
+
+@task(name="average-checkpoints")
+def average_last_checkpoints(recipe: Recipe, run_uri: str, phase: str, checkpoints: list[ModelRef]) -> ModelRef | None:
+    """selection.average_last_k: the uniform weight average of the phase's last k checkpoints,
+    saved as <phase>/averaged/avg_last<k> and returned as one more candidate (None when off, or
+    with fewer than 2 checkpoints). Its samples are the newest averaged checkpoint's."""
+    k = recipe.selection.average_last_k
+    if k is None or len(checkpoints) < 2:
+        return None
+    last = checkpoints[-k:]
+    name = f"avg_last{len(last)}"
+    phase_uri = storage.join(run_uri, phase)
+    uri = storage.join(phase_uri, "averaged", name)
+    local = storage.local_path(phase_uri) / "averaged" / name
+    if not (local / "meta.json").exists():
+        average_checkpoints([Path(storage.local_checkpoint(c.uri)) for c in last], local)
+        get_run_logger().info(f"{phase}: {name} = uniform average of {[c.name for c in last]}")
+    if not storage.is_local(uri):
+        storage.upload_tree(local, uri)
+    return ModelRef(name=name, uri=uri, samples=last[-1].samples)
 
 
 def checkpoint_refs(local: Path, phase_uri: str) -> list[ModelRef]:

@@ -22,6 +22,7 @@ OVERRIDES = {
     "training.epochs": 2,
     "checkpointing.save_every_samples": 640,
     "evaluation.limit": 20,
+    "selection.average_last_k": 3,
 }
 
 
@@ -60,11 +61,15 @@ def test_evaluation_starts_before_training_ends_and_scores_equal_a_sequential_ru
     assert datetime.fromisoformat(first_checkpoint["started"]) < training_ended
     assert not (after / "phase00" / "evaluations.jsonl").exists()  # the sequential run evaluated in the flow
 
-    assert scores(beside) == scores(after) and len(scores(after)) == len(checkpoints) + 1
+    # base, every checkpoint and the average of the last 3, scored alike by both runs
+    assert scores(beside) == scores(after) and len(scores(after)) == len(checkpoints) + 2
+    assert scores(after)["avg_last3"]["samples"] == int(checkpoints[-1].name.removeprefix("samples_"))
     selection = {
         r: json.loads((run / "phase00" / "selection.json").read_text()) for r, run in [("b", beside), ("a", after)]
     }
     assert selection["b"]["winner"]["name"] == selection["a"]["winner"]["name"]
+    averaged = [c for c in selection["a"]["candidates"] if c["name"] == "avg_last3"]
+    assert averaged and averaged[0]["checkpoint"] == str(after / "phase00" / "averaged" / "avg_last3")
 
 
 @pytest.mark.slow
