@@ -34,6 +34,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from evaluation import lm_eval_runner, mt_bench
+from evaluation.device import load_causal_lm
 from training import storage
 from training.recipe import Recipe
 
@@ -68,12 +69,12 @@ def run_lm_eval(recipe: Recipe, uri: str, samples: int, out: str) -> dict[str, A
 
 def run_mt_bench_answers(recipe: Recipe, uri: str, out: str) -> int:
     """MT-Bench answers (both turns) of the model at `uri` into `out` (JSONL); return how many."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     config = recipe.evaluation.mt_bench
     path = storage.local_checkpoint(uri)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    llm = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    llm = load_causal_lm(path, recipe.evaluation.device)  # batched generation on the GPU when there is one
     answers = mt_bench.generate_answers(llm, tokenizer, mt_bench.load_mt_bench(config).questions, config)
     mt_bench.write_answers(answers, out)
     return len(answers)

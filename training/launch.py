@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from training.precision import autocast_mode
 from training.recipe import LaunchConfig, Recipe
 from training.train import TrainJob
 
@@ -42,7 +43,8 @@ def deepspeed_config(recipe: Recipe) -> dict:
     The micro-batches of a step vary in number and size, so DeepSpeed's own batch bookkeeping
     gets nominal values (1 sample per micro-batch, gradient_accumulation_steps 1) and the
     training loop marks each step's last micro-batch itself. Clipping is DeepSpeed's (it sees
-    the sharded gradients); bf16/fp16 follow the model dtype, with fp32 master weights.
+    the sharded gradients); bf16/fp16 follow the model dtype, with fp32 master weights and AdamW
+    state in the ZeRO optimizer, and (bf16) gradients accumulated in fp32 across micro-batches.
     """
     launch, dtype = recipe.launch, recipe.model.dtype
     pin = torch.cuda.is_available()  # pinned host memory speeds offload copies; CPU-only has nothing to pin for
@@ -60,21 +62,25 @@ def deepspeed_config(recipe: Recipe) -> dict:
         "gradient_clipping": recipe.training.max_grad_norm or 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bfloat16"},
-        "fp16": {"enabled": dtype == "float16"},
+        "fp16": {"enabled": dtype == "float16"},  # dynamic loss scaling by default
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if dtype == "bfloat16" else {}),
         "zero_allow_untested_optimizer": True,  # torch's AdamW: correct, just not on DeepSpeed's list
         "steps_per_print": 2**31 - 1,  # the training loop logs
         "wall_clock_breakdown": False,
     }
 
 
-def accelerate_config(launch: LaunchConfig, deepspeed_config_file: Path | None = None, dtype: str = "float32") -> dict:
+def accelerate_config(
+    launch: LaunchConfig, deepspeed_config_file: Path | None = None, mixed_precision: str = "no"
+) -> dict:
     """accelerate's config file for the recipe's launch settings.
 
     CPU multi-process must be MULTI_GPU plus ACCELERATE_USE_CPU (see `launch_env`): a MULTI_CPU
     config or `--cpu` silently runs a single process (NOTES.md). DeepSpeed must not get either
-    (it would silently be dropped); on CPU it runs over gloo all the same. Precision: DDP trains
-    in the model dtype; DeepSpeed takes it from its JSON (accelerate refuses a second source);
-    FSDP keeps fp32 weights and computes in the model dtype (its mixed precision policy).
+    (it would silently be dropped); on CPU it runs over gloo all the same. Precision
+    (`mixed_precision`, from training.precision.autocast_mode): cpu / ddp / fsdp autocast over
+    fp32 weights; DeepSpeed takes it from its JSON (accelerate refuses a second source). FSDP
+    loads the weights on rank 0 only and broadcasts them shard by shard (cpu_ram_efficient_loading).
     """
     distributed = launch.world_size > 1
     config = {
@@ -90,9 +96,7 @@ def accelerate_config(launch: LaunchConfig, deepspeed_config_file: Path | None =
         "same_network": True,
     }
     if launch.backend != "deepspeed":
-        config["mixed_precision"] = (
-            {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no") if launch.backend == "fsdp" else "no"
-        )
+        config["mixed_precision"] = mixed_precision
     if launch.num_machines > 1:
         config |= {"main_process_ip": launch.main_process_ip, "main_process_port": launch.main_process_port}
     if launch.backend == "deepspeed":
@@ -111,7 +115,8 @@ def accelerate_config(launch: LaunchConfig, deepspeed_config_file: Path | None =
             "fsdp_reshard_after_forward": True,  # full sharding (ZeRO-3-like)
             "fsdp_state_dict_type": "SHARDED_STATE_DICT",  # rolling state per rank; checkpoints are gathered
             "fsdp_offload_params": False,
-            "fsdp_cpu_ram_efficient_loading": False,
+            "fsdp_cpu_ram_efficient_loading": True,  # one full copy on rank 0's host, not one per rank
+            "fsdp_sync_module_states": True,
         }
     return config
 
@@ -242,20 +247,27 @@ def delete_checkpoints(paths: list[Path]) -> list[Path]:
     return paths
 
 
-def write_launch_files(job: TrainJob) -> list[str]:
-    """Write job.json, accelerate.yaml (and deepspeed.json) into the phase directory; return
-    the launch command."""
+def launch_files(job: TrainJob) -> tuple[list[str], dict[Path, str]]:
+    """The launch command and the files it reads (path -> text): job.json, accelerate.yaml and,
+    for DeepSpeed, deepspeed.json, all in the phase directory."""
     output_dir = Path(job.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    job_file = output_dir / "job.json"
-    job_file.write_text(job.model_dump_json(indent=2))
+    job_file, config_file = output_dir / "job.json", output_dir / "accelerate.yaml"
+    files = {job_file: job.model_dump_json(indent=2)}
     ds_file = None
     if job.recipe.launch.backend == "deepspeed":
         ds_file = output_dir / "deepspeed.json"
-        ds_file.write_text(json.dumps(deepspeed_config(job.recipe), indent=2) + "\n")
-    config_file = output_dir / "accelerate.yaml"
-    config_file.write_text(yaml.safe_dump(accelerate_config(job.recipe.launch, ds_file, job.recipe.model.dtype)))
-    return launch_command(config_file, job_file, job.recipe.launch)
+        files[ds_file] = json.dumps(deepspeed_config(job.recipe), indent=2) + "\n"
+    files[config_file] = yaml.safe_dump(accelerate_config(job.recipe.launch, ds_file, autocast_mode(job.recipe)))
+    return launch_command(config_file, job_file, job.recipe.launch), files
+
+
+def write_launch_files(job: TrainJob) -> list[str]:
+    """Write the launch files into the phase directory; return the launch command."""
+    Path(job.output_dir).mkdir(parents=True, exist_ok=True)
+    command, files = launch_files(job)
+    for path, text in files.items():
+        path.write_text(text)
+    return command
 
 
 def start_training(job: TrainJob) -> subprocess.Popen:
