@@ -1,6 +1,8 @@
 """`lab`: the command line of recipe-lab.
 
 lab validate RECIPE...           check recipes, errors by field
+lab plan RECIPE [--gpus N] [--gpu-memory GiB] [--nodes M] [--samples S] [--set key=value]...
+                                 batch arithmetic, memory per GPU, wall time, launch files (no data needed)
 lab run RECIPE [--strategy phased|stacked] [--storage-root DIR] [--smoke] [--set key=value]...
 lab eval TARGET... [--recipe R] [--set key=value]...   runs or models, outside training
 lab sweep RECIPE --grid key=v1,v2 [--rungs N1,N2 --eta 2 --pruner eval] [--validate]   successive halving
@@ -20,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from training.recipe import RecipeError, load_recipe, resolve
+from training.recipe import Recipe, RecipeError, load_recipe, resolve
 
 
 def parse_value(raw: str) -> Any:
@@ -66,15 +68,60 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from flows.finetune import finetune
-
+def plan_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """--set pairs plus plan's --gpus / --nodes, which are launch settings."""
     overrides = parse_overrides(args.set)
+    if args.gpus is not None:
+        overrides["launch.num_processes"] = args.gpus
+    if args.nodes is not None:
+        overrides["launch.num_machines"] = args.nodes
+        if args.nodes > 1:
+            overrides.setdefault("launch.main_process_ip", "MAIN_NODE_IP")
+    return overrides
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from training.plan import plan_recipe
+
     try:
-        resolve(args.recipe, args.strategy, overrides, args.smoke)  # fail fast, before Prefect starts
+        recipe = resolve(args.recipe, args.strategy, plan_overrides(args))
     except RecipeError as exc:
         print(exc, file=sys.stderr)
         return 2
+    plan, text = plan_recipe(recipe, args.gpu_memory, args.samples, args.mean_tokens, args.tokens_per_s)
+    print(text)
+    return 0 if plan.fits else 1
+
+
+def check_memory(recipe: Recipe, gpu_memory_gib: float | None) -> str | None:
+    """Why this run will not fit on its GPUs (the refusal, naming the knob), or None.
+
+    Only GPU backends are checked, against --gpu-memory or the GPU found here; a model whose
+    config.json cannot be read is reported and not checked."""
+    from training.plan import plan_recipe
+
+    if recipe.launch.backend == "cpu":
+        return None
+    try:
+        plan, _ = plan_recipe(recipe, gpu_memory_gib)
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"warning: no memory plan ({type(exc).__name__}: {exc}); launching unchecked", file=sys.stderr)
+        return None
+    return None if plan.fits else plan.refusal()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(args.set)
+    try:
+        recipe = resolve(args.recipe, args.strategy, overrides, args.smoke)  # fail fast, before Prefect starts
+    except RecipeError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if refusal := check_memory(recipe, args.gpu_memory):
+        print(refusal, file=sys.stderr)
+        return 2
+    from flows.finetune import finetune
+
     result = finetune(
         recipe=args.recipe,
         strategy=args.strategy,
@@ -184,12 +231,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("recipes", nargs="+", help="recipe names (recipes/NAME.yaml) or paths")
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("plan", help="what a recipe costs: batch arithmetic, memory per GPU, wall time, launch")
+    p.add_argument("recipe", help="recipe name or YAML path")
+    p.add_argument("--strategy", choices=["phased", "stacked"], default=None)
+    p.add_argument("--gpus", type=int, default=None, help="GPUs per node (launch.num_processes)")
+    p.add_argument("--nodes", type=int, default=None, help="nodes (launch.num_machines)")
+    p.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU (default: this machine's GPU)")
+    p.add_argument(
+        "--samples", type=int, default=None, help="samples in the data (all phases), when it is not reachable"
+    )
+    p.add_argument("--mean-tokens", type=float, default=1024, help="mean tokens per sample (default 1024)")
+    p.add_argument("--tokens-per-s", type=float, default=None, help="measured tokens/s per GPU for the wall time")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.learning_rate=1e-5"
+    )
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("run", help="run the finetune flow locally")
     p.add_argument("recipe", help="recipe name or YAML path")
     p.add_argument("--strategy", choices=["phased", "stacked"], default=None)
     p.add_argument("--storage-root", default="./runs", help="local dir or s3://bucket/prefix (default ./runs)")
     p.add_argument("--smoke", action="store_true", help="shrink to a few CPU minutes on the embedded lab")
     p.add_argument("--run-id", default=None, help="reuse to resume a run")
+    p.add_argument(
+        "--gpu-memory", type=float, default=None, help="GiB per GPU for the memory check (default: this machine's GPU)"
+    )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.learning_rate=1e-5"
     )

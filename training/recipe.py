@@ -29,10 +29,14 @@ class ModelConfig(Strict):
         "'embedded://base-model' for the locally built tiny lab model."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="Training dtype. float32 on CPU for exactness, bfloat16 on GPUs."
+        "bfloat16",
+        description="Compute and checkpoint dtype: float32 on CPU for exactness, bfloat16 on GPUs. With "
+        "training.mixed_precision the weights, gradients and AdamW state stay float32 (masters).",
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="flash_attention_2 enables padding-free packing; needs the gpu extra."
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "sdpa",
+        description="sdpa, flash_attention_2 (gpu extra) and flex_attention keep packed samples apart "
+        "(training.packing); eager trains padded.",
     )
 
 
@@ -103,8 +107,34 @@ class TrainingConfig(Strict):
     max_tokens_per_micro_batch: int = Field(
         8192,
         gt=0,
-        description="Token cap (padded) of one micro-batch on one rank. Bigger = fewer "
-        "accumulation steps and more memory; it never changes the maths of a step.",
+        description="Token budget of one micro-batch on one rank (real tokens when packed, count x longest "
+        "when padded). Bigger = fewer accumulation steps (and collectives) and more activation memory "
+        "(`lab plan` shows how much); it never changes the maths of a step.",
+    )
+    packing: bool = Field(
+        True,
+        description="Padding-free micro-batches: samples concatenated in one row, position_ids restarting per "
+        "sample (attention stays within each sample). Needs an attn_implementation that reads them "
+        "(sdpa, flash_attention_2, flex_attention); otherwise micro-batches are padded.",
+    )
+    mixed_precision: bool = Field(
+        True,
+        description="With a bfloat16/float16 model.dtype: compute in that dtype but keep float32 master "
+        "weights, AdamW state and gradient accumulation (checkpoints are saved in model.dtype); float16 "
+        "adds loss scaling. false = everything in model.dtype: at SFT learning rates most bfloat16 "
+        "updates round away (a negative control, not a recipe).",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward pass: activation memory "
+        "drops from every layer's to one layer's (plus the layer inputs) for ~30% more compute.",
+    )
+    loss_chunk_tokens: int | None = Field(
+        4096,
+        gt=0,
+        description="Cross-entropy over this many tokens at a time, each chunk's logits recomputed in "
+        "backward: the full-vocabulary logits of a micro-batch never exist at once (Liger's fused "
+        "linear cross-entropy instead when installed, on GPU). None = plain full-logits loss.",
     )
     learning_rate: float = Field(gt=0, description="Peak learning rate.")
     schedule: Literal["constant", "linear", "cosine"] = Field(
@@ -247,6 +277,11 @@ class EvaluationConfig(Strict):
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None = task default).")
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N items of each task.")
     batch_size: int = Field(16, gt=0, description="lm-eval batch size.")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description="Where checkpoints are evaluated (lm-eval and MT-Bench answers), loaded in model.dtype: "
+        "auto = cuda when available, else cpu (in float32 there: CPUs emulate bfloat16 slowly).",
+    )
     apply_chat_template: bool = Field(
         True, description="Render prompts with the model's chat template (SFT models expect it)."
     )
@@ -254,6 +289,14 @@ class EvaluationConfig(Strict):
     max_gen_tokens: int = Field(64, gt=0, description="Generation cap for generate_until tasks of the lab.")
     mt_bench: MTBenchConfig | None = Field(
         None, description="Also judge every checkpoint on MT-Bench (metrics mt_bench/overall, ...); None = skip."
+    )
+    devices: str | None = Field(
+        None,
+        pattern=r"^(cpu:[1-9][0-9]*|cuda:[0-9]+(,[0-9]+)*)$",
+        description="Evaluate each checkpoint while training goes on, in a worker process of its own on these "
+        "resources: 'cpu:N' (N CPU threads; the lab on 2 cores: 'cpu:1') or 'cuda:I[,J...]' (those GPUs, taken "
+        "away from training, e.g. 'cuda:7' of eight; `device` still says cpu or cuda within that share). "
+        "None = evaluate after training, one model at a time.",
     )
 
 
@@ -346,6 +389,16 @@ class Recipe(Strict):
         names = [p.name for p in self.phases]
         if len(set(names)) != len(names):
             raise ValueError(f"phase names must be unique, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _float16_has_loss_scaling(self) -> Recipe:
+        # Pure float16 gradients underflow without loss scaling, which only the mixed-precision path has.
+        if self.model.dtype == "float16" and not self.training.mixed_precision:
+            raise ValueError(
+                "model.dtype float16 needs training.mixed_precision: true (float32 masters and loss scaling); "
+                "or use bfloat16"
+            )
         return self
 
     def stacked(self) -> Recipe:
@@ -479,7 +532,7 @@ def smoke(recipe: Recipe) -> Recipe:
             "training": training,
             "checkpointing": CheckpointConfig(save_every_samples=1024, save_every_epoch=True),
             "evaluation": EvaluationConfig(
-                tasks=["lab_instruction", "lab_knowledge", "lab_skills"], limit=40, batch_size=32
+                tasks=["lab_instruction", "lab_knowledge", "lab_skills"], limit=40, batch_size=32, devices="cpu:1"
             ),
             "launch": LaunchConfig(backend="cpu", num_processes=1),
         }
