@@ -5,8 +5,6 @@ metrics.jsonl and selection.json say; W&B, offline, writes its run directory."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
+from flows import serve
 from tests.stack import free_port
 
 pytestmark = pytest.mark.slow
@@ -52,8 +51,7 @@ def mlflow_server(tmp_path):
             time.sleep(0.5)
         yield uri
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        serve.stop(proc)  # its process group: SIGTERM, then SIGKILL after a grace period
         log.close()
 
 
