@@ -356,6 +356,17 @@ def test_unreachable_judge_names_the_endpoint_never_the_key(tmp_path, judge_key,
     assert caplog.records and not any(KEY in r.getMessage() for r in caplog.records)
 
 
+def test_a_judge_without_a_key_gets_no_authorization_header(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with JudgeServer(api_key=None, default=("rating", 7)) as judge:
+        config = make_config(judge.base_url, categories=["writing"], question_limit=1)
+        data = mt_bench.load_mt_bench(config)
+        result = mt_bench.judge_answers({"c": fake_answers(data, "c")}, data, config, tmp_path / "cache")
+    assert result.checkpoints["c"].overall == 7.0
+    assert [r.authorization for r in judge.requests] == [None, None]
+
+
 def test_rejected_key_fails_fast_naming_the_endpoint_never_the_key(tmp_path, judge_key, caplog):
     caplog.set_level(logging.DEBUG)
     with JudgeServer(api_key="the-key-the-server-expects") as judge:
