@@ -435,11 +435,11 @@ class JudgeClient:
         self.url = f"{config.judge_base_url.rstrip('/')}/chat/completions"
         self._attempts = threading.local()
         api_key = os.environ.get(config.judge_api_key_env) or None
+        self.headers = {} if api_key else {"Authorization": openai.omit}
         self.client = openai.OpenAI(
             base_url=config.judge_base_url,
-            api_key=api_key or "",
-            # no key (a local vLLM): no Authorization header at all
-            default_headers=None if api_key else {"Authorization": openai.omit},
+            # No key (a local vLLM): the SDK insists on one, so a placeholder that is never sent.
+            api_key=api_key or "no-key",
             max_retries=config.max_retries,
             timeout=config.timeout_s,
             http_client=openai.DefaultHttpxClient(event_hooks={"request": [self._count_attempt]}),
@@ -464,7 +464,7 @@ class JudgeClient:
             return JudgeReply(None, 0, cancelled=True)
         self._attempts.n = 0
         try:
-            completion = self.client.chat.completions.create(**body)
+            completion = self.client.chat.completions.create(**body, extra_headers=self.headers)
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
             stop.set()
             raise JudgeEndpointError(

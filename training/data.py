@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from jinja2.exceptions import TemplateError
 
 from training import chat, storage
+from training.recipe import PhaseConfig
 
 IGNORE_INDEX = chat.IGNORE_INDEX
 PREP_FORMAT = 2  # bump when the prepared tokens of the same inputs change
@@ -187,6 +188,22 @@ def load_phase(
         counts[source] = len(rows)
         conversations += rows
     return (split_by_length(conversations, length_split) if length_split else conversations), counts
+
+
+def phase_conversations(
+    phases: Sequence[PhaseConfig], index: int
+) -> tuple[list[Conversation], list[Conversation], dict[str, int]]:
+    """What phase `index` of `phases` trains on: (its conversations, the pool its `replay` samples
+    from, rows read per file). A stacked phase's conversations are each part's (its length half),
+    once; the pool is the earlier phases' conversations."""
+    phase = phases[index]
+    conversations, files = [], {}
+    for part in phase.stacked_from or [phase]:
+        rows, counts = load_phase(part.data, part.length_split)
+        conversations += rows
+        files |= counts
+    pool = [c for earlier in range(index) for c in phase_conversations(phases, earlier)[0]] if phase.replay else []
+    return conversations, pool, files
 
 
 def content_hash(conversations: Sequence[Conversation], tokenizer: Any, settings: dict[str, Any]) -> str:

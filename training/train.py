@@ -8,6 +8,7 @@ Launch (the Prefect task does this for you, with a generated accelerate config):
 prepared data and the output directory. Outputs, under `output_dir`:
 
     metrics.jsonl                       one line per optimizer step (rank 0)
+    finished.json                       the last step is done (the rolling state/ is kept for the caller)
     samples/rank<r>.jsonl               the sample ids each rank trained on, per step
     checkpoints/samples_<N>/            save_pretrained + tokenizer + meta.json (written last)
 
@@ -46,11 +47,13 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.tracking import GeneralTracker
 from pydantic import BaseModel, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging as transformers_logging
 
+from training import tracking
 from training.chat import apply_template, configure_generation
 from training.data import IGNORE_INDEX, TokenizedData, load_tokenized
 from training.precision import is_mixed, weights_dtype
@@ -58,6 +61,7 @@ from training.recipe import Recipe, TrainingConfig, WatchdogConfig, warmup_steps
 from training.sampler import Step, padded_tokens, plan_steps, save_points
 
 EXIT_WATCHDOG = 3  # exit code of a run stopped by the watchdog (NaN/inf)
+FINISHED = "finished.json"  # written by rank 0 after the last step (not after a probe's pause)
 PROBE_TOKENS = 64  # length of the logits probe recorded with each checkpoint
 # Attention implementations that keep the samples of a packed row apart (from its position_ids).
 PACKING_ATTENTION = ("sdpa", "flash_attention_2", "flex_attention")
@@ -348,9 +352,9 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
-# The two lines callers parse from rank 0's output: progress, and a checkpoint that is complete.
+# The step line, for people: `lab`'s console progress bars read it from the log. Programs read
+# progress from metrics.jsonl and complete checkpoints from their meta.json.
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) samples (\d+) loss (\S+)")
-CHECKPOINT_LINE = re.compile(r"^checkpoint (samples_\d+)$")
 
 
 def log(accelerator: Accelerator, message: str) -> None:
@@ -365,8 +369,8 @@ def write_line(message: str) -> None:
     sys.stdout.flush()
 
 
-def make_accelerator(recipe: Recipe) -> Accelerator:
-    """The Accelerator for the recipe's backend and precision.
+def make_accelerator(recipe: Recipe, trackers: list[GeneralTracker] = ()) -> Accelerator:
+    """The Accelerator for the recipe's backend and precision, logging to `trackers`.
 
     Several CPU ranks (and DeepSpeed on CPU) need gloo named explicitly (NOTES.md); with one
     process, naming a backend makes accelerate look for a process group that does not exist.
@@ -382,7 +386,11 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
             fsdp_version=2, mixed_precision_policy={"param_dtype": compute, "reduce_dtype": torch.float32}
         )
-    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [], **kwargs)
+    return Accelerator(
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [],
+        log_with=list(trackers) or None,
+        **kwargs,
+    )
 
 
 def load_model(job: TrainJob) -> torch.nn.Module:
@@ -408,7 +416,8 @@ def load_model(job: TrainJob) -> torch.nn.Module:
 def train(job: TrainJob) -> None:
     cfg: TrainingConfig = job.recipe.training
     launch = job.recipe.launch
-    accelerator = make_accelerator(job.recipe)
+    trackers = tracking.phase_trackers(job.recipe, job.run_id, job.phase, Path(job.output_dir))
+    accelerator = make_accelerator(job.recipe, trackers)
     torch.manual_seed(cfg.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     deepspeed = launch.backend == "deepspeed"
@@ -458,6 +467,12 @@ def train(job: TrainJob) -> None:
 
     out = Path(job.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        (out / FINISHED).unlink(missing_ok=True)  # this launch decides again
+    if trackers:  # rank 0 only (accelerate): the phase's tracker runs, the recipe as parameters
+        accelerator.init_trackers(job.recipe.name, config=tracking.recipe_params(job.recipe, job.run_id, job.phase))
+        if accelerator.is_main_process:
+            tracking.save_run_ids(out, accelerator.trackers)
     state_dir = out / "state"
     accelerator.register_for_checkpointing(scheduler)  # not prepare()d: that would step it once per rank
     done_steps, tokens_seen = load_state(accelerator, state_dir)
@@ -529,6 +544,7 @@ def train(job: TrainJob) -> None:
             json.dumps({"step": step.index, "ids": [data.ids[i] for i in step.samples if i in ours]}) + "\n"
         )
         samples_log.flush()
+        accelerator.log(tracking.step_metrics(record), step=step.index)  # no-op without trackers
         if metrics_log:
             metrics_log.write(json.dumps(record) + "\n")
             metrics_log.flush()
@@ -551,7 +567,10 @@ def train(job: TrainJob) -> None:
             break
     else:
         if accelerator.is_main_process:
-            shutil.rmtree(state_dir, ignore_errors=True)  # finished: the full state is only for resume
+            # The rolling state stays: the caller removes it once it has recorded the phase as
+            # trained, so a kill before that record finds this file instead of retraining.
+            finished = {"steps": total_steps, "samples_seen": steps[-1].samples_seen}
+            (out / FINISHED).write_text(json.dumps(finished) + "\n")
     samples_log.close()
     if metrics_log:
         metrics_log.close()
@@ -623,6 +642,7 @@ def stop(accelerator: Accelerator, out: Path, metrics_log: TextIO | None, step: 
             json.dumps({"step": step.index, "samples_seen": step.samples_seen, "reason": reason}) + "\n"
         )
     log(accelerator, f"watchdog: {reason}")
+    accelerator.end_training()  # closes the tracker runs
     sys.exit(EXIT_WATCHDOG)
 
 
