@@ -171,8 +171,8 @@ def test_pad_and_stop_tokens_follow_the_family(zoo, tokenizers, family):
     assert pad == (tokenizer.convert_tokens_to_ids(spec.pad) if spec.pad else end_of_turn)
 
 
-def test_parallel_chunked_prep_equals_one_process_and_is_reused_until_inputs_change(tmp_path, assets, tokenizers):
-    tokenizer = tokenizers["qwen2.5"]
+def test_parallel_chunked_prep_equals_one_process_and_is_reused_until_inputs_change(tmp_path, assets, zoo):
+    tokenizer = AutoTokenizer.from_pretrained(zoo["qwen2.5"])  # its own: the template is changed below
     with open(assets.train_file("phase00")) as f:
         source = write_jsonl(tmp_path / "d.jsonl", [next(f).strip() for _ in range(40)])
     conversations, files = load_phase([str(source)])
@@ -361,3 +361,21 @@ def test_a_packed_row_gives_each_family_the_padded_loss(zoo, family):
         packed = summed_token_loss(model, collate_packed(data, [0, 1, 2]))
         alone = sum(summed_token_loss(model, collate(data, [i], pad)) for i in range(3))
     assert torch.allclose(padded, alone, rtol=1e-5) and torch.allclose(packed, alone, rtol=1e-5)
+
+
+def test_generation_blocks_of_a_template_mark_the_answers(zoo):
+    """A template that marks its answers with {% generation %} is taken at its word: here the
+    blocks hold the answer only, so the end-of-turn token is not trained (the template's choice)."""
+    tokenizer = AutoTokenizer.from_pretrained(zoo["qwen2.5"])
+    tokenizer.chat_template = (
+        "{%- for message in messages %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['role'] == 'assistant' %}{% generation %}{{- message['content'] }}{% endgeneration %}"
+        "{%- else %}{{- message['content'] }}{%- endif %}"
+        "{{- '<|im_end|>\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    assert chat.template_shape(tokenizer).generation_blocks
+    input_ids, labels = chat.assistant_labels(tokenizer, CONVERSATION)
+    assert trained_texts(tokenizer, input_ids, labels) == ["Blue.", "Red, of course."]
