@@ -114,19 +114,34 @@ def accelerate_config(launch: LaunchConfig, deepspeed_config_file: Path | None =
     return config
 
 
-def launch_env(launch: LaunchConfig) -> dict[str, str]:
-    env = dict(os.environ)
+def node_env(launch: LaunchConfig) -> dict[str, str]:
+    """The variables every node's launch needs on top of its own environment."""
+    env = {"PYTHONUNBUFFERED": "1"}
     if launch.backend == "cpu" and launch.world_size > 1:  # gloo DDP on CPU; with one process it breaks PartialState
         env["ACCELERATE_USE_CPU"] = "true"
-    if launch.backend == "cpu" or not torch.cuda.is_available():
-        # Measured on 2 cores: 1 thread per rank trained 24x faster than 2 (oversubscription).
-        env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def launch_command(config_file: Path, job_file: Path, launch: LaunchConfig) -> list[str]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+def launch_env(launch: LaunchConfig) -> dict[str, str]:
+    env = {**os.environ, **node_env(launch)}
+    if launch.backend == "cpu" or not torch.cuda.is_available():
+        # Measured on 2 cores: 1 thread per rank trained 24x faster than 2 (oversubscription).
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def launch_command(
+    config_file: Path,
+    job_file: Path,
+    launch: LaunchConfig,
+    python: str = sys.executable,
+    node: tuple[str, str, str] | None = None,
+) -> list[str]:
+    """The accelerate launch of one node. Under a scheduler every node runs the same command:
+    `node` is (machine rank, main process ip, port) as references the node's shell or kubelet
+    expands, e.g. ("$SLURM_NODEID", "$MAIN_PROCESS_IP", "29500")."""
+    machine_rank, main_ip, main_port = node or (launch.machine_rank, launch.main_process_ip, launch.main_process_port)
+    cmd = [python, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
     if launch.world_size > 1:
         if launch.backend in ("cpu", "ddp"):  # DeepSpeed / FSDP come from the config file
             cmd += ["--multi_gpu"]
@@ -136,11 +151,11 @@ def launch_command(config_file: Path, job_file: Path, launch: LaunchConfig) -> l
             "--num_machines",
             str(launch.num_machines),
             "--machine_rank",
-            str(launch.machine_rank),
+            str(machine_rank),
             "--main_process_ip",
-            str(launch.main_process_ip),
+            str(main_ip),
             "--main_process_port",
-            str(launch.main_process_port),
+            str(main_port),
         ]
     elif launch.world_size > 1:  # a free port: several runs on one machine must not meet on 29500
         cmd += ["--main_process_port", str(free_port())]
@@ -202,9 +217,11 @@ def delete_checkpoints(paths: list[Path]) -> list[Path]:
     return paths
 
 
-def write_launch_files(job: TrainJob) -> list[str]:
+def write_launch_files(
+    job: TrainJob, python: str = sys.executable, node: tuple[str, str, str] | None = None
+) -> list[str]:
     """Write job.json, accelerate.yaml (and deepspeed.json) into the phase directory; return
-    the launch command."""
+    the launch command (for a scheduler's nodes: see `launch_command`)."""
     output_dir = Path(job.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     job_file = output_dir / "job.json"
@@ -215,7 +232,7 @@ def write_launch_files(job: TrainJob) -> list[str]:
         ds_file.write_text(json.dumps(deepspeed_config(job.recipe), indent=2) + "\n")
     config_file = output_dir / "accelerate.yaml"
     config_file.write_text(yaml.safe_dump(accelerate_config(job.recipe.launch, ds_file, job.recipe.model.dtype)))
-    return launch_command(config_file, job_file, job.recipe.launch)
+    return launch_command(config_file, job_file, job.recipe.launch, python, node)
 
 
 def start_training(job: TrainJob) -> subprocess.Popen:
@@ -237,7 +254,12 @@ def run_training(
     timeout_s: float | None = None,
 ) -> list[Path]:
     """Launch one phase's training (resuming from its rolling state if there is one), stream
-    its output, and return its complete checkpoints. Raises TrainingFailed."""
+    its output, and return its complete checkpoints. Raises TrainingFailed.
+
+    Under a cluster scheduler (launch.scheduler) the phase is a cluster job instead
+    (training/scheduler.py), with node 0's output streamed the same way."""
+    if job.recipe.launch.scheduler != "local":
+        return run_scheduled(job, on_line)
     stopped = Path(job.output_dir) / "stopped.json"
     stopped.unlink(missing_ok=True)  # a watchdog verdict of an earlier launch; this one may get further
     proc = start_training(job)
@@ -277,6 +299,22 @@ def run_training(
         scrolled_out = 0 <= first_error_at < lines_read - len(tail)
         shown = [*first_error, "...", *tail] if scrolled_out else list(tail)
         raise TrainingFailed(f"training of phase {job.phase} {what}:\n" + "\n".join(shown))
+    return complete_checkpoints(Path(job.output_dir))
+
+
+def run_scheduled(job: TrainJob, on_line: Callable[[str], None]) -> list[Path]:
+    from training.scheduler import run_on_kubernetes, run_on_slurm
+
+    scheduler = job.recipe.launch.scheduler
+    stopped = Path(job.output_dir) / "stopped.json"
+    stopped.unlink(missing_ok=True)
+    try:
+        succeeded = (run_on_kubernetes if scheduler == "kubernetes" else run_on_slurm)(job, on_line)
+    finally:
+        remove_incomplete_checkpoints(Path(job.output_dir))
+    if not succeeded:
+        what = "stopped by the watchdog" if stopped.exists() else f"failed under {scheduler} (node 0's log above)"
+        raise TrainingFailed(f"training of phase {job.phase} {what}")
     return complete_checkpoints(Path(job.output_dir))
 
 
