@@ -4,8 +4,10 @@ lab validate RECIPE...           check recipes, errors by field
 lab run RECIPE [--strategy phased|stacked] [--storage-root DIR] [--smoke] [--set key=value]...
 lab eval TARGET... [--recipe R] [--set key=value]...   runs or models, outside training
 lab sweep RECIPE --grid key=v1,v2 [--rungs N1,N2 --eta 2 --pruner eval] [--validate]   successive halving
-lab reproduce                    the paper's findings, scaled down to the lab (resumable)
+lab reproduce [--seeds K]        the paper's findings across K seeds, scaled down to the lab (resumable)
+lab nightly-spread [RECIPE] --seeds K   the nightly recipe's seed spread -> its regression tolerances
 lab demo [--storage-root DIR]    the embedded lab, phased and stacked, with a comparison
+lab launch-script RECIPE [--nodes M] [--set launch.scheduler=kubernetes|slurm]   each phase's multi-node job
 lab serve [--port N] [--storage-root s3://...]   local Prefect server + UI, pool, deployments, worker
 """
 
@@ -125,8 +127,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from flows.reproduce import reproduce
 
-    findings = reproduce(storage_root=args.storage_root)
-    print_summary(findings, "paper findings on the embedded lab")
+    started = time.perf_counter()
+    result = reproduce(storage_root=args.storage_root, seeds=args.seeds)
+    print_summary(result["findings"], f"paper findings on the embedded lab ({args.seeds} seeds)")
+    print_summary(result["pruners"], "pruners validated on the LR sweep")
+    print(f"wall time: {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+def cmd_nightly_spread(args: argparse.Namespace) -> int:
+    from flows.nightly import nightly_seed_spread
+
+    spread = nightly_seed_spread(recipe=args.recipe, seeds=args.seeds, storage_root=args.storage_root)
+    rows = [{"metric": m, "per seed": v["values"], "tolerance": v["tolerance"]} for m, v in spread["metrics"].items()]
+    print_summary(rows, f"seed spread of the nightly {spread['recipe']} ({spread['seeds']} seeds)")
     return 0
 
 
@@ -140,6 +154,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for run in result["runs"].values():
         print(f"run:    {run['run_uri']}/report  (summary.md, training.png, scores.png)")
     print(f"wall time: {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+def cmd_launch_script(args: argparse.Namespace) -> int:
+    """Print what runs each phase on `--nodes` machines under the recipe's launch.scheduler."""
+    from pathlib import Path
+
+    import yaml
+
+    from training import storage
+    from training.launch import launch_command
+    from training.scheduler import render_sbatch, render_trainjob
+    from training.train import TrainJob
+
+    overrides = parse_overrides(args.set) | ({"launch.num_machines": args.nodes} if args.nodes else {})
+    try:
+        cfg = resolve(args.recipe, args.strategy, overrides)
+    except RecipeError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    root = os.path.abspath(args.storage_root) if storage.is_local(args.storage_root) else args.storage_root
+    launch = cfg.launch
+    for i, phase in enumerate(cfg.phases):
+        start = cfg.model.name_or_path if i == 0 else f"<the selected checkpoint of {cfg.phases[i - 1].name}>"
+        job = TrainJob(
+            run_id=args.run_id,
+            phase=phase.name,
+            recipe=cfg,
+            model_path=start,
+            parent_checkpoint=start,
+            data_dir=storage.join(root, args.run_id, "data", phase.name),
+            output_dir=storage.join(root, args.run_id, phase.name),
+        )
+        print(
+            f"# phase {phase.name}: {launch.num_machines} node(s) x {launch.num_processes} process(es), {launch.scheduler}"
+        )
+        if launch.scheduler == "kubernetes":
+            print(yaml.safe_dump(render_trainjob(job), sort_keys=False))
+        elif launch.scheduler == "slurm":
+            print(render_sbatch(job))
+        else:
+            out = Path(job.output_dir)
+            for rank in range(launch.num_machines):
+                node = (str(rank), str(launch.main_process_ip), str(launch.main_process_port))
+                print(f"# on machine {rank}:")
+                print(" ".join(launch_command(out / "accelerate.yaml", out / "job.json", launch, node=node)))
     return 0
 
 
@@ -217,12 +277,31 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("reproduce", help="the paper's comparisons on the embedded lab, with a findings table")
     p.add_argument("--storage-root", default="./runs", help="runs go under <root>/reproduce/ (re-run to resume)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per arm (data order, fine-tune init); CIs need >= 2")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("nightly-spread", help="measure the nightly recipe's seed spread; its tolerances follow")
+    p.add_argument("recipe", nargs="?", default="demo")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--storage-root", default="./runs", help="the nightly's storage root")
+    p.set_defaults(func=cmd_nightly_spread)
 
     p = sub.add_parser("demo", help="the embedded lab end to end, phased and stacked")
     p.add_argument("--recipe", default="demo")
     p.add_argument("--storage-root", default="./runs")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "launch-script",
+        help="print each phase's multi-node launch: a TrainJob, an sbatch script or per-machine commands",
+    )
+    p.add_argument("recipe", help="recipe name or YAML path")
+    p.add_argument("--nodes", type=int, default=None, help="machines (launch.num_machines)")
+    p.add_argument("--strategy", choices=["phased", "stacked"], default=None)
+    p.add_argument("--storage-root", default="./runs", help="the shared storage root every node sees")
+    p.add_argument("--run-id", default="run", help="the run id the paths are rendered for")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. launch.scheduler=slurm")
+    p.set_defaults(func=cmd_launch_script)
 
     p = sub.add_parser("serve", help="local Prefect server (UI), the lab work pool, every deployment and a worker")
     p.add_argument("--port", type=int, default=4200)
