@@ -16,7 +16,7 @@ export TORCH_EXTENSIONS_DIR := $(CACHE)/torch_extensions
 # One torch thread per process: on 2 cores, two threads ran training 24x and lm-eval 7x slower.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo serve lint format test test-fast bench clean
+.PHONY: install demo serve lint format test test-fast bench gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,11 @@ test-fast: install
 bench: install
 	RECIPE_LAB_CACHE=$(CACHE)/recipe-lab $(BIN)/python bench/train_throughput.py
 	RECIPE_LAB_CACHE=$(CACHE)/recipe-lab $(BIN)/python bench/eval_throughput.py
+
+# Wheels that bench/gpu_check.sh needs on the device machine (Python 3.12, no pydantic, no network).
+gpu-wheels: install
+	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+		--platform manylinux_2_17_x86_64 -d $(CACHE)/gpu-wheels "pydantic>=2.7"
 
 clean:
 	rm -rf $(VENV) $(CACHE) runs

@@ -4,19 +4,33 @@
 
 Everything is offline and synthetic: a small Llama built from a config (random init, saved
 locally with a word-level tokenizer), token sequences with lognormal lengths clipped to
-32-2048. Every system trains one epoch over the same samples at the same effective batch
-size (samples per optimizer step), fp32, on CPU with the same thread count:
+32-2048. Every system trains one epoch over the same samples, fp32, no activation
+checkpointing, on CPU with the same thread count, and gets the same micro-batch token budget
+T = max(longest sample, peer batch x mean length) real tokens:
 
-- ours: the real `training.train` under `accelerate launch` (one process), as a phase runs;
-  time = the loop's own wall clock (`wall_s` of the last step in metrics.jsonl).
+- ours: the real `training.train` under `accelerate launch` (one process), as a phase runs,
+  packed micro-batches of <= T real tokens; time = the loop's own wall clock (`wall_s` of the
+  last step in metrics.jsonl).
 - hf_trainer: `transformers.Trainer`, DataCollatorForSeq2Seq (pads each batch to its longest),
-  per-device batch x gradient accumulation = EBS.
-- hf_trainer_group_by_length: the same with `train_sampling_strategy="group_by_length"` (v5's
-  name for `group_by_length=True`), and with "batch_rebalance" (v5's padding-aware sampler).
-- trl_sft: TRL's `SFTTrainer` on the pre-tokenized samples, packing off (packing changes what a
-  "sample" is, so the EBS would no longer match).
-  Peers are timed from on_train_begin to on_train_end (model load and setup excluded, as for ours).
+  per-device batch (~T / mean length samples) x gradient accumulation = EBS.
+- hf_trainer_group_by_length / hf_trainer_batch_rebalance: the same with
+  `train_sampling_strategy="group_by_length"` (v5's name for `group_by_length=True`) or
+  "batch_rebalance" (v5's padding-aware sampler).
+- trl_sft: TRL's `SFTTrainer` on the pre-tokenized samples, padded batches as hf_trainer.
+- trl_sft_padding_free: the same batches flattened into one row with position_ids
+  (`padding_free=True`, TRL's own padding-free mode).
+- trl_sft_packing: TRL's packing (`packing=True`, best-fit-decreasing, rows of max_length = T
+  tokens, one row per micro-batch): a "sample" becomes a packed row, so its gradient
+  accumulation is set to give the same number of optimizer steps as the others.
 
+TRL's SFTConfig defaults to `bf16=True` and `gradient_checkpointing=True`, unlike every other
+system here: on a CPU without native bf16 (the AMD EPYC of NOTES.md) that default ran its
+steps 30x slower than HF Trainer's (265-300 s vs 9 s). That is TRL's default, not its speed:
+the TRL peers are configured as a user on such a machine would (fp32, no checkpointing, like
+the others), and the settings each peer really ran with are printed. Each peer runs in its
+own process under a time limit (`--peer-timeout`), so one slow peer is reported, never waited for.
+
+Peers are timed from on_train_begin to on_train_end (model load and setup excluded, as for ours).
 Throughput counts real tokens only (padding excluded). The last line is one JSON object.
 """
 
@@ -26,6 +40,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,6 +95,7 @@ def make_samples(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
 
 
 def run_ours(model_dir: Path, samples: list[list[int]], ebs: int, cap: int, work: Path) -> dict:
+    """Our trainer: packed micro-batches of <= cap real tokens (sdpa), fp32, no checkpointing."""
     from training.launch import run_training
     from training.recipe import load_recipe
     from training.train import TrainJob
@@ -101,6 +117,7 @@ def run_ours(model_dir: Path, samples: list[list[int]], ebs: int, cap: int, work
             "model.dtype": "float32",
             "training.effective_batch_size": ebs,
             "training.max_tokens_per_micro_batch": cap,
+            "training.gradient_checkpointing": False,
             "training.epochs": 1,
             "training.learning_rate": 1e-4,
             "training.warmup_steps": 0,
@@ -129,7 +146,9 @@ def run_ours(model_dir: Path, samples: list[list[int]], ebs: int, cap: int, work
     return {"tokens": real, "seconds": metrics[-1]["wall_s"], "padding_efficiency": real / computed}
 
 
-def run_peer(kind: str, model_dir: Path, samples: list[list[int]], ebs: int, batch: int, work: Path) -> dict:
+def run_peer(
+    kind: str, model_dir: Path, samples: list[list[int]], ebs: int, batch: int, budget: int, work: Path
+) -> dict:
     """One of the peers, in this process; padded tokens are counted at the collator."""
     from datasets import Dataset
     from transformers import (
@@ -175,11 +194,22 @@ def run_peer(kind: str, model_dir: Path, samples: list[list[int]], ebs: int, bat
         use_cpu=True,
         dataloader_num_workers=0,
         seed=0,
+        bf16=False,  # fp32 like every system here (TRL's SFTConfig would default to bf16=True)
+        gradient_checkpointing=False,  # likewise (TRL's default is True)
     )
-    if kind == "trl_sft":
+    if kind.startswith("trl_sft"):
         from trl import SFTConfig, SFTTrainer
 
-        args = SFTConfig(**common, packing=False, max_length=None)
+        if kind == "trl_sft_packing":
+            from trl.data_utils import pack_dataset
+
+            # A packed row is TRL's "sample": accumulate as many rows per step as give our step count.
+            rows = len(pack_dataset(Dataset.from_dict({"input_ids": samples}), budget, strategy="bfd"))
+            accumulation = max(1, round(rows / -(-len(samples) // ebs)))
+            common |= {"per_device_train_batch_size": 1, "gradient_accumulation_steps": accumulation}
+            args = SFTConfig(**common, packing=True, packing_strategy="bfd", max_length=budget)
+        else:
+            args = SFTConfig(**common, packing=False, padding_free=kind == "trl_sft_padding_free", max_length=None)
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -200,43 +230,83 @@ def run_peer(kind: str, model_dir: Path, samples: list[list[int]], ebs: int, bat
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[Clock()])
     trainer.train()
     real = sum(len(s) for s in samples)
-    return {"tokens": real, "seconds": clock["end"] - clock["start"], "padding_efficiency": real / padded[0]}
+    return {
+        "tokens": real,
+        "seconds": clock["end"] - clock["start"],
+        "padding_efficiency": real / padded[0],
+        "ran_with": {
+            "bf16": trainer.args.bf16,
+            "gradient_checkpointing": trainer.args.gradient_checkpointing,
+            "batch": trainer.args.per_device_train_batch_size,
+            "accumulation": trainer.args.gradient_accumulation_steps,
+            "optimizer_steps": trainer.state.global_step,
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+
+def run_peer_process(kind: str, args: argparse.Namespace, work: Path, batch: int, budget: int) -> dict:
+    """Run a peer in its own process (same threads), killed after --peer-timeout seconds."""
+    result = work / f"{kind}.json"
+    cmd = [sys.executable, __file__, "--only", kind, "--work", str(work), "--result", str(result)]
+    cmd += ["--batch", str(batch), "--budget", str(budget)]
+    cmd += [f"--{k}={getattr(args, k)}" for k in ("samples", "ebs", "hidden", "layers", "vocab", "threads")]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.peer_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout: not finished after {args.peer_timeout:.0f} s"}
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:300]}
+    return json.loads(result.read_text())
+
+
+PEERS = "hf_trainer,hf_trainer_group_by_length,hf_trainer_batch_rebalance,trl_sft,trl_sft_padding_free,trl_sft_packing"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=192, help="samples (one epoch); a multiple of --ebs")
+    parser.add_argument("--samples", type=int, default=128, help="samples (one epoch); a multiple of --ebs")
     parser.add_argument("--ebs", type=int, default=32, help="effective batch size, samples per optimizer step")
-    parser.add_argument("--batch", type=int, default=8, help="peers' per-device batch (x accumulation = EBS)")
-    parser.add_argument("--cap", type=int, default=8192, help="our max_tokens_per_micro_batch")
+    parser.add_argument("--batch", type=int, default=8, help="padded peers' per-device batch (x accumulation = EBS)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    parser.add_argument("--peers", default="hf_trainer,hf_trainer_group_by_length,hf_trainer_batch_rebalance,trl_sft")
+    parser.add_argument("--peers", default=PEERS)
+    parser.add_argument("--peer-timeout", type=float, default=240, help="seconds before a peer is stopped")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # worker mode: run one peer, write --result
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # ours (subprocess) and peers (below) alike
     torch.set_num_threads(args.threads)
 
-    work = Path(tempfile.mkdtemp(prefix="recipe-lab-bench-"))
     lengths = heavy_tailed_lengths(args.samples, seed=0)
     samples = make_samples(lengths, args.vocab, seed=0)
+    if args.only:
+        work = Path(args.work)
+        result = run_peer(args.only, work / "model", samples, args.ebs, args.batch, args.budget, work)
+        Path(args.result).write_text(json.dumps(result))
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="recipe-lab-bench-"))
     n_params = build_model(work / "model", args.vocab, args.hidden, args.layers)
+    mean = sum(lengths) / len(lengths)
+    budget = max(max(lengths), round(args.batch * mean))  # real tokens per micro-batch, for every system
     print(
-        f"{args.samples} samples, {sum(lengths)} tokens (lengths {min(lengths)}-{max(lengths)}, mean {sum(lengths) / len(lengths):.0f}); "
-        f"Llama {n_params / 1e6:.1f}M params; EBS {args.ebs}; {args.threads} thread(s); work dir {work}",
+        f"{args.samples} samples, {sum(lengths)} tokens (lengths {min(lengths)}-{max(lengths)}, mean {mean:.0f}); "
+        f"Llama {n_params / 1e6:.1f}M params; EBS {args.ebs}; micro-batch budget {budget} real tokens "
+        f"(padded peers: {args.batch} samples); {args.threads} thread(s); work dir {work}",
         flush=True,
     )
 
-    results: dict[str, dict] = {"ours": run_ours(work / "model", samples, args.ebs, args.cap, work)}
+    started = time.perf_counter()
+    results: dict[str, dict] = {"ours": run_ours(work / "model", samples, args.ebs, budget, work)}
     print(f"ours done: {results['ours']}", flush=True)
     for kind in [p for p in args.peers.split(",") if p]:
-        try:
-            results[kind] = run_peer(kind, work / "model", samples, args.ebs, args.batch, work)
-            print(f"{kind} done: {results[kind]}", flush=True)
-        except Exception as exc:  # a peer that does not run here is reported, not fatal
-            results[kind] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-            print(f"{kind} failed: {results[kind]['error']}", flush=True)
+        results[kind] = run_peer_process(kind, args, work, args.batch, budget)
+        print(f"{kind} {'failed' if 'error' in results[kind] else 'done'}: {results[kind]}", flush=True)
 
     speed = {k: r["tokens"] / r["seconds"] for k, r in results.items() if "error" not in r}
     print(f"\n{'system':<30} {'real tokens/s':>14} {'padding eff.':>13} {'seconds':>9}")
@@ -264,7 +334,9 @@ def main() -> None:
             "tokens": sum(lengths),
             "ebs": args.ebs,
             "peer_batch": args.batch,
-            "our_cap": args.cap,
+            "micro_batch_token_budget": budget,
+            "bench_seconds": round(time.perf_counter() - started, 1),
+            "peers_ran_with": {k: r["ran_with"] for k, r in results.items() if "ran_with" in r},
             "params": n_params,
             "threads": args.threads,
             "device": "cpu",

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from evaluation.device import load_causal_lm
 from training import storage
 from training.recipe import EvaluationConfig
 
@@ -107,18 +108,19 @@ def flatten_results(results: dict[str, Any]) -> tuple[dict[str, float], dict[str
 
 
 def evaluate_model(model_dir: str, config: EvaluationConfig, task_dir: Path | None) -> dict[str, Any]:
-    """Run every configured task on one model directory with a single model load."""
+    """Run every configured task on one model directory with a single model load, batched
+    (`evaluation.batch_size`), on `evaluation.device`."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     include = [str(p) for p in (task_dir, config.include_path) if p]
     only_local = all(t in LAB_TASKS for t in config.tasks)
     # Indexing lm-eval's ~15k built-in tasks costs seconds; skip it when all tasks are local.
     manager = TaskManager(include_path=include or None, include_defaults=not only_local)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    model = load_causal_lm(model_dir, config.device)  # on the GPU in the training dtype when there is one
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=str(model.device))
     output = lm_eval.simple_evaluate(
         model=lm,

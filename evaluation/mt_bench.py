@@ -15,27 +15,26 @@ judge prompts for turn 1 and their multi-turn variants for turn 2; reference ans
 NEED_REF_CATS categories; the judge at temperature 0 with 2,048 max tokens; the score from
 `[[x]]`, else `[x]`, else -1 (an error); means exclude errors.
 
-What we add: an OpenAI-compatible judge reached over HTTP with bounded concurrency and retries;
+What we add: an OpenAI-compatible judge reached through the openai SDK (its retries) with
+bounded concurrency;
 a judgment cache (successful parses only, so a re-run re-asks the judge exactly for what
 failed); error accounting, and an evaluation that fails when the judge fails too often.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import logging
 import os
-import random
 import re
 import threading
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -291,7 +290,6 @@ def _generate_batch(
     model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], temperature: float, max_new_tokens: int
 ) -> list[str]:
     import torch
-    from transformers import GenerationConfig
 
     eos_ids = _eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -306,19 +304,15 @@ def _generate_batch(
     input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=model.device)
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=model.device)
 
-    # FastChat decodes greedily below this temperature and otherwise samples with the temperature
-    # alone: explicit top_p / top_k / repetition_penalty override the model's own defaults.
+    # FastChat (gen_model_answer.py) passes only do_sample, temperature and max_new_tokens to
+    # generate(): everything else (top_k, top_p, repetition_penalty...) is the model's own
+    # generation config, i.e. HF's defaults unless the model ships its own.
+    generation = copy.deepcopy(model.generation_config)
+    generation.update(max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id)
     if temperature > 1e-4:
-        decoding = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+        generation.update(do_sample=True, temperature=temperature)
     else:
-        decoding = {"do_sample": False}
-    generation = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        repetition_penalty=1.0,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
-        **decoding,
-    )
+        generation.update(do_sample=False, temperature=None, top_k=None, top_p=None)
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
 
@@ -428,75 +422,84 @@ class JudgeReply:
     cancelled: bool = False  # the run is being stopped; this reply counts for nothing
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date), None when absent or unreadable."""
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
-    except (TypeError, ValueError):
-        return None
+class JudgeClient:
+    """The openai SDK's client for an OpenAI-compatible judge; its retry machinery does the retries.
 
-
-def chat_completion(
-    client: httpx.Client, url: str, body: dict[str, Any], config: MTBenchConfig, stop: threading.Event
-) -> JudgeReply:
-    """POST one chat completion with retries on 429 / 5xx / timeouts / connection errors.
-
-    Returns the reply or, when the retries run out on a judgment-level failure, the error.
-    Raises JudgeEndpointError when the endpoint itself is unusable: 401/403/404, or no
-    connection could be opened at all; it then sets `stop` so that the other workers stop too.
+    The SDK retries 408 / 409 / 429 / 5xx, timeouts and connection errors `max_retries` times
+    with exponential backoff and jitter (0.5 s doubling to 8 s), and waits as the server's
+    Retry-After asks (up to 120 s). It retries in the calling thread, so a thread-local counter
+    fed by an HTTP request hook counts every attempt of one judgment.
     """
-    attempts = 0
-    while True:
+
+    def __init__(self, config: MTBenchConfig) -> None:
+        import openai
+
+        self.config = config
+        self.url = f"{config.judge_base_url.rstrip('/')}/chat/completions"
+        self._attempts = threading.local()
+        api_key = os.environ.get(config.judge_api_key_env) or None
+        self.client = openai.OpenAI(
+            base_url=config.judge_base_url,
+            api_key=api_key or "",
+            # no key (a local vLLM): no Authorization header at all
+            default_headers=None if api_key else {"Authorization": openai.omit},
+            max_retries=config.max_retries,
+            timeout=config.timeout_s,
+            http_client=openai.DefaultHttpxClient(event_hooks={"request": [self._count_attempt]}),
+        )
+
+    def _count_attempt(self, request: Any) -> None:
+        self._attempts.n = getattr(self._attempts, "n", 0) + 1
+
+    def close(self) -> None:
+        self.client.close()
+
+    def complete(self, body: dict[str, Any], stop: threading.Event) -> JudgeReply:
+        """One chat completion, retried by the SDK.
+
+        Returns the reply or, when the retries run out on a judgment-level failure, the error.
+        Raises JudgeEndpointError when the endpoint itself is unusable: 401/403/404, or no
+        connection could be opened at all; it then sets `stop` so that the other workers stop too.
+        """
+        import openai
+
         if stop.is_set():
-            return JudgeReply(None, attempts, cancelled=True)
-        attempts += 1
-        unreachable = False
-        retry_after = None
+            return JudgeReply(None, 0, cancelled=True)
+        self._attempts.n = 0
         try:
-            response = client.post(url, json=body)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            failure, unreachable = f"cannot connect ({type(exc).__name__}: {exc})", True
-        except httpx.TransportError as exc:  # read/write timeouts, dropped connections
-            failure = f"{type(exc).__name__}: {exc}"
-        else:
-            status = response.status_code
-            if status in (401, 403):
-                stop.set()
-                raise JudgeEndpointError(
-                    f"judge endpoint {url} rejected the request with HTTP {status}; check the API key in "
-                    f"the environment variable {config.judge_api_key_env}"
-                )
-            if status == 404:
-                stop.set()
-                raise JudgeEndpointError(
-                    f"judge endpoint {url} answered HTTP 404 (model {body['model']!r}); check judge_base_url and judge_model"
-                )
-            if status == 429 or status >= 500:
-                failure, retry_after = f"HTTP {status}", _retry_after(response)
-            elif status >= 400:  # this request is wrong (e.g. longer than the judge's context): no retry
-                return JudgeReply(None, attempts, f"HTTP {status}: {response.text[:300]}")
-            else:
-                try:
-                    return JudgeReply(response.json()["choices"][0]["message"]["content"] or "", attempts)
-                except (ValueError, KeyError, IndexError, TypeError):
-                    return JudgeReply(None, attempts, f"malformed chat completion: {response.text[:300]!r}")
-        if attempts > config.max_retries:
-            if unreachable:
-                stop.set()
-                raise JudgeEndpointError(f"judge endpoint {url} is unreachable after {attempts} attempts: {failure}")
-            return JudgeReply(None, attempts, f"{failure} (after {attempts} attempts)")
-        backoff = config.backoff_s * 2 ** (attempts - 1) * random.uniform(0.5, 1.0)  # jitter spreads concurrent retries
-        delay = min(retry_after if retry_after is not None else backoff, config.max_backoff_s)
-        log.warning("judge endpoint %s: %s; retry %d of %d in %.2fs", url, failure, attempts, config.max_retries, delay)
-        if stop.wait(delay):
-            return JudgeReply(None, attempts, cancelled=True)
+            completion = self.client.chat.completions.create(**body)
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            stop.set()
+            raise JudgeEndpointError(
+                f"judge endpoint {self.url} rejected the request with HTTP {exc.status_code}; check the API key "
+                f"in the environment variable {self.config.judge_api_key_env}"
+            ) from None
+        except openai.NotFoundError:
+            stop.set()
+            raise JudgeEndpointError(
+                f"judge endpoint {self.url} answered HTTP 404 (model {body['model']!r}); check judge_base_url and "
+                "judge_model"
+            ) from None
+        except openai.APIStatusError as exc:
+            attempts = self._attempts.n
+            if exc.status_code == 429 or exc.status_code >= 500:  # the SDK's retries ran out
+                return JudgeReply(None, attempts, f"HTTP {exc.status_code} (after {attempts} attempts)")
+            # this request is wrong (e.g. longer than the judge's context): the SDK does not retry it
+            return JudgeReply(None, attempts, f"HTTP {exc.status_code}: {exc.response.text[:300]}")
+        except openai.APITimeoutError as exc:
+            return JudgeReply(None, self._attempts.n, f"{exc.message} (after {self._attempts.n} attempts)")
+        except openai.APIConnectionError as exc:
+            stop.set()
+            raise JudgeEndpointError(
+                f"judge endpoint {self.url} is unreachable after {self._attempts.n} attempts: cannot connect "
+                f"({type(exc.__cause__).__name__}: {exc.__cause__})"
+            ) from None
+        except openai.APIResponseValidationError as exc:
+            return JudgeReply(None, self._attempts.n, f"malformed chat completion: {exc.response.text[:300]!r}")
+        try:
+            return JudgeReply(completion.choices[0].message.content or "", self._attempts.n)
+        except (AttributeError, IndexError, TypeError):
+            return JudgeReply(None, self._attempts.n, f"malformed chat completion: {completion!r:.300}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,7 +616,6 @@ def judge_answers(
     cache = _load_cache(cache_path)
     url = f"{config.judge_base_url.rstrip('/')}/chat/completions"
     api_key = os.environ.get(config.judge_api_key_env) or None
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     tallies = {checkpoint: _Tally() for checkpoint in answers_by_checkpoint}
     pending = []
@@ -634,18 +636,13 @@ def judge_answers(
     )
 
     stop = threading.Event()
-    with (
-        open(cache_path, "a", encoding="utf-8") as cache_file,
-        httpx.Client(
-            headers=headers, timeout=config.timeout_s, limits=httpx.Limits(max_connections=config.concurrency)
-        ) as client,
-        ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="mt-bench-judge") as pool,
-    ):
-        futures = {
-            pool.submit(chat_completion, client, url, _request_body(request, config), config, stop): request
-            for request in pending
-        }
-        try:
+    client = JudgeClient(config)
+    pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="mt-bench-judge")
+    try:
+        with open(cache_path, "a", encoding="utf-8") as cache_file:
+            futures = {
+                pool.submit(client.complete, _request_body(request, config), stop): request for request in pending
+            }
             for done, future in enumerate(as_completed(futures), start=1):
                 if done % 50 == 0:
                     log.info("MT-Bench: %d of %d judge requests done", done, len(futures))
@@ -682,10 +679,13 @@ def judge_answers(
                         f"of {tally.total} judgments failed (max_error_rate={config.max_error_rate}); judge "
                         f"{config.judge_model!r} at {url}. First failures: " + " | ".join(tally.errors[:3])
                     )
-        except BaseException:
-            stop.set()  # wakes workers sleeping in a backoff
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+    except BaseException:
+        stop.set()  # requests not started yet are skipped; ones in flight end with the closed client
+        pool.shutdown(wait=False, cancel_futures=True)
+        client.close()
+        raise
+    pool.shutdown()
+    client.close()
 
     order = {(r.question.question_id, r.turn): i for i, r in enumerate(requests)}
     checkpoints = {}

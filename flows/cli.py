@@ -1,13 +1,14 @@
 """`lab`: the command line of recipe-lab.
 
 lab validate RECIPE...           check recipes, errors by field
+lab plan RECIPE [--gpus N] [--gpu-memory GiB] [--nodes M] [--samples S] [--set key=value]...
+                                 batch arithmetic, memory per GPU, wall time, launch files (no data needed)
 lab run RECIPE [--strategy phased|stacked] [--storage-root DIR] [--smoke] [--set key=value]...
 lab eval TARGET... [--recipe R] [--set key=value]...   runs or models, outside training
 lab sweep RECIPE --grid key=v1,v2 [--rungs N1,N2 --eta 2 --pruner eval] [--validate]   successive halving
 lab reproduce [--seeds K]        the paper's findings across K seeds, scaled down to the lab (resumable)
 lab nightly-spread [RECIPE] --seeds K   the nightly recipe's seed spread -> its regression tolerances
 lab demo [--storage-root DIR]    the embedded lab, phased and stacked, with a comparison
-lab launch-script RECIPE [--nodes M] [--set launch.scheduler=kubernetes|slurm]   each phase's multi-node job
 lab serve [--port N] [--storage-root s3://...]   local Prefect server + UI, pool, deployments, worker
 """
 
@@ -20,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from training.recipe import RecipeError, load_recipe, resolve
+from training.recipe import Recipe, RecipeError, load_recipe, resolve
 
 
 def parse_value(raw: str) -> Any:
@@ -66,15 +67,60 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from flows.finetune import finetune
-
+def plan_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """--set pairs plus plan's --gpus / --nodes, which are launch settings."""
     overrides = parse_overrides(args.set)
+    if args.gpus is not None:
+        overrides["launch.num_processes"] = args.gpus
+    if args.nodes is not None:
+        overrides["launch.num_machines"] = args.nodes
+        if args.nodes > 1:
+            overrides.setdefault("launch.main_process_ip", "MAIN_NODE_IP")
+    return overrides
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from training.plan import plan_recipe
+
     try:
-        resolve(args.recipe, args.strategy, overrides, args.smoke)  # fail fast, before Prefect starts
+        recipe = resolve(args.recipe, args.strategy, plan_overrides(args))
     except RecipeError as exc:
         print(exc, file=sys.stderr)
         return 2
+    plan, text = plan_recipe(recipe, args.gpu_memory, args.samples, args.mean_tokens, args.tokens_per_s)
+    print(text)
+    return 0 if plan.fits else 1
+
+
+def check_memory(recipe: Recipe, gpu_memory_gib: float | None) -> str | None:
+    """Why this run will not fit on its GPUs (the refusal, naming the knob), or None.
+
+    Only GPU backends are checked, against --gpu-memory or the GPU found here; a model whose
+    config.json cannot be read is reported and not checked."""
+    from training.plan import plan_recipe
+
+    if recipe.launch.backend == "cpu":
+        return None
+    try:
+        plan, _ = plan_recipe(recipe, gpu_memory_gib)
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"warning: no memory plan ({type(exc).__name__}: {exc}); launching unchecked", file=sys.stderr)
+        return None
+    return None if plan.fits else plan.refusal()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(args.set)
+    try:
+        recipe = resolve(args.recipe, args.strategy, overrides, args.smoke)  # fail fast, before Prefect starts
+    except RecipeError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if refusal := check_memory(recipe, args.gpu_memory):
+        print(refusal, file=sys.stderr)
+        return 2
+    from flows.finetune import finetune
+
     result = finetune(
         recipe=args.recipe,
         strategy=args.strategy,
@@ -157,52 +203,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_launch_script(args: argparse.Namespace) -> int:
-    """Print what runs each phase on `--nodes` machines under the recipe's launch.scheduler."""
-    from pathlib import Path
-
-    import yaml
-
-    from training import storage
-    from training.launch import launch_command
-    from training.scheduler import render_sbatch, render_trainjob
-    from training.train import TrainJob
-
-    overrides = parse_overrides(args.set) | ({"launch.num_machines": args.nodes} if args.nodes else {})
-    try:
-        cfg = resolve(args.recipe, args.strategy, overrides)
-    except RecipeError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    root = os.path.abspath(args.storage_root) if storage.is_local(args.storage_root) else args.storage_root
-    launch = cfg.launch
-    for i, phase in enumerate(cfg.phases):
-        start = cfg.model.name_or_path if i == 0 else f"<the selected checkpoint of {cfg.phases[i - 1].name}>"
-        job = TrainJob(
-            run_id=args.run_id,
-            phase=phase.name,
-            recipe=cfg,
-            model_path=start,
-            parent_checkpoint=start,
-            data_dir=storage.join(root, args.run_id, "data", phase.name),
-            output_dir=storage.join(root, args.run_id, phase.name),
-        )
-        print(
-            f"# phase {phase.name}: {launch.num_machines} node(s) x {launch.num_processes} process(es), {launch.scheduler}"
-        )
-        if launch.scheduler == "kubernetes":
-            print(yaml.safe_dump(render_trainjob(job), sort_keys=False))
-        elif launch.scheduler == "slurm":
-            print(render_sbatch(job))
-        else:
-            out = Path(job.output_dir)
-            for rank in range(launch.num_machines):
-                node = (str(rank), str(launch.main_process_ip), str(launch.main_process_port))
-                print(f"# on machine {rank}:")
-                print(" ".join(launch_command(out / "accelerate.yaml", out / "job.json", launch, node=node)))
-    return 0
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from flows.serve import serve
 
@@ -230,12 +230,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("recipes", nargs="+", help="recipe names (recipes/NAME.yaml) or paths")
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("plan", help="what a recipe costs: batch arithmetic, memory per GPU, wall time, launch")
+    p.add_argument("recipe", help="recipe name or YAML path")
+    p.add_argument("--strategy", choices=["phased", "stacked"], default=None)
+    p.add_argument("--gpus", type=int, default=None, help="GPUs per node (launch.num_processes)")
+    p.add_argument("--nodes", type=int, default=None, help="nodes (launch.num_machines)")
+    p.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU (default: this machine's GPU)")
+    p.add_argument(
+        "--samples", type=int, default=None, help="samples in the data (all phases), when it is not reachable"
+    )
+    p.add_argument("--mean-tokens", type=float, default=1024, help="mean tokens per sample (default 1024)")
+    p.add_argument("--tokens-per-s", type=float, default=None, help="measured tokens/s per GPU for the wall time")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.learning_rate=1e-5"
+    )
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("run", help="run the finetune flow locally")
     p.add_argument("recipe", help="recipe name or YAML path")
     p.add_argument("--strategy", choices=["phased", "stacked"], default=None)
     p.add_argument("--storage-root", default="./runs", help="local dir or s3://bucket/prefix (default ./runs)")
     p.add_argument("--smoke", action="store_true", help="shrink to a few CPU minutes on the embedded lab")
     p.add_argument("--run-id", default=None, help="reuse to resume a run")
+    p.add_argument(
+        "--gpu-memory", type=float, default=None, help="GiB per GPU for the memory check (default: this machine's GPU)"
+    )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.learning_rate=1e-5"
     )
@@ -290,18 +309,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipe", default="demo")
     p.add_argument("--storage-root", default="./runs")
     p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser(
-        "launch-script",
-        help="print each phase's multi-node launch: a TrainJob, an sbatch script or per-machine commands",
-    )
-    p.add_argument("recipe", help="recipe name or YAML path")
-    p.add_argument("--nodes", type=int, default=None, help="machines (launch.num_machines)")
-    p.add_argument("--strategy", choices=["phased", "stacked"], default=None)
-    p.add_argument("--storage-root", default="./runs", help="the shared storage root every node sees")
-    p.add_argument("--run-id", default="run", help="the run id the paths are rendered for")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. launch.scheduler=slurm")
-    p.set_defaults(func=cmd_launch_script)
 
     p = sub.add_parser("serve", help="local Prefect server (UI), the lab work pool, every deployment and a worker")
     p.add_argument("--port", type=int, default=4200)

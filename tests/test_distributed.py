@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from training.launch import accelerate_config, deepspeed_config, launch_command, run_training
+from training.precision import autocast_mode, weights_dtype
 from training.recipe import RecipeError, load_recipe
 from training.train import TrainJob, token_logprobs
 
@@ -95,7 +96,7 @@ def test_zero3_offload_config_and_a_multi_node_command():
     )
     assert ds["bf16"] == {"enabled": True} and ds["gradient_clipping"] == 1.0
     assert ds["gradient_accumulation_steps"] == 1 and ds["train_batch_size"] == 16  # nominal: 8 GPUs x 2 machines
-    acc = accelerate_config(recipe.launch, Path("ds.json"), recipe.model.dtype)
+    acc = accelerate_config(recipe.launch, Path("ds.json"), autocast_mode(recipe))
     assert acc["distributed_type"] == "DEEPSPEED" and acc["deepspeed_config"]["zero3_init_flag"]
     assert "mixed_precision" not in acc and not acc["use_cpu"]  # both would override or drop DeepSpeed's settings
     cmd = " ".join(launch_command(Path("a.yaml"), Path("job.json"), recipe.launch))
@@ -108,9 +109,10 @@ def test_zero3_offload_config_and_a_multi_node_command():
 
 def test_fsdp_config_keeps_fp32_weights_and_computes_in_the_model_dtype():
     recipe = load_recipe("lab", {"launch.backend": "fsdp"})
-    acc = accelerate_config(recipe.launch, None, recipe.model.dtype)
+    acc = accelerate_config(recipe.launch, None, autocast_mode(recipe))
     assert acc["distributed_type"] == "FSDP" and acc["fsdp_config"]["fsdp_version"] == 2
-    assert acc["mixed_precision"] == "bf16"
+    assert acc["mixed_precision"] == "bf16" and weights_dtype(recipe) == "float32"
+    assert acc["fsdp_config"]["fsdp_cpu_ram_efficient_loading"]  # no full copy of the weights per rank
 
 
 @pytest.fixture(scope="module")

@@ -44,8 +44,6 @@ def make_config(base_url: str, **overrides) -> MTBenchConfig:
         "judge_api_key_env": KEY_ENV,
         "concurrency": 4,
         "max_retries": 3,
-        "backoff_s": 0.01,
-        "max_backoff_s": 2.0,
         "timeout_s": 5.0,
         "max_error_rate": 0.5,
     }
@@ -169,6 +167,17 @@ def test_generated_answers_judged_scored_and_cached(tmp_path, assets, judge_key)
         ]
     sampling = {(c["generation_config"].do_sample, c["generation_config"].temperature) for c in generate_calls}
     assert sampling == {(False, None), (True, 0.1), (True, 0.7)}
+    # FastChat passes only do_sample / temperature / max_new_tokens: the rest is the model's own
+    # generation config (HF's defaults where it sets nothing), never top_k=0 / top_p=1 overrides.
+    own = model.generation_config
+    for call in generate_calls:
+        config = call["generation_config"]
+        if config.do_sample:
+            assert (config.top_k, config.top_p, config.repetition_penalty) == (
+                own.top_k,
+                own.top_p,
+                own.repetition_penalty,
+            )
     for call in generate_calls:
         assert call["generation_config"].max_new_tokens == 8
         assert bool(call["attention_mask"][:, -1].all())  # left padding: every row ends on a real token

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.k8s_double import KubernetesDouble
 from tests.stack import free_port
@@ -209,3 +210,19 @@ def test_two_machines_rendezvous_on_localhost_train_with_world_size_2_and_match_
     assert [m["step"] for m in metrics] == [m["step"] for m in reference] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in reference], rel=1e-4)
     assert [m["grad_norm"] for m in metrics] == pytest.approx([m["grad_norm"] for m in reference], rel=1e-4)
+
+
+def test_lab_plan_prints_the_phase_on_its_nodes(assets):
+    from training.plan import plan_recipe
+
+    recipe = load_recipe(
+        "demo", cluster("kubernetes", **{"launch.backend": "ddp", "launch.num_processes": 2, "launch.num_machines": 3})
+    )
+    _, text = plan_recipe(recipe)
+    nodes = text.split("-- the phase on 3 node(s), scheduler kubernetes\n")[1]
+    trainjob = yaml.safe_load(nodes)
+    assert trainjob["kind"] == "TrainJob" and trainjob["spec"]["trainer"]["numNodes"] == 3
+    assert trainjob["spec"]["trainer"]["command"][-1] == "/shared/STORAGE_ROOT/RUN_ID/phase00/job.json"
+    local = load_recipe("demo", {"launch.num_machines": 2, "launch.main_process_ip": "10.0.0.1"})
+    _, text = plan_recipe(local)
+    assert "# machine 1:\n" in text and "--machine_rank 1 --main_process_ip 10.0.0.1" in text

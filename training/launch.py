@@ -2,7 +2,8 @@
 
 The subprocess gets its own process group (session) and is killed as a group on every exit
 path that is not a clean finish: an exception, a timeout, a cancel (SIGTERM) of the caller.
-Rank-0 output is streamed line by line to a callback (the Prefect task logs it).
+Rank-0 output is streamed line by line to a callback (the Prefect task logs it); progress and
+complete checkpoints are read from the run's files (metrics.jsonl, each checkpoint's meta.json).
 
 Per phase directory the launcher writes `job.json` (the TrainJob), `accelerate.yaml` and, for
 DeepSpeed, `deepspeed.json`: all generated from the recipe's `launch` section, so a run can
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from training.precision import autocast_mode
 from training.recipe import LaunchConfig, Recipe
 from training.train import TrainJob
 
@@ -40,7 +43,8 @@ def deepspeed_config(recipe: Recipe) -> dict:
     The micro-batches of a step vary in number and size, so DeepSpeed's own batch bookkeeping
     gets nominal values (1 sample per micro-batch, gradient_accumulation_steps 1) and the
     training loop marks each step's last micro-batch itself. Clipping is DeepSpeed's (it sees
-    the sharded gradients); bf16/fp16 follow the model dtype, with fp32 master weights.
+    the sharded gradients); bf16/fp16 follow the model dtype, with fp32 master weights and AdamW
+    state in the ZeRO optimizer, and (bf16) gradients accumulated in fp32 across micro-batches.
     """
     launch, dtype = recipe.launch, recipe.model.dtype
     pin = torch.cuda.is_available()  # pinned host memory speeds offload copies; CPU-only has nothing to pin for
@@ -58,21 +62,25 @@ def deepspeed_config(recipe: Recipe) -> dict:
         "gradient_clipping": recipe.training.max_grad_norm or 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bfloat16"},
-        "fp16": {"enabled": dtype == "float16"},
+        "fp16": {"enabled": dtype == "float16"},  # dynamic loss scaling by default
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if dtype == "bfloat16" else {}),
         "zero_allow_untested_optimizer": True,  # torch's AdamW: correct, just not on DeepSpeed's list
         "steps_per_print": 2**31 - 1,  # the training loop logs
         "wall_clock_breakdown": False,
     }
 
 
-def accelerate_config(launch: LaunchConfig, deepspeed_config_file: Path | None = None, dtype: str = "float32") -> dict:
+def accelerate_config(
+    launch: LaunchConfig, deepspeed_config_file: Path | None = None, mixed_precision: str = "no"
+) -> dict:
     """accelerate's config file for the recipe's launch settings.
 
     CPU multi-process must be MULTI_GPU plus ACCELERATE_USE_CPU (see `launch_env`): a MULTI_CPU
     config or `--cpu` silently runs a single process (NOTES.md). DeepSpeed must not get either
-    (it would silently be dropped); on CPU it runs over gloo all the same. Precision: DDP trains
-    in the model dtype; DeepSpeed takes it from its JSON (accelerate refuses a second source);
-    FSDP keeps fp32 weights and computes in the model dtype (its mixed precision policy).
+    (it would silently be dropped); on CPU it runs over gloo all the same. Precision
+    (`mixed_precision`, from training.precision.autocast_mode): cpu / ddp / fsdp autocast over
+    fp32 weights; DeepSpeed takes it from its JSON (accelerate refuses a second source). FSDP
+    loads the weights on rank 0 only and broadcasts them shard by shard (cpu_ram_efficient_loading).
     """
     distributed = launch.world_size > 1
     config = {
@@ -88,9 +96,7 @@ def accelerate_config(launch: LaunchConfig, deepspeed_config_file: Path | None =
         "same_network": True,
     }
     if launch.backend != "deepspeed":
-        config["mixed_precision"] = (
-            {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no") if launch.backend == "fsdp" else "no"
-        )
+        config["mixed_precision"] = mixed_precision
     if launch.num_machines > 1:
         config |= {"main_process_ip": launch.main_process_ip, "main_process_port": launch.main_process_port}
     if launch.backend == "deepspeed":
@@ -109,7 +115,8 @@ def accelerate_config(launch: LaunchConfig, deepspeed_config_file: Path | None =
             "fsdp_reshard_after_forward": True,  # full sharding (ZeRO-3-like)
             "fsdp_state_dict_type": "SHARDED_STATE_DICT",  # rolling state per rank; checkpoints are gathered
             "fsdp_offload_params": False,
-            "fsdp_cpu_ram_efficient_loading": False,
+            "fsdp_cpu_ram_efficient_loading": True,  # one full copy on rank 0's host, not one per rank
+            "fsdp_sync_module_states": True,
         }
     return config
 
@@ -128,6 +135,44 @@ def launch_env(launch: LaunchConfig) -> dict[str, str]:
         # Measured on 2 cores: 1 thread per rank trained 24x faster than 2 (oversubscription).
         env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def device_env(devices: str, visible: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(training's, evaluation's) environment updates for `evaluation.devices`.
+
+    'cpu:N': evaluation gets N threads and no GPU; training is unchanged. 'cuda:I,J': evaluation
+    gets those of the `visible` GPUs (indices into it), training the others.
+    """
+    kind, _, value = devices.partition(":")
+    if kind == "cpu":
+        return {}, {"OMP_NUM_THREADS": value, "CUDA_VISIBLE_DEVICES": ""}
+    taken = [int(i) for i in value.split(",")]
+    if max(taken) >= len(visible):
+        raise ValueError(f"evaluation.devices {devices!r}: only {len(visible)} GPUs visible ({visible})")
+    evaluation = [visible[i] for i in taken]
+    training = [gpu for gpu in visible if gpu not in evaluation]
+    if not training:
+        raise ValueError(f"evaluation.devices {devices!r} takes every visible GPU ({visible}); none is left to train")
+    return {"CUDA_VISIBLE_DEVICES": ",".join(training)}, {"CUDA_VISIBLE_DEVICES": ",".join(evaluation)}
+
+
+def training_slots(launch: LaunchConfig, evaluation_devices: str) -> list[dict[str, str]]:
+    """What training leaves free when it ends, as environment updates for one evaluation worker
+    per local rank: its GPU when it trained on GPUs, else one CPU thread each."""
+    gpus = visible_gpus()
+    if gpus:
+        training = device_env(evaluation_devices, gpus)[0].get("CUDA_VISIBLE_DEVICES", ",".join(gpus))
+        return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in training.split(",")[: launch.num_processes]]
+    threads = os.environ.get("OMP_NUM_THREADS", "1")
+    return [{"OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": ""}] * launch.num_processes
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may use (CUDA_VISIBLE_DEVICES, else all)."""
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return listed.split(",") if listed else [str(i) for i in range(torch.cuda.device_count())]
 
 
 def launch_command(
@@ -217,49 +262,100 @@ def delete_checkpoints(paths: list[Path]) -> list[Path]:
     return paths
 
 
-def write_launch_files(
+def launch_files(
     job: TrainJob, python: str = sys.executable, node: tuple[str, str, str] | None = None
-) -> list[str]:
-    """Write job.json, accelerate.yaml (and deepspeed.json) into the phase directory; return
-    the launch command (for a scheduler's nodes: see `launch_command`)."""
+) -> tuple[list[str], dict[Path, str]]:
+    """The launch command and the files it reads (path -> text): job.json, accelerate.yaml and,
+    for DeepSpeed, deepspeed.json, all in the phase directory. `python` and `node`: see
+    `launch_command` (a scheduler's nodes)."""
     output_dir = Path(job.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    job_file = output_dir / "job.json"
-    job_file.write_text(job.model_dump_json(indent=2))
+    job_file, config_file = output_dir / "job.json", output_dir / "accelerate.yaml"
+    files = {job_file: job.model_dump_json(indent=2)}
     ds_file = None
     if job.recipe.launch.backend == "deepspeed":
         ds_file = output_dir / "deepspeed.json"
-        ds_file.write_text(json.dumps(deepspeed_config(job.recipe), indent=2) + "\n")
-    config_file = output_dir / "accelerate.yaml"
-    config_file.write_text(yaml.safe_dump(accelerate_config(job.recipe.launch, ds_file, job.recipe.model.dtype)))
-    return launch_command(config_file, job_file, job.recipe.launch, python, node)
+        files[ds_file] = json.dumps(deepspeed_config(job.recipe), indent=2) + "\n"
+    files[config_file] = yaml.safe_dump(accelerate_config(job.recipe.launch, ds_file, autocast_mode(job.recipe)))
+    return launch_command(config_file, job_file, job.recipe.launch, python, node), files
+
+
+def write_launch_files(
+    job: TrainJob, python: str = sys.executable, node: tuple[str, str, str] | None = None
+) -> list[str]:
+    """Write the launch files into the phase directory; return the launch command."""
+    Path(job.output_dir).mkdir(parents=True, exist_ok=True)
+    command, files = launch_files(job, python, node)
+    for path, text in files.items():
+        path.write_text(text)
+    return command
 
 
 def start_training(job: TrainJob) -> subprocess.Popen:
     """Start the launch in its own process group (session), so that all ranks can be killed
-    at once."""
+    at once. GPUs that `evaluation.devices` gives to evaluation are hidden from it."""
+    env = launch_env(job.recipe.launch)
+    devices = job.recipe.evaluation.devices
+    if devices and devices.startswith("cuda:"):
+        env.update(device_env(devices, visible_gpus())[0])
     return subprocess.Popen(
         write_launch_files(job),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=launch_env(job.recipe.launch),
+        env=env,
         start_new_session=True,
     )
+
+
+class RunFiles:
+    """What a training run has written so far, read from its files (never from its output):
+    new lines of metrics.jsonl (progress) and newly complete checkpoints (meta.json landed)."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self.metrics_offset = 0
+        self.reported: set[str] = set()
+
+    def new_metrics(self) -> list[dict]:
+        path = self.output_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < self.metrics_offset:  # rewritten by a resumed launch
+                self.metrics_offset = 0
+            f.seek(self.metrics_offset)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line being written is read next time
+        self.metrics_offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+    def new_checkpoints(self) -> list[Path]:
+        fresh = [p for p in complete_checkpoints(self.output_dir) if p.name not in self.reported]
+        self.reported.update(p.name for p in fresh)
+        return fresh
 
 
 def run_training(
     job: TrainJob,
     on_line: Callable[[str], None] = print,
     timeout_s: float | None = None,
+    on_metrics: Callable[[dict], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+    poll_s: float = 0.5,
 ) -> list[Path]:
     """Launch one phase's training (resuming from its rolling state if there is one), stream
-    its output, and return its complete checkpoints. Raises TrainingFailed.
+    its output to `on_line`, and return its complete checkpoints. Raises TrainingFailed.
+
+    Progress and checkpoints are read from the run's files every `poll_s`: `on_metrics` gets
+    each new metrics.jsonl record, `on_checkpoint` each checkpoint whose meta.json landed
+    (including ones an earlier launch left), once. Both run in the caller's thread; an exception
+    from either kills the training group and propagates.
 
     Under a cluster scheduler (launch.scheduler) the phase is a cluster job instead
     (training/scheduler.py), with node 0's output streamed the same way."""
     if job.recipe.launch.scheduler != "local":
-        return run_scheduled(job, on_line)
+        return run_scheduled(job, on_line, on_metrics, on_checkpoint)
     stopped = Path(job.output_dir) / "stopped.json"
     stopped.unlink(missing_ok=True)  # a watchdog verdict of an earlier launch; this one may get further
     proc = start_training(job)
@@ -283,12 +379,31 @@ def run_training(
             tail.append(line)
             on_line(line)
 
+    files = RunFiles(Path(job.output_dir))
+
+    def report() -> None:
+        for record in files.new_metrics():
+            if on_metrics:
+                on_metrics(record)
+        for checkpoint in files.new_checkpoints():
+            if on_checkpoint:
+                on_checkpoint(checkpoint)
+
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        returncode = proc.wait(timeout=timeout_s)
+        while True:
+            try:
+                returncode = proc.wait(timeout=poll_s)
+                break
+            except subprocess.TimeoutExpired:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
+                report()
         reader.join()
-    except BaseException:  # timeout, cancel, KeyboardInterrupt: no rank may outlive us
+        report()  # what the last poll missed
+    except BaseException:  # timeout, cancel, a callback's error, KeyboardInterrupt: no rank may outlive us
         kill_group(proc)
         raise
     finally:
@@ -302,7 +417,14 @@ def run_training(
     return complete_checkpoints(Path(job.output_dir))
 
 
-def run_scheduled(job: TrainJob, on_line: Callable[[str], None]) -> list[Path]:
+def run_scheduled(
+    job: TrainJob,
+    on_line: Callable[[str], None],
+    on_metrics: Callable[[dict], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+) -> list[Path]:
+    """The phase as a cluster job; its files (metrics, checkpoints) are reported once it ended
+    (the nodes write them to the shared phase directory)."""
     from training.scheduler import run_on_kubernetes, run_on_slurm
 
     scheduler = job.recipe.launch.scheduler
@@ -312,6 +434,13 @@ def run_scheduled(job: TrainJob, on_line: Callable[[str], None]) -> list[Path]:
         succeeded = (run_on_kubernetes if scheduler == "kubernetes" else run_on_slurm)(job, on_line)
     finally:
         remove_incomplete_checkpoints(Path(job.output_dir))
+    files = RunFiles(Path(job.output_dir))
+    for record in files.new_metrics():
+        if on_metrics:
+            on_metrics(record)
+    for checkpoint in files.new_checkpoints():
+        if on_checkpoint:
+            on_checkpoint(checkpoint)
     if not succeeded:
         what = "stopped by the watchdog" if stopped.exists() else f"failed under {scheduler} (node 0's log above)"
         raise TrainingFailed(f"training of phase {job.phase} {what}")

@@ -29,10 +29,14 @@ class ModelConfig(Strict):
         "'embedded://base-model' for the locally built tiny lab model."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="Training dtype. float32 on CPU for exactness, bfloat16 on GPUs."
+        "bfloat16",
+        description="Compute and checkpoint dtype: float32 on CPU for exactness, bfloat16 on GPUs. With "
+        "training.mixed_precision the weights, gradients and AdamW state stay float32 (masters).",
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="flash_attention_2 enables padding-free packing; needs the gpu extra."
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "sdpa",
+        description="sdpa, flash_attention_2 (gpu extra) and flex_attention keep packed samples apart "
+        "(training.packing); eager trains padded.",
     )
 
 
@@ -72,7 +76,7 @@ class PhaseConfig(Strict):
         None,
         ge=0,
         description="Forgetting guard: a checkpoint is ineligible if any earlier phase's objective "
-        "metric fell by more than this below the phase's starting model (phased training only).",
+        "metric fell by more than this below the best value the run reached for it (phased training only).",
     )
 
     @field_validator("objective", "min_score")
@@ -93,8 +97,34 @@ class TrainingConfig(Strict):
     max_tokens_per_micro_batch: int = Field(
         8192,
         gt=0,
-        description="Token cap (padded) of one micro-batch on one rank. Bigger = fewer "
-        "accumulation steps and more memory; it never changes the maths of a step.",
+        description="Token budget of one micro-batch on one rank (real tokens when packed, count x longest "
+        "when padded). Bigger = fewer accumulation steps (and collectives) and more activation memory "
+        "(`lab plan` shows how much); it never changes the maths of a step.",
+    )
+    packing: bool = Field(
+        True,
+        description="Padding-free micro-batches: samples concatenated in one row, position_ids restarting per "
+        "sample (attention stays within each sample). Needs an attn_implementation that reads them "
+        "(sdpa, flash_attention_2, flex_attention); otherwise micro-batches are padded.",
+    )
+    mixed_precision: bool = Field(
+        True,
+        description="With a bfloat16/float16 model.dtype: compute in that dtype but keep float32 master "
+        "weights, AdamW state and gradient accumulation (checkpoints are saved in model.dtype); float16 "
+        "adds loss scaling. false = everything in model.dtype: at SFT learning rates most bfloat16 "
+        "updates round away (a negative control, not a recipe).",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward pass: activation memory "
+        "drops from every layer's to one layer's (plus the layer inputs) for ~30% more compute.",
+    )
+    loss_chunk_tokens: int | None = Field(
+        4096,
+        gt=0,
+        description="Cross-entropy over this many tokens at a time, each chunk's logits recomputed in "
+        "backward: the full-vocabulary logits of a micro-batch never exist at once (Liger's fused "
+        "linear cross-entropy instead when installed, on GPU). None = plain full-logits loss.",
     )
     learning_rate: float = Field(gt=0, description="Peak learning rate.")
     schedule: Literal["constant", "linear", "cosine"] = Field(
@@ -202,10 +232,11 @@ class MTBenchConfig(Strict):
     seed: int = Field(0, description="Torch seed set before answer generation.")
     concurrency: int = Field(8, gt=0, description="Judge requests in flight at once.")
     max_retries: int = Field(
-        6, ge=0, description="Retries per judge request on HTTP 429 / 5xx, timeouts and connection errors."
+        6,
+        ge=0,
+        description="Retries per judge request on HTTP 408 / 409 / 429 / 5xx, timeouts and connection errors "
+        "(the openai SDK's: backoff 0.5 s doubling to 8 s, Retry-After honoured up to 120 s).",
     )
-    backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubles each retry.")
-    max_backoff_s: float = Field(60.0, ge=0, description="Cap on one wait, Retry-After included.")
     timeout_s: float = Field(120.0, gt=0, description="Timeout of one judge request, in seconds.")
     max_error_rate: float = Field(
         0.05,
@@ -229,6 +260,11 @@ class EvaluationConfig(Strict):
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None = task default).")
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N items of each task.")
     batch_size: int = Field(16, gt=0, description="lm-eval batch size.")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description="Where checkpoints are evaluated (lm-eval and MT-Bench answers), loaded in model.dtype: "
+        "auto = cuda when available, else cpu (in float32 there: CPUs emulate bfloat16 slowly).",
+    )
     apply_chat_template: bool = Field(
         True, description="Render prompts with the model's chat template (SFT models expect it)."
     )
@@ -236,6 +272,30 @@ class EvaluationConfig(Strict):
     max_gen_tokens: int = Field(64, gt=0, description="Generation cap for generate_until tasks of the lab.")
     mt_bench: MTBenchConfig | None = Field(
         None, description="Also judge every checkpoint on MT-Bench (metrics mt_bench/overall, ...); None = skip."
+    )
+    devices: str | None = Field(
+        None,
+        pattern=r"^(cpu:[1-9][0-9]*|cuda:[0-9]+(,[0-9]+)*)$",
+        description="Evaluate each checkpoint while training goes on, in a worker process of its own on these "
+        "resources: 'cpu:N' (N CPU threads; the lab on 2 cores: 'cpu:1') or 'cuda:I[,J...]' (those GPUs, taken "
+        "away from training, e.g. 'cuda:7' of eight; `device` still says cpu or cuda within that share). "
+        "None = evaluate after training, one model at a time.",
+    )
+
+
+class SelectionConfig(Strict):
+    confidence: float = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="Noise-aware selection: a checkpoint within this confidence interval of the best "
+        "(stderr of the difference) counts as just as good, and the one with the fewest samples wins.",
+    )
+    average_last_k: int | None = Field(
+        None,
+        ge=2,
+        description="Also evaluate the uniform weight average of the phase's last k checkpoints as a "
+        "candidate (saved as checkpoints/avg_last<k>); None = no averaged candidate.",
     )
 
 
@@ -328,6 +388,7 @@ class Recipe(Strict):
     training: TrainingConfig
     checkpointing: CheckpointConfig = Field(default_factory=CheckpointConfig)
     evaluation: EvaluationConfig
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
 
@@ -336,6 +397,16 @@ class Recipe(Strict):
         names = [p.name for p in self.phases]
         if len(set(names)) != len(names):
             raise ValueError(f"phase names must be unique, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _float16_has_loss_scaling(self) -> Recipe:
+        # Pure float16 gradients underflow without loss scaling, which only the mixed-precision path has.
+        if self.model.dtype == "float16" and not self.training.mixed_precision:
+            raise ValueError(
+                "model.dtype float16 needs training.mixed_precision: true (float32 masters and loss scaling); "
+                "or use bfloat16"
+            )
         return self
 
     def stacked(self) -> Recipe:
@@ -458,7 +529,7 @@ def smoke(recipe: Recipe) -> Recipe:
             "training": training,
             "checkpointing": CheckpointConfig(save_every_samples=1024, save_every_epoch=True),
             "evaluation": EvaluationConfig(
-                tasks=["lab_instruction", "lab_knowledge", "lab_skills"], limit=40, batch_size=32
+                tasks=["lab_instruction", "lab_knowledge", "lab_skills"], limit=40, batch_size=32, devices="cpu:1"
             ),
             "launch": LaunchConfig(backend="cpu", num_processes=1),
         }

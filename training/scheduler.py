@@ -193,3 +193,28 @@ def run_on_slurm(job: TrainJob, on_line: Callable[[str], None], poll_s: float = 
         subprocess.run(["scancel", job_id], check=False)
         on_line(f"slurm: cancelled job {job_id}")
         raise
+
+
+def node_launches(job: TrainJob) -> str:
+    """What starts the phase on its nodes, as `lab plan` prints it: the TrainJob (YAML), the
+    sbatch script, or (local) the command each machine runs by hand."""
+    import yaml
+
+    launch = job.recipe.launch
+    if launch.scheduler == "kubernetes":
+        return yaml.safe_dump(render_trainjob(job), sort_keys=False)
+    if launch.scheduler == "slurm":
+        return render_sbatch(job)
+    out = Path(job.output_dir)
+    return "\n".join(
+        f"# machine {rank}:\n"
+        + " ".join(
+            launch_command(
+                out / "accelerate.yaml",
+                out / "job.json",
+                launch,
+                node=(str(rank), str(launch.main_process_ip), str(launch.main_process_port)),
+            )
+        )
+        for rank in range(launch.num_machines)
+    )

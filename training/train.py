@@ -31,28 +31,34 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import NoReturn, TextIO
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from accelerate import Accelerator, InitProcessGroupKwargs
 from pydantic import BaseModel, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging as transformers_logging
 
 from training.data import IGNORE_INDEX, TokenizedData, load_tokenized
+from training.precision import is_mixed, weights_dtype
 from training.recipe import Recipe, TrainingConfig, WatchdogConfig, warmup_steps
 from training.sampler import Step, padded_tokens, plan_steps, save_points
 
 EXIT_WATCHDOG = 3  # exit code of a run stopped by the watchdog (NaN/inf)
 PROBE_TOKENS = 64  # length of the logits probe recorded with each checkpoint
+# Attention implementations that keep the samples of a packed row apart (from its position_ids).
+PACKING_ATTENTION = ("sdpa", "flash_attention_2", "flex_attention")
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity), matched in order against the device name.
 PEAK_BF16_FLOPS = [
@@ -135,9 +141,13 @@ def collate_packed(data: TokenizedData, indices: list[int]) -> dict[str, torch.T
 def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over unmasked tokens: the step divides once.
 
-    use_cache=False: training needs no KV cache, and with one transformers ignores the packed
-    row's position_ids when it builds the attention mask (attention would cross samples).
+    A model set up by `use_chunked_loss` computes it inside its forward (no logits returned);
+    otherwise from the full logits. use_cache=False: training needs no KV cache, and with one
+    transformers ignores the packed row's position_ids when it builds the attention mask
+    (attention would cross samples).
     """
+    if getattr(unwrap(model), "chunked_loss", False):
+        return model(**batch, use_cache=False).loss
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(),
@@ -145,6 +155,81 @@ def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a DDP / DeepSpeed wrapper (FSDP2 wraps in place)."""
+    return getattr(model, "module", model)
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk_tokens: int, logit_scale: float = 1.0
+) -> torch.Tensor:
+    """Summed next-token cross-entropy of `head(hidden) * logit_scale`, `chunk_tokens` rows at a time.
+
+    Only the loss tokens are projected, and each chunk is checkpointed: its logits (and their
+    float32 copy) are freed after its forward and recomputed in backward, so at most one chunk's
+    logits exist at any time instead of the micro-batch's full-vocabulary logits. The head is
+    called as a module, so ZeRO-3 gathers its weight for each chunk.
+    """
+    targets = labels[:, 1:].flatten()
+    keep = targets != IGNORE_INDEX
+    hidden, targets = hidden[:, :-1].flatten(0, 1)[keep], targets[keep]
+    if hidden.is_cuda and LIGER_CE is not None and logit_scale == 1.0 and not hasattr(head.weight, "ds_id"):
+        return LIGER_CE(reduction="sum")(head.weight, hidden, targets)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk_tokens):
+        end = start + chunk_tokens
+        total = total + torch.utils.checkpoint.checkpoint(
+            _chunk_loss, hidden[start:end], head, targets[start:end], logit_scale, use_reentrant=False
+        )
+    return total
+
+
+def _chunk_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, scale: float) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float() * scale, targets, reduction="sum")
+
+
+def _liger_cross_entropy() -> type | None:
+    """Liger's fused linear cross-entropy (GPU, optional): never materialises the logits at all."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearCrossEntropyLoss
+
+
+LIGER_CE = _liger_cross_entropy()
+
+
+def use_chunked_loss(model: torch.nn.Module, chunk_tokens: int) -> None:
+    """Make the causal LM's forward return the summed chunked loss (`.loss`) instead of logits.
+
+    The forward itself is replaced (before accelerate / DeepSpeed / FSDP wrap it), so the loss
+    runs inside the wrapped forward, under its autocast, with the output weight gathered.
+    The decoder (`model.model`) is unchanged; Granite's logits_scaling is kept. Called without
+    labels (the checkpoint probe) it returns logits as before.
+    """
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    logit_scale = 1.0 / getattr(model.config, "logits_scaling", 1.0)
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError("training.loss_chunk_tokens does not support final_logit_softcapping models; set it to null")
+
+    logits_forward = model.forward  # without labels (the checkpoint probe): the usual logits
+
+    def forward(input_ids, labels=None, position_ids=None, attention_mask=None, use_cache=False):
+        if labels is None:
+            return logits_forward(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=use_cache
+            )
+        out = decoder(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=use_cache
+        )
+        loss = chunked_cross_entropy(out.last_hidden_state, head, labels, chunk_tokens, logit_scale)
+        return CausalLMOutputWithPast(loss=loss)
+
+    model.forward = forward
+    model.chunked_loss = True
 
 
 def backward_step(
@@ -175,14 +260,31 @@ def backward_step(
 def accumulation_boundary(model: torch.nn.Module, last: bool) -> AbstractContextManager:
     """Gradients are synchronised once per step, on the last micro-batch.
 
-    DDP: `no_sync` on the others. A DeepSpeed engine is told whether this is the step's last
-    micro-batch (ZeRO-2/3 forbid no_sync and reduce as they go; the boundary decides when the
-    reduced gradients are final). FSDP2 has neither and reduce-scatters every micro-batch.
+    DDP: `no_sync` on the others. FSDP2: the same with `set_requires_gradient_sync(False)`; the
+    unsharded gradients then accumulate locally, in float32 (its reduce_dtype, see
+    make_accelerator). A DeepSpeed engine is told whether this is the step's last micro-batch
+    (ZeRO-2/3 forbid no_sync and reduce as they go; the boundary decides when the reduced
+    gradients are final).
     """
     if hasattr(model, "set_gradient_accumulation_boundary"):
         model.set_gradient_accumulation_boundary(last)
         return nullcontext()
-    return nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+    if last:
+        return nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        return fsdp2_no_sync(model)
+    return nullcontext()
+
+
+@contextmanager
+def fsdp2_no_sync(model: torch.nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor) -> list[float]:
@@ -210,6 +312,9 @@ def save_checkpoint(
     probe_logprobs = token_logprobs(model, probe)  # every rank: under ZeRO-3 / FSDP a forward is collective
     model.train()
     state_dict = accelerator.get_state_dict(model)  # collective too: gathers the shards on rank 0
+    dtype = getattr(torch, job.recipe.model.dtype)  # float32 masters are saved in the model's dtype
+    if state_dict is not None:  # None on ranks that do not write
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     accelerator.unwrap_model(model).save_pretrained(
         path,
         is_main_process=accelerator.is_main_process,
@@ -218,6 +323,10 @@ def save_checkpoint(
         safe_serialization=True,
     )
     if accelerator.is_main_process:
+        config_file = path / "config.json"  # save_pretrained records the in-memory (master) dtype
+        config_file.write_text(
+            json.dumps(json.loads(config_file.read_text()) | {"dtype": job.recipe.model.dtype}, indent=2) + "\n"
+        )
         tokenizer.save_pretrained(path)
         meta = {
             "phase": job.phase,
@@ -234,9 +343,9 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
-# The two lines callers parse from rank 0's output: progress, and a checkpoint that is complete.
+# The step line, for people: `lab`'s console progress bars read it from the log. Programs read
+# progress from metrics.jsonl and complete checkpoints from their meta.json.
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) samples (\d+) loss (\S+)")
-CHECKPOINT_LINE = re.compile(r"^checkpoint (samples_\d+)$")
 
 
 def log(accelerator: Accelerator, message: str) -> None:
@@ -251,28 +360,58 @@ def write_line(message: str) -> None:
     sys.stdout.flush()
 
 
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """The Accelerator for the recipe's backend and precision.
+
+    Several CPU ranks (and DeepSpeed on CPU) need gloo named explicitly (NOTES.md); with one
+    process, naming a backend makes accelerate look for a process group that does not exist.
+    FSDP: accelerate's mixed precision reduces gradients in the compute dtype; the policy here
+    reduces and accumulates them in float32 (training.precision).
+    """
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    kwargs = {}
+    if recipe.launch.backend == "fsdp" and is_mixed(recipe):
+        from accelerate import FullyShardedDataParallelPlugin
+
+        compute = getattr(torch, recipe.model.dtype)
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, mixed_precision_policy={"param_dtype": compute, "reduce_dtype": torch.float32}
+        )
+    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [], **kwargs)
+
+
+def load_model(job: TrainJob) -> torch.nn.Module:
+    """The model to train: weights in `weights_dtype` (float32 masters under mixed precision),
+    with activation checkpointing and the chunked loss when the recipe asks for them.
+
+    Under ZeRO-3 the Accelerator (created first) makes from_pretrained load straight into
+    shards; under FSDP with cpu_ram_efficient_loading only rank 0 reads the weights.
+    """
+    cfg = job.recipe.training
+    model = AutoModelForCausalLM.from_pretrained(
+        job.model_path,
+        dtype=getattr(torch, weights_dtype(job.recipe)),
+        attn_implementation=job.recipe.model.attn_implementation,
+    )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.loss_chunk_tokens:
+        use_chunked_loss(model, cfg.loss_chunk_tokens)
+    return model
+
+
 def train(job: TrainJob) -> None:
     cfg: TrainingConfig = job.recipe.training
     launch = job.recipe.launch
-    dtype = getattr(torch, job.recipe.model.dtype)
-    # Several CPU ranks (and DeepSpeed on CPU) need gloo named explicitly (NOTES.md); with one
-    # process, naming a backend makes accelerate look for a process group that does not exist.
-    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [])
+    accelerator = make_accelerator(job.recipe)
     torch.manual_seed(cfg.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     deepspeed = launch.backend == "deepspeed"
     sharded = launch.backend in ("deepspeed", "fsdp")  # collectives in every forward/backward
-    packed = job.recipe.model.attn_implementation == "flash_attention_2"
+    packed = cfg.packing and job.recipe.model.attn_implementation in PACKING_ATTENTION
 
     tokenizer = AutoTokenizer.from_pretrained(job.model_path)
-    # Under ZeRO-3 the Accelerator above makes from_pretrained load straight into shards. FSDP
-    # keeps fp32 weights and computes in `dtype` (mixed precision set by the launcher).
-    model = AutoModelForCausalLM.from_pretrained(
-        job.model_path,
-        dtype=torch.float32 if launch.backend == "fsdp" else dtype,
-        attn_implementation=job.recipe.model.attn_implementation,
-    )
+    model = load_model(job)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 shards
     data = load_tokenized(job.data_dir)
     lengths, loss_tokens = data.lengths(), data.loss_tokens()
@@ -292,6 +431,7 @@ def train(job: TrainJob) -> None:
         f"EBS {cfg.effective_batch_size} samples/step -> {total_steps} optimizer steps; "
         f"{world} rank(s) ({launch.backend}); micro-batches capped at {cfg.max_tokens_per_micro_batch} "
         f"{'real (packed)' if packed else 'padded'} tokens; "
+        f"precision: compute {job.recipe.model.dtype}, weights {weights_dtype(job.recipe)}; "
         f"warmup {warmup} steps, schedule {cfg.schedule}, peak lr {cfg.learning_rate:g}",
     )
     if every and every % cfg.effective_batch_size:
@@ -375,6 +515,7 @@ def train(job: TrainJob) -> None:
             "padding_efficiency": round(step_tokens / computed, 4),
             "micro_batches": sum(len(per_rank) for per_rank in step.micro_batches),
             "wall_s": round(time.perf_counter() - started, 3),
+            "peak_memory_gb": round(peak_memory_bytes(accelerator.device) / 2**30, 4),
             "time": round(time.time(), 3),  # when the step ended (Unix time): concurrent runs can be told apart
         }
         ours = {i for mb in mine for i in mb}  # logged in data-stream order, so epochs can be told apart
@@ -420,6 +561,22 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig, offload: bool) -
 
         return DeepSpeedCPUAdam(model.parameters(), adamw_mode=True, **kwargs)
     return torch.optim.AdamW(model.parameters(), **kwargs)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this rank so far: allocated tensors on a GPU, the process's peak RSS on CPU.
+
+    VmHWM (Linux), not ru_maxrss: ru_maxrss survives exec, so a process started from a big
+    parent would report the parent's size at fork time.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    status = Path("/proc/self/status")
+    if status.exists():
+        hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) * 1024  # kB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:

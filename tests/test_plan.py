@@ -1,0 +1,148 @@
+"""`lab plan`: the presets fit an 8B Llama on 8 x 80 GB, a misfit is refused by `lab run` before
+anything starts (naming the knob), and the estimate is compared with a measured peak on CPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from flows.cli import main
+from training.plan import GIB, ModelShape, estimate_memory, plan_recipe
+from training.recipe import load_recipe
+
+# Llama 3 8B's config.json (architecture only: no weights are needed to plan).
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+}
+
+
+@pytest.fixture(scope="module")
+def llama_8b(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("llama-8b")
+    (path / "config.json").write_text(json.dumps(LLAMA_8B))
+    return path
+
+
+def test_parameter_count_matches_the_real_model():
+    for config in (LLAMA_8B, {**LLAMA_8B, "num_hidden_layers": 2, "tie_word_embeddings": True}):
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(**config))
+        assert ModelShape.from_config(config).params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["lab", "tulu", "tulu-plus"])
+def test_the_presets_fit_an_8b_llama_on_8_x_80gb(name, llama_8b, capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        main(["plan", name, "--gpus", "8", "--gpu-memory", "80", "--set", f"model.name_or_path={llama_8b}"])
+    out = capsys.readouterr().out
+    assert exit_code.value.code == 0, out
+    assert "8.03B params" in out and "-> fits" in out
+    assert "samples unknown (data not reachable)" in out  # planned without the recipe's data
+    assert "--num_processes 8" in out and "deepspeed.json" in out  # the launch and its generated files
+
+
+def test_a_misfit_is_refused_by_lab_run_before_anything_starts_naming_the_knob(llama_8b, tmp_path):
+    misfit = [
+        "--set",
+        f"model.name_or_path={llama_8b}",
+        "--set",
+        "launch.backend=ddp",
+        "--set",
+        "training.gradient_checkpointing=false",
+        "--set",
+        "training.max_tokens_per_micro_batch=32768",
+    ]
+    root = tmp_path / "runs"
+    run = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "lab", "--gpu-memory", "80", "--storage-root", str(root), *misfit],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "plan does not fit" in run.stderr and "--set training.gradient_checkpointing=true" in run.stderr
+    assert not root.exists()  # no run directory, no Prefect flow run, no training process
+    # The knob it names really makes the plan fit.
+    recipe = load_recipe(
+        "lab",
+        {
+            "model.name_or_path": str(llama_8b),
+            "launch.backend": "ddp",
+            "training.gradient_checkpointing": False,
+        },
+    )
+    plan, _ = plan_recipe(recipe, gpu_memory_gib=80)
+    assert not plan.fits and plan.fix and plan.fix["training.gradient_checkpointing"] is True
+    fixed, _ = plan_recipe(load_recipe(recipe.model_dump(mode="json"), plan.fix), gpu_memory_gib=80)
+    assert fixed.fits
+
+
+def import_baseline_bytes() -> int:
+    """Peak RSS of a process that only imports the training script (Python, torch, transformers,
+    accelerate): what the training process holds before any tensor of the plan exists."""
+    code = "import torch, training.train as t; print(t.peak_memory_bytes(torch.device('cpu')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.slow
+def test_plan_estimate_against_the_measured_peak_of_a_cpu_training_process(tmp_path, assets, prepared_slice):
+    """A 17M-parameter Llama (the lab tokenizer), fp32, no checkpointing, one step of 96 samples in
+    full 1,024-token micro-batches: the plan's estimate vs the training process's peak RSS less
+    the import baseline."""
+    from training.launch import run_training
+    from training.train import TrainJob
+
+    model_dir = tmp_path / "model"
+    config = AutoConfig.from_pretrained(assets.base_model_dir)
+    config.update({"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8, "num_key_value_heads": 8})
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(assets.base_model_dir).save_pretrained(model_dir)
+    recipe = load_recipe(
+        "demo",
+        {
+            "model.name_or_path": str(model_dir),
+            "training.effective_batch_size": 96,
+            "training.epochs": 1,
+            "training.max_tokens_per_micro_batch": 1024,
+            "checkpointing.save_every_samples": None,
+            "checkpointing.save_every_epoch": False,
+            "checkpointing.state_every_steps": None,
+        },
+    )
+    job = TrainJob(
+        run_id="m",
+        phase="p",
+        recipe=recipe,
+        model_path=str(model_dir),
+        parent_checkpoint="m",
+        data_dir=prepared_slice("phase00", 96),
+        output_dir=str(tmp_path / "out"),
+    )
+    run_training(job, on_line=lambda _: None)
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["micro_batches"] >= 2 and metrics[0]["tokens_seen"] > 0.8 * 1024 * metrics[0]["micro_batches"]
+    peak = max(m["peak_memory_gb"] for m in metrics) * GIB
+    baseline = import_baseline_bytes()
+    estimate = estimate_memory(recipe, ModelShape.from_config(config.to_dict()), on_gpu=False).total
+    ratio = estimate / (peak - baseline)
+    print(
+        f"plan {estimate / 2**20:.0f} MiB; measured peak RSS {peak / 2**20:.0f} MiB - import baseline "
+        f"{baseline / 2**20:.0f} MiB = {(peak - baseline) / 2**20:.0f} MiB; ratio {ratio:.2f}"
+    )
+    assert 0.5 <= ratio <= 2.0

@@ -1,0 +1,382 @@
+"""`lab plan`: what a recipe will cost before anything launches.
+
+From the recipe and the model's `config.json` (no weights, no data needed) this computes the
+batch arithmetic, a per-GPU memory estimate broken down by what holds it, a wall-time estimate
+from a stated throughput, and the launch command with its generated config files.
+
+The memory model, per GPU, for P parameters on N ranks (bytes; "masters" are float32 under
+mixed precision, else the model dtype; see training.precision):
+
+    backend     weights                    gradients            optimizer (AdamW m, v [+ fp32 master])
+    cpu / ddp   P x master (+ 2P autocast  P x master (twice     2 x P x master
+                copy of the weights)       with DDP's buckets)
+    deepspeed   2P (ZeRO-2) / 2P/N +       4P/N (+ bf16         12P/N (0 with offload_optimizer)
+                two gathered layers (ZeRO-3) reduce bucket)
+    fsdp        4P/N + two gathered layers 4P/N + 4P (float32   8P/N
+                                           grads accumulated unsharded between syncs)
+
+Activations of one micro-batch of T tokens (the token budget, packed): without checkpointing
+every layer keeps ~(17h + 3kv + 4i) values per token in the compute dtype (34h + 6kv + 8i bytes
+in bf16: linear inputs / outputs, norms; h hidden, kv key/value width, i MLP width; attention by sdpa/flash keeps no T x T
+matrix); with checkpointing only each layer's input (the residual stream: float32 under
+autocast, else 2 bytes) plus one layer recomputed. Logits: the chunked loss holds one chunk's
+logits (bf16 + float32 + float32 gradient, 10 bytes per entry); the plain loss the whole
+micro-batch's (plus the float32 copies, 14 bytes per entry). These are estimates: the ratio to a
+measured peak is checked on CPU (tests/test_plan.py) and on a GPU by bench/gpu_check.sh.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.precision import is_mixed, weights_dtype
+from training.recipe import Recipe
+
+GIB = 2**30
+CUDA_RUNTIME_BYTES = 2 * GIB  # CUDA context, cuBLAS / NCCL workspaces, allocator slack
+DEEPSPEED_BUCKET_BYTES = 2 * 500_000_000  # ZeRO's default reduce bucket, 5e8 elements in bf16
+H100_BF16_FLOPS = 989e12
+ASSUMED_MFU = 0.4
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory depends on, read from a transformers config.json (Llama-like decoders)."""
+
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
+        heads = config["num_attention_heads"]
+        return cls(
+            hidden=config["hidden_size"],
+            layers=config["num_hidden_layers"],
+            intermediate=config["intermediate_size"],
+            heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            vocab=config["vocab_size"],
+            tied=bool(config.get("tie_word_embeddings", False)),
+        )
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def layer_params(self) -> int:
+        h, q = self.hidden, self.heads * self.head_dim
+        attention = h * q + 2 * h * self.kv_width + q * h
+        return attention + 3 * h * self.intermediate + 2 * h
+
+    @property
+    def params(self) -> int:
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return embeddings + self.layers * self.layer_params + self.hidden
+
+
+def read_model_config(name_or_path: str) -> dict[str, Any]:
+    """config.json of a local model directory, or of a hub model (only that file is fetched)."""
+    local = Path(name_or_path) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name_or_path).to_dict()
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU, by what holds them."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    activations_without_checkpointing: int
+    activations_with_checkpointing: int
+    logits: int
+    runtime: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.runtime
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [
+            ("weights", self.weights),
+            ("gradients", self.gradients),
+            ("optimizer state", self.optimizer),
+            ("activations (as configured)", self.activations),
+            ("logits / loss", self.logits),
+            ("runtime (CUDA context, workspaces)", self.runtime),
+            ("total", self.total),
+        ]
+
+
+def estimate_memory(recipe: Recipe, shape: ModelShape, on_gpu: bool = True) -> MemoryEstimate:
+    """Per-GPU memory of one rank of the recipe (see the module docstring for the model)."""
+    launch, cfg = recipe.launch, recipe.training
+    n, p = launch.world_size, shape.params
+    master = DTYPE_BYTES[weights_dtype(recipe)]
+    compute = DTYPE_BYTES[recipe.model.dtype]
+    gathered_layers = 2 * shape.layer_params * compute  # the layer computing and the one prefetched
+    notes = []
+    if launch.backend in ("cpu", "ddp"):
+        weights = p * master + (p * compute if is_mixed(recipe) else 0)
+        gradients = p * master * (2 if n > 1 else 1)  # DDP's reduction buckets are a second copy
+        optimizer = 2 * p * master
+    elif launch.backend == "deepspeed":
+        if launch.zero_stage == 3:
+            weights = (0 if launch.offload_params else p * compute // n) + gathered_layers
+        else:
+            weights = p * compute
+        gradients = 4 * p // n + DEEPSPEED_BUCKET_BYTES
+        optimizer = 0 if launch.offload_optimizer else 12 * p // n
+        if launch.offload_optimizer:
+            notes.append(f"optimizer state on CPU: {12 * p / n / GIB:.1f} GiB of host memory per rank")
+    else:  # fsdp
+        weights = master * p // n + gathered_layers
+        gradients = master * p // n + 4 * p
+        optimizer = 2 * master * p // n
+        notes.append("fsdp: gradients accumulate unsharded in float32 between syncs (one sync per step)")
+
+    tokens = cfg.max_tokens_per_micro_batch
+    h, kv, i = shape.hidden, shape.kv_width, shape.intermediate
+    per_layer = (17 * h + 3 * kv + 4 * i) * compute  # bytes per token of one layer's saved activations
+    residual = 4 if is_mixed(recipe) and launch.backend in ("cpu", "ddp") else compute
+    without = tokens * (shape.layers * per_layer + residual * h)
+    with_checkpointing = tokens * ((shape.layers + 1) * residual * h + per_layer)
+    activations = with_checkpointing if cfg.gradient_checkpointing else without
+    chunk = min(cfg.loss_chunk_tokens or tokens, tokens)
+    logits = chunk * shape.vocab * (10 if cfg.loss_chunk_tokens else 14)
+    return MemoryEstimate(
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        activations=activations,
+        activations_without_checkpointing=without,
+        activations_with_checkpointing=with_checkpointing,
+        logits=logits,
+        runtime=CUDA_RUNTIME_BYTES if on_gpu else 0,
+        notes=notes,
+    )
+
+
+# Knobs tried in order, cumulatively, when a plan does not fit: the first ones cost least.
+KNOBS: list[tuple[str, Any]] = [
+    ("training.gradient_checkpointing", True),
+    ("training.loss_chunk_tokens", 4096),
+    ("launch.backend", "deepspeed"),
+    ("launch.zero_stage", 3),
+    ("training.max_tokens_per_micro_batch", "half"),
+    ("launch.offload_optimizer", True),
+]
+
+
+def knobs_to_fit(recipe: Recipe, shape: ModelShape, device_bytes: int) -> dict[str, Any] | None:
+    """Overrides (cumulative, in KNOBS order) that make the estimate fit; None if none do."""
+    from training.recipe import load_recipe
+
+    data = recipe.model_dump(mode="json")
+    changes: dict[str, Any] = {}
+    current = recipe
+    for key, value in KNOBS:
+        if estimate_memory(current, shape).total <= device_bytes:
+            return changes
+        if value == "half":
+            while estimate_memory(current, shape).total > device_bytes:
+                half = current.training.max_tokens_per_micro_batch // 2
+                if half < current.training.max_seq_len:
+                    break
+                changes[key] = half
+                current = load_recipe(data, changes)
+            continue
+        section, name = key.split(".")
+        if getattr(getattr(current, section), name) == value:
+            continue
+        changes[key] = value
+        current = load_recipe(data, changes)
+    return changes if estimate_memory(current, shape).total <= device_bytes else None
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    shape: ModelShape
+    memory: MemoryEstimate
+    device_bytes: int | None
+    samples: int | None
+    mean_tokens: float
+    tokens_per_s_per_gpu: float
+    throughput_source: str
+    fix: dict[str, Any] | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.device_bytes is None or self.memory.total <= self.device_bytes
+
+    def refusal(self) -> str:
+        """Why `lab run` will not launch this plan, naming the knob(s) that would make it fit."""
+        need, have = self.memory.total / GIB, (self.device_bytes or 0) / GIB
+        head = f"plan does not fit: {need:.1f} GiB per GPU estimated > {have:.0f} GiB ({self.recipe.launch.backend})"
+        if self.fix is None:
+            return head + "; no single setting fixes it: use more GPUs (launch.num_processes / num_machines)"
+        sets = " ".join(f"--set {k}={json.dumps(v)}" for k, v in self.fix.items())
+        return f"{head}; it fits with: {sets}  (`lab plan` shows the breakdown)"
+
+
+def make_plan(
+    recipe: Recipe,
+    model_config: dict[str, Any],
+    device_bytes: int | None,
+    samples: int | None = None,
+    mean_tokens: float = 1024,
+    tokens_per_s_per_gpu: float | None = None,
+) -> Plan:
+    shape = ModelShape.from_config(model_config)
+    memory = estimate_memory(recipe, shape)
+    if tokens_per_s_per_gpu is None:
+        recompute = 4 / 3 if recipe.training.gradient_checkpointing else 1.0  # one more forward
+        tokens_per_s_per_gpu = ASSUMED_MFU * H100_BF16_FLOPS / (6 * shape.params * recompute)
+        source = f"assumed: {ASSUMED_MFU:.0%} MFU of an H100's 989 TFLOP/s bf16; pass --tokens-per-s"
+    else:
+        source = "stated"
+    plan = Plan(recipe, shape, memory, device_bytes, samples, mean_tokens, tokens_per_s_per_gpu, source)
+    if not plan.fits:
+        plan.fix = knobs_to_fit(recipe, shape, device_bytes)
+    return plan
+
+
+def render(plan: Plan, launch_command: list[str], files: dict[str, str]) -> str:
+    """The plan as `lab plan` prints it."""
+    r, cfg, launch = plan.recipe, plan.recipe.training, plan.recipe.launch
+    world = launch.world_size
+    lines = [f"== plan: {r.name} ({r.strategy}, {len(r.phases)} phase(s)) on {world} GPU(s), backend {launch.backend}"]
+    lines.append(
+        f"model: {r.model.name_or_path}: {plan.shape.params / 1e9:.2f}B params, {plan.shape.layers} layers, "
+        f"hidden {plan.shape.hidden}, vocab {plan.shape.vocab}; compute {r.model.dtype}, weights {weights_dtype(r)}"
+    )
+    lines.append("\n-- batch arithmetic")
+    per_rank_tokens = cfg.effective_batch_size / world * plan.mean_tokens
+    micro = max(1, math.ceil(per_rank_tokens / cfg.max_tokens_per_micro_batch))
+    lines.append(
+        f"EBS {cfg.effective_batch_size} samples/step = {cfg.effective_batch_size / world:.1f} samples per rank x {world} "
+        f"ranks; ~{micro} micro-batch(es) per rank per step of <= {cfg.max_tokens_per_micro_batch} tokens "
+        f"({'packed' if cfg.packing else 'padded'}; {plan.mean_tokens:.0f} tokens per sample assumed)"
+    )
+    if plan.samples:
+        steps = math.ceil(plan.samples * cfg.epochs / cfg.effective_batch_size)
+        tokens = plan.samples * cfg.epochs * plan.mean_tokens
+        hours = tokens / (plan.tokens_per_s_per_gpu * world) / 3600
+        lines.append(
+            f"{plan.samples} samples x {cfg.epochs:g} epochs = {steps} optimizer steps, {tokens / 1e9:.2f}B tokens"
+        )
+        lines.append(
+            f"wall time: ~{hours:.1f} h at {plan.tokens_per_s_per_gpu:,.0f} tokens/s per GPU ({plan.throughput_source})"
+        )
+    else:
+        lines.append("samples unknown (data not reachable): pass --samples N for steps and wall time")
+    m = plan.memory
+    lines.append("\n-- memory per GPU (estimate)")
+    lines += [f"{name:<38} {value / GIB:>8.2f} GiB" for name, value in m.rows()]
+    lines.append(
+        f"{'  activations without checkpointing':<38} {m.activations_without_checkpointing / GIB:>8.2f} GiB"
+        f"   with: {m.activations_with_checkpointing / GIB:.2f} GiB (training.gradient_checkpointing="
+        f"{str(cfg.gradient_checkpointing).lower()})"
+    )
+    lines += [f"note: {note}" for note in m.notes]
+    if plan.device_bytes is not None:
+        verdict = "fits" if plan.fits else plan.refusal()
+        lines.append(f"device: {plan.device_bytes / GIB:.0f} GiB per GPU -> {verdict}")
+    lines.append("\n-- launch (per phase; on every node with its machine_rank)")
+    lines.append(" ".join(launch_command))
+    for name, text in files.items():
+        lines.append(f"\n# {name}\n{text.rstrip()}")
+    return "\n".join(lines)
+
+
+def count_samples(recipe: Recipe) -> int | None:
+    """Samples in the recipe's data (all phases) when every file is reachable here as a local or
+    embedded JSONL / Parquet file; None otherwise (the presets point at the user's own files)."""
+    from training.storage import resolve_embedded
+
+    total = 0
+    for phase in recipe.phases:
+        for uri in phase.data:
+            path = Path(resolve_embedded(uri)) if "://" not in uri or uri.startswith("embedded://") else None
+            if path is None or not path.is_file():
+                return None
+            if path.suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                total += pq.ParquetFile(path).metadata.num_rows
+            else:
+                total += sum(1 for line in path.open() if line.strip())
+    return total
+
+
+def device_memory_bytes(gpu_memory_gib: float | None) -> int | None:
+    """The stated GPU memory, else the memory of this machine's first GPU, else None (unknown)."""
+    if gpu_memory_gib is not None:
+        return int(gpu_memory_gib * GIB)
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
+def plan_recipe(
+    recipe: Recipe,
+    gpu_memory_gib: float | None = None,
+    samples: int | None = None,
+    mean_tokens: float = 1024,
+    tokens_per_s_per_gpu: float | None = None,
+) -> tuple[Plan, str]:
+    """The plan of a resolved recipe and its rendering (what `lab plan` prints)."""
+    from training.launch import launch_files
+    from training.storage import resolve_embedded
+    from training.train import TrainJob
+
+    model_config = read_model_config(resolve_embedded(recipe.model.name_or_path))
+    plan = make_plan(
+        recipe,
+        model_config,
+        device_memory_bytes(gpu_memory_gib),
+        samples if samples is not None else count_samples(recipe),
+        mean_tokens,
+        tokens_per_s_per_gpu,
+    )
+    phase = recipe.phases[0].name
+    k8s = recipe.launch.kubernetes if recipe.launch.scheduler == "kubernetes" else None
+    root = f"{k8s.mount_path.rstrip('/')}/STORAGE_ROOT" if k8s else "STORAGE_ROOT"  # on the nodes' shared volume
+    job = TrainJob(
+        run_id="RUN_ID",
+        phase=phase,
+        recipe=recipe,
+        model_path=recipe.model.name_or_path,
+        parent_checkpoint=recipe.model.name_or_path,
+        data_dir=f"{root}/RUN_ID/data/{phase}",
+        output_dir=f"{root}/RUN_ID/{phase}",
+    )
+    command, files = launch_files(job)
+    shown = {str(path): text for path, text in files.items() if path.suffix != ".json" or "deepspeed" in path.name}
+    text = render(plan, command, shown)
+    if recipe.launch.num_machines > 1 or recipe.launch.scheduler != "local":
+        from training.scheduler import node_launches
+
+        text += f"\n\n-- the phase on {recipe.launch.num_machines} node(s), scheduler {recipe.launch.scheduler}\n"
+        text += node_launches(job)
+    return plan, text
