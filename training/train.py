@@ -44,7 +44,7 @@ from typing import NoReturn, TextIO
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 from pydantic import BaseModel, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -365,19 +365,23 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
 
     Several CPU ranks (and DeepSpeed on CPU) need gloo named explicitly (NOTES.md); with one
     process, naming a backend makes accelerate look for a process group that does not exist.
-    FSDP: accelerate's mixed precision reduces gradients in the compute dtype; the policy here
-    reduces and accumulates them in float32 (training.precision).
     """
     distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    kwargs = {}
-    if recipe.launch.backend == "fsdp" and is_mixed(recipe):
-        from accelerate import FullyShardedDataParallelPlugin
+    plugin = fsdp_plugin(recipe) if recipe.launch.backend == "fsdp" and is_mixed(recipe) else None
+    return Accelerator(
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [], fsdp_plugin=plugin
+    )
 
-        compute = getattr(torch, recipe.model.dtype)
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            fsdp_version=2, mixed_precision_policy={"param_dtype": compute, "reduce_dtype": torch.float32}
-        )
-    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [], **kwargs)
+
+def fsdp_plugin(recipe: Recipe) -> FullyShardedDataParallelPlugin:
+    """FSDP2 mixed precision: compute in the model dtype, gradients reduced (and accumulated
+    between syncs) in float32, float32 outputs (the loss). accelerate's own bf16 policy would
+    reduce and accumulate in bf16. Everything else comes from the launcher's environment."""
+    compute = getattr(torch, recipe.model.dtype)
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        mixed_precision_policy={"param_dtype": compute, "reduce_dtype": torch.float32, "output_dtype": torch.float32},
+    )
 
 
 def load_model(job: TrainJob) -> torch.nn.Module:
@@ -462,7 +466,7 @@ def train(job: TrainJob) -> None:
     to_batch = (
         (lambda mb: collate_packed(data, mb)) if packed else (lambda mb: collate(data, mb, tokenizer.pad_token_id))
     )
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for step in steps[done_steps:]:
         t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
@@ -515,6 +519,7 @@ def train(job: TrainJob) -> None:
             "padding_efficiency": round(step_tokens / computed, 4),
             "micro_batches": sum(len(per_rank) for per_rank in step.micro_batches),
             "wall_s": round(time.perf_counter() - started, 3),
+            "cpu_s": round(time.process_time() - cpu_started, 3),  # this rank's CPU time: robust to a shared machine
             "peak_memory_gb": round(peak_memory_bytes(accelerator.device) / 2**30, 4),
             "time": round(time.time(), 3),  # when the step ended (Unix time): concurrent runs can be told apart
         }
