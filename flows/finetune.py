@@ -15,6 +15,7 @@ from prefect import flow
 from evaluation.selection import CheckpointScore, Selection, best_reached
 from tasks.finetune import (
     ModelRef,
+    average_last_checkpoints,
     eval_uri,
     evaluate_model,
     generate_mt_bench_answers,
@@ -78,24 +79,27 @@ def finetune(
     manifest = init_run(run_uri, run_id, cfg)
 
     start = ModelRef(name="base", uri=cfg.model.name_or_path, samples=0)
-    start_score = None  # the base model is evaluated after the first training, so that fails fast
+    start_score = None  # the base model: evaluated beside the first training, or after it (so that fails fast)
     carried: list[CheckpointScore] = []  # each phase's winner: the forgetting guard's reference
     for i, phase in enumerate(cfg.phases):
         if phase.name in manifest["phases"]:
             selection = Selection.model_validate(storage.read_json(storage.join(run_uri, phase.name, "selection.json")))
         else:
             prepare_data(cfg, phase, run_uri)
-            checkpoints = train_phase(cfg, phase, run_uri, run_id, start)
+            checkpoints = train_phase(cfg, phase, run_uri, run_id, start, evaluate_start=start_score is None)
+            averaged = average_last_checkpoints(cfg, run_uri, phase.name, checkpoints)
+            candidates = [*checkpoints, averaged] if averaged else checkpoints
             if start_score is None:
-                start_score, *scores = score_models(cfg, [start, *checkpoints], run_uri, phase.name)
+                start_score, *scores = score_models(cfg, [start, *candidates], run_uri, phase.name)
             else:
-                scores = score_models(cfg, checkpoints, run_uri, phase.name)
+                scores = score_models(cfg, candidates, run_uri, phase.name)
             reference = best_reached([key for earlier in cfg.phases[:i] for key in earlier.objective], carried)
             selection = select_checkpoint(cfg, phase, start_score, scores, reference, run_uri, run_id)
             if not selection.gate.passed:
                 raise GateFailed(f"phase {phase.name}: gate failed\n" + "\n".join(selection.gate.reasons))
             manifest = mark_phase_done(run_uri, manifest, selection)
-            kept = selection.winner.checkpoint if selection.winner.checkpoint != start.uri else None
+            # None: the start model or the average won; no checkpoint of this phase is needed
+            kept = selection.winner.checkpoint if selection.winner.checkpoint in {c.uri for c in checkpoints} else None
             prune_phase_checkpoints(cfg, run_uri, phase.name, kept)
         winner = selection.winner
         carried.append(winner)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,13 +25,24 @@ from prefect.artifacts import (
 )
 from pydantic import BaseModel
 
-from evaluation import lm_eval_runner, mt_bench, report
+from evaluation import mt_bench, report, worker
 from evaluation.selection import CheckpointScore, Selection, gate_markdown, select
+from evaluation.worker import BackgroundEvaluator, EvalRequest
 from training import storage
+from training.averaging import average_checkpoints
 from training.data import PrepStats, load_phase, prepare
-from training.launch import TrainingFailed, complete_checkpoints, keep_last_checkpoints, prune_checkpoints, run_training
+from training.launch import (
+    TrainingFailed,
+    complete_checkpoints,
+    device_env,
+    keep_last_checkpoints,
+    prune_checkpoints,
+    run_training,
+    training_slots,
+    visible_gpus,
+)
 from training.recipe import PhaseConfig, Recipe
-from training.train import CHECKPOINT_LINE, STEP_LINE, TrainJob
+from training.train import TrainJob
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINED = "trained.json"  # a phase's training finished: its checkpoints, written after everything else
@@ -139,14 +150,19 @@ def train_phase(
     run_id: str,
     start: ModelRef,
     stop_after_samples: int | None = None,
+    evaluate_start: bool = False,
 ) -> list[ModelRef]:
     """Run the phase's `accelerate launch`; stream rank-0 output to the log; return checkpoints.
 
     With `stop_after_samples` the run pauses there (a sweep's probe); the next call resumes it.
     Training writes into the phase's local directory (for a remote root, its mirror in the
-    staging directory, which also keeps the rolling state for resume); with a remote root each
-    checkpoint is uploaded as soon as training reports it complete. A finished phase gets
-    trained.json and is never trained again: a re-run only uploads what is missing.
+    staging directory, which also keeps the rolling state for resume). Progress comes from
+    metrics.jsonl and each checkpoint from its meta.json (the run's files, not its output): with
+    a remote root it is uploaded as soon as it is complete, and with `evaluation.devices` its
+    evaluation starts in a worker process beside training (the start model's too, at launch,
+    with `evaluate_start`); the task then returns when every evaluation is done, and fails with
+    an evaluation's own error. A finished phase gets trained.json and is never trained again: a
+    re-run only uploads what is missing.
     """
     phase_uri = storage.join(run_uri, phase.name)
     if storage.exists(storage.join(phase_uri, TRAINED)):
@@ -161,10 +177,23 @@ def train_phase(
     progress = create_progress_artifact(
         progress=0.0, key=artifact_key(run_id, phase.name, "training"), description=f"training {phase.name}"
     )
-    # Uploads and keep_last_n pruning run one at a time, in order, beside the output pump, so
-    # that a slow upload never stalls training's stdout and nothing is deleted mid-upload.
+    # Uploads and keep_last_n pruning run one at a time, in order, in a thread of their own, so
+    # that a slow upload never stalls the run's file watching and nothing is deleted mid-upload.
     uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
     uploads = []
+    evaluator = background_evaluator(recipe, phase.name, local, stop_after_samples, logger.info)
+
+    def evaluate(model: ModelRef) -> None:
+        if evaluator is not None:
+            evaluator.submit(
+                EvalRequest(
+                    recipe=recipe,
+                    name=model.name,
+                    uri=model.uri,
+                    samples=model.samples,
+                    eval_dir=eval_uri(run_uri, phase.name, model.name, ""),
+                )
+            )
 
     def checkpoint_written(name: str) -> None:
         if remote:
@@ -174,12 +203,14 @@ def train_phase(
                 storage.remove_tree(storage.join(phase_uri, "checkpoints", old.name))
             logger.info(f"{phase.name}: keep_last_n={recipe.checkpointing.keep_last_n} deleted {old.name}")
 
-    def on_line(line: str) -> None:
-        logger.info(line)
-        if match := STEP_LINE.match(line):
-            update_progress_artifact(progress, progress=100.0 * int(match[1]) / int(match[2]))
-        elif match := CHECKPOINT_LINE.match(line):
-            uploads.append(uploader.submit(checkpoint_written, match[1]))
+    def on_metrics(record: dict[str, Any]) -> None:
+        update_progress_artifact(progress, progress=min(100.0, 100.0 * record["epoch"] / recipe.training.epochs))
+        if evaluator is not None:
+            evaluator.raise_if_failed()  # fails the phase (and stops the training) at once
+
+    def on_checkpoint(path: Path) -> None:
+        uploads.append(uploader.submit(checkpoint_written, path.name))
+        evaluate(ModelRef.checkpoint(storage.join(phase_uri, "checkpoints", path.name)))
 
     job = TrainJob(
         run_id=run_id,
@@ -192,18 +223,78 @@ def train_phase(
         code_version=code_version(),
         stop_after_samples=stop_after_samples,
     )
+    if evaluate_start:
+        evaluate(start)
     try:
-        run_training(job, on_line=on_line)
+        run_training(job, on_line=logger.info, on_metrics=on_metrics, on_checkpoint=on_checkpoint)
         for upload in uploads:
             upload.result()  # an upload error fails the task (a retry resumes the upload)
+        if evaluator is not None:
+            # Training's share is free now: evaluate what is still queued on it too.
+            for slot in training_slots(recipe.launch, recipe.evaluation.devices)[: evaluator.pending]:
+                evaluator.add_worker({**os.environ, **slot})
+            evaluator.wait()  # selection needs every score
     except TrainingFailed:
+        if evaluator is not None:
+            evaluator.kill()
         publish_phase(local, phase_uri)  # the metrics and stopped.json say why; keep them with the run
+        raise
+    except BaseException:  # cancel, an evaluation's or upload's failure: no worker may outlive us
+        if evaluator is not None:
+            evaluator.kill()
         raise
     finally:
         uploader.shutdown(wait=False, cancel_futures=True)
     if not (local / "state").exists():  # finished, not paused: the rolling state is removed at the end
         storage.write_json(str(local / TRAINED), [c.model_dump() for c in checkpoint_refs(local, phase_uri)])
     return publish_phase(local, phase_uri)
+
+
+def background_evaluator(
+    recipe: Recipe, phase: str, local: Path, stop_after_samples: int | None, log: Callable[[str], None]
+) -> BackgroundEvaluator | None:
+    """The evaluator beside this phase's training, or None (evaluation after training); logs the plan."""
+    launch, devices = recipe.launch, recipe.evaluation.devices
+    training = f"training: {launch.backend} x{launch.world_size}"
+    if devices is None or stop_after_samples is not None or recipe.checkpointing.keep_last_n:
+        why = (
+            "evaluation.devices is unset"
+            if devices is None
+            else "a probe run"
+            if stop_after_samples is not None
+            else "keep_last_n may delete a checkpoint mid-evaluation"
+        )
+        log(f"{phase}: plan: {training}; evaluation after training, one model at a time ({why})")
+        return None
+    log(
+        f"{phase}: plan: {training}; evaluation of each checkpoint as its meta.json lands, in a worker "
+        f"process beside training on {devices} (evaluation.devices); once training ends, one more worker "
+        "per training rank on its resources"
+    )
+    evaluator = BackgroundEvaluator(local, log)
+    evaluator.add_worker({**os.environ, **device_env(devices, visible_gpus())[1]})
+    return evaluator
+
+
+@task(name="average-checkpoints")
+def average_last_checkpoints(recipe: Recipe, run_uri: str, phase: str, checkpoints: list[ModelRef]) -> ModelRef | None:
+    """selection.average_last_k: the uniform weight average of the phase's last k checkpoints,
+    saved as <phase>/averaged/avg_last<k> and returned as one more candidate (None when off, or
+    with fewer than 2 checkpoints). Its samples are the newest averaged checkpoint's."""
+    k = recipe.selection.average_last_k
+    if k is None or len(checkpoints) < 2:
+        return None
+    last = checkpoints[-k:]
+    name = f"avg_last{len(last)}"
+    phase_uri = storage.join(run_uri, phase)
+    uri = storage.join(phase_uri, "averaged", name)
+    local = storage.local_path(phase_uri) / "averaged" / name
+    if not (local / "meta.json").exists():
+        average_checkpoints([Path(storage.local_checkpoint(c.uri)) for c in last], local)
+        get_run_logger().info(f"{phase}: {name} = uniform average of {[c.name for c in last]}")
+    if not storage.is_local(uri):
+        storage.upload_tree(local, uri)
+    return ModelRef(name=name, uri=uri, samples=last[-1].samples)
 
 
 def checkpoint_refs(local: Path, phase_uri: str) -> list[ModelRef]:
@@ -225,20 +316,14 @@ def publish_phase(local: Path, phase_uri: str) -> list[ModelRef]:
 
 @task(name="evaluate-model")
 def evaluate_model(recipe: Recipe, model: ModelRef, out: str) -> CheckpointScore:
-    """lm-eval on one model (one load for all tasks) into `out`; reused when it already exists."""
+    """lm-eval on one model (one load for all tasks) into `out`; reused when it already exists
+    (e.g. written by the evaluation beside training)."""
     if storage.exists(out):
         result = storage.read_json(out)
         get_run_logger().info(f"{model.name}: reusing {out}")
     else:
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            task_dir = None
-            if any(t in lm_eval_runner.LAB_TASKS for t in recipe.evaluation.tasks):
-                curriculum = Path(storage.resolve_embedded("embedded://curriculum/"))
-                task_dir = lm_eval_runner.write_lab_tasks(Path(tmp), curriculum, recipe.evaluation.max_gen_tokens)
-            result = lm_eval_runner.evaluate_checkpoint(
-                storage.local_checkpoint(model.uri), recipe.evaluation, task_dir, out, model.uri, model.samples
-            )
+        result = worker.run_lm_eval(recipe, model.uri, model.samples, out)
         get_run_logger().info(f"{model.name}: {result['metrics']} ({time.perf_counter() - t0:.1f}s)")
     return CheckpointScore(
         checkpoint=model.uri, name=model.name, samples=model.samples, metrics=result["metrics"], stderr=result["stderr"]
@@ -248,19 +333,10 @@ def evaluate_model(recipe: Recipe, model: ModelRef, out: str) -> CheckpointScore
 @task(name="generate-mt-bench-answers")
 def generate_mt_bench_answers(recipe: Recipe, model: ModelRef, out: str) -> str:
     """MT-Bench answers of one model (both turns) into `out` (JSONL); reused when present."""
-    from transformers import AutoTokenizer
-
-    from evaluation.device import load_causal_lm
-
     if storage.exists(out):
         return out
-    config = recipe.evaluation.mt_bench
-    path = storage.local_checkpoint(model.uri)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    llm = load_causal_lm(path, recipe.evaluation.device)  # batched generation on the GPU when there is one
-    answers = mt_bench.generate_answers(llm, tokenizer, mt_bench.load_mt_bench(config).questions, config)
-    mt_bench.write_answers(answers, out)
-    get_run_logger().info(f"{model.name}: {len(answers)} MT-Bench answers -> {out}")
+    count = worker.run_mt_bench_answers(recipe, model.uri, out)
+    get_run_logger().info(f"{model.name}: {count} MT-Bench answers -> {out}")
     return out
 
 

@@ -99,6 +99,15 @@ def test_the_start_model_wins_when_no_checkpoint_is_significantly_better():
     assert "FAIL gain over start = +0.0000" in strict.gate.reasons[-1]
 
 
+def test_an_averaged_candidate_is_selectable_like_any_checkpoint():
+    start = score("start", 0, se={"k/acc": 0.02}, k__acc=0.2)
+    last = score("samples_300", 300, se={"k/acc": 0.02}, k__acc=0.50)
+    averaged = score("avg_last3", 300, se={"k/acc": 0.02}, k__acc=0.62)  # costs the newest checkpoint's samples
+    assert 0.62 - 0.50 > Z95 * math.hypot(0.02, 0.02)
+    selection = select(phase(), start, [score("samples_100", 100, se={"k/acc": 0.02}, k__acc=0.3), last, averaged])
+    assert selection.winner.name == "avg_last3"
+
+
 def test_gate_floors_and_min_gain_say_what_missed_by_how_much():
     p = phase(min_score={"k/acc": 0.6}, min_gain=0.3)
     selection = select(p, score("start", 0, k__acc=0.4), [score("samples_100", 100, k__acc=0.55)])

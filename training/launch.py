@@ -2,7 +2,8 @@
 
 The subprocess gets its own process group (session) and is killed as a group on every exit
 path that is not a clean finish: an exception, a timeout, a cancel (SIGTERM) of the caller.
-Rank-0 output is streamed line by line to a callback (the Prefect task logs it).
+Rank-0 output is streamed line by line to a callback (the Prefect task logs it); progress and
+complete checkpoints are read from the run's files (metrics.jsonl, each checkpoint's meta.json).
 
 Per phase directory the launcher writes `job.json` (the TrainJob), `accelerate.yaml` and, for
 DeepSpeed, `deepspeed.json`: all generated from the recipe's `launch` section, so a run can
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -130,6 +132,44 @@ def launch_env(launch: LaunchConfig) -> dict[str, str]:
     return env
 
 
+def device_env(devices: str, visible: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(training's, evaluation's) environment updates for `evaluation.devices`.
+
+    'cpu:N': evaluation gets N threads and no GPU; training is unchanged. 'cuda:I,J': evaluation
+    gets those of the `visible` GPUs (indices into it), training the others.
+    """
+    kind, _, value = devices.partition(":")
+    if kind == "cpu":
+        return {}, {"OMP_NUM_THREADS": value, "CUDA_VISIBLE_DEVICES": ""}
+    taken = [int(i) for i in value.split(",")]
+    if max(taken) >= len(visible):
+        raise ValueError(f"evaluation.devices {devices!r}: only {len(visible)} GPUs visible ({visible})")
+    evaluation = [visible[i] for i in taken]
+    training = [gpu for gpu in visible if gpu not in evaluation]
+    if not training:
+        raise ValueError(f"evaluation.devices {devices!r} takes every visible GPU ({visible}); none is left to train")
+    return {"CUDA_VISIBLE_DEVICES": ",".join(training)}, {"CUDA_VISIBLE_DEVICES": ",".join(evaluation)}
+
+
+def training_slots(launch: LaunchConfig, evaluation_devices: str) -> list[dict[str, str]]:
+    """What training leaves free when it ends, as environment updates for one evaluation worker
+    per local rank: its GPU when it trained on GPUs, else one CPU thread each."""
+    gpus = visible_gpus()
+    if gpus:
+        training = device_env(evaluation_devices, gpus)[0].get("CUDA_VISIBLE_DEVICES", ",".join(gpus))
+        return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in training.split(",")[: launch.num_processes]]
+    threads = os.environ.get("OMP_NUM_THREADS", "1")
+    return [{"OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": ""}] * launch.num_processes
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may use (CUDA_VISIBLE_DEVICES, else all)."""
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return listed.split(",") if listed else [str(i) for i in range(torch.cuda.device_count())]
+
+
 def launch_command(config_file: Path, job_file: Path, launch: LaunchConfig) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
     if launch.world_size > 1:
@@ -232,24 +272,65 @@ def write_launch_files(job: TrainJob) -> list[str]:
 
 def start_training(job: TrainJob) -> subprocess.Popen:
     """Start the launch in its own process group (session), so that all ranks can be killed
-    at once."""
+    at once. GPUs that `evaluation.devices` gives to evaluation are hidden from it."""
+    env = launch_env(job.recipe.launch)
+    devices = job.recipe.evaluation.devices
+    if devices and devices.startswith("cuda:"):
+        env.update(device_env(devices, visible_gpus())[0])
     return subprocess.Popen(
         write_launch_files(job),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=launch_env(job.recipe.launch),
+        env=env,
         start_new_session=True,
     )
+
+
+class RunFiles:
+    """What a training run has written so far, read from its files (never from its output):
+    new lines of metrics.jsonl (progress) and newly complete checkpoints (meta.json landed)."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self.metrics_offset = 0
+        self.reported: set[str] = set()
+
+    def new_metrics(self) -> list[dict]:
+        path = self.output_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < self.metrics_offset:  # rewritten by a resumed launch
+                self.metrics_offset = 0
+            f.seek(self.metrics_offset)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line being written is read next time
+        self.metrics_offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+    def new_checkpoints(self) -> list[Path]:
+        fresh = [p for p in complete_checkpoints(self.output_dir) if p.name not in self.reported]
+        self.reported.update(p.name for p in fresh)
+        return fresh
 
 
 def run_training(
     job: TrainJob,
     on_line: Callable[[str], None] = print,
     timeout_s: float | None = None,
+    on_metrics: Callable[[dict], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+    poll_s: float = 0.5,
 ) -> list[Path]:
     """Launch one phase's training (resuming from its rolling state if there is one), stream
-    its output, and return its complete checkpoints. Raises TrainingFailed."""
+    its output to `on_line`, and return its complete checkpoints. Raises TrainingFailed.
+
+    Progress and checkpoints are read from the run's files every `poll_s`: `on_metrics` gets
+    each new metrics.jsonl record, `on_checkpoint` each checkpoint whose meta.json landed
+    (including ones an earlier launch left), once. Both run in the caller's thread; an exception
+    from either kills the training group and propagates."""
     stopped = Path(job.output_dir) / "stopped.json"
     stopped.unlink(missing_ok=True)  # a watchdog verdict of an earlier launch; this one may get further
     proc = start_training(job)
@@ -273,12 +354,31 @@ def run_training(
             tail.append(line)
             on_line(line)
 
+    files = RunFiles(Path(job.output_dir))
+
+    def report() -> None:
+        for record in files.new_metrics():
+            if on_metrics:
+                on_metrics(record)
+        for checkpoint in files.new_checkpoints():
+            if on_checkpoint:
+                on_checkpoint(checkpoint)
+
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        returncode = proc.wait(timeout=timeout_s)
+        while True:
+            try:
+                returncode = proc.wait(timeout=poll_s)
+                break
+            except subprocess.TimeoutExpired:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
+                report()
         reader.join()
-    except BaseException:  # timeout, cancel, KeyboardInterrupt: no rank may outlive us
+        report()  # what the last poll missed
+    except BaseException:  # timeout, cancel, a callback's error, KeyboardInterrupt: no rank may outlive us
         kill_group(proc)
         raise
     finally:

@@ -273,6 +273,14 @@ class EvaluationConfig(Strict):
     mt_bench: MTBenchConfig | None = Field(
         None, description="Also judge every checkpoint on MT-Bench (metrics mt_bench/overall, ...); None = skip."
     )
+    devices: str | None = Field(
+        None,
+        pattern=r"^(cpu:[1-9][0-9]*|cuda:[0-9]+(,[0-9]+)*)$",
+        description="Evaluate each checkpoint while training goes on, in a worker process of its own on these "
+        "resources: 'cpu:N' (N CPU threads; the lab on 2 cores: 'cpu:1') or 'cuda:I[,J...]' (those GPUs, taken "
+        "away from training, e.g. 'cuda:7' of eight; `device` still says cpu or cuda within that share). "
+        "None = evaluate after training, one model at a time.",
+    )
 
 
 class SelectionConfig(Strict):
@@ -483,7 +491,7 @@ def smoke(recipe: Recipe) -> Recipe:
             "training": training,
             "checkpointing": CheckpointConfig(save_every_samples=1024, save_every_epoch=True),
             "evaluation": EvaluationConfig(
-                tasks=["lab_instruction", "lab_knowledge", "lab_skills"], limit=40, batch_size=32
+                tasks=["lab_instruction", "lab_knowledge", "lab_skills"], limit=40, batch_size=32, devices="cpu:1"
             ),
             "launch": LaunchConfig(backend="cpu", num_processes=1),
         }

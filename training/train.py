@@ -343,9 +343,9 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
-# The two lines callers parse from rank 0's output: progress, and a checkpoint that is complete.
+# The step line, for people: `lab`'s console progress bars read it from the log. Programs read
+# progress from metrics.jsonl and complete checkpoints from their meta.json.
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) samples (\d+) loss (\S+)")
-CHECKPOINT_LINE = re.compile(r"^checkpoint (samples_\d+)$")
 
 
 def log(accelerator: Accelerator, message: str) -> None:
