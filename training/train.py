@@ -53,7 +53,7 @@ from transformers.utils import logging as transformers_logging
 from training.data import IGNORE_INDEX, TokenizedData, load_tokenized
 from training.precision import is_mixed, weights_dtype
 from training.recipe import Recipe, TrainingConfig, WatchdogConfig, warmup_steps
-from training.sampler import Step, padded_tokens, plan_steps, save_points
+from training.sampler import Step, pack_rows, padded_tokens, plan_steps, save_points
 
 EXIT_WATCHDOG = 3  # exit code of a run stopped by the watchdog (NaN/inf)
 PROBE_TOKENS = 64  # length of the logits probe recorded with each checkpoint
@@ -120,21 +120,30 @@ def collate(data: TokenizedData, indices: list[int], pad_id: int) -> dict[str, t
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def collate_packed(data: TokenizedData, indices: list[int]) -> dict[str, torch.Tensor]:
-    """One row of concatenated samples, no padding (for flash-attn's varlen path).
+def collate_packed(
+    data: TokenizedData, indices: list[int], row_tokens: int | None = None, pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """Concatenated samples, no padding within a row: one row, or rows of <= row_tokens tokens
+    (`training.sampler.pack_rows`) right-padded to the longest row.
 
     position_ids restart at 0 for each sample: that is how transformers finds the sample
     boundaries and keeps attention within each sample (no attention_mask). The first label of
     each sample is masked: it would be the next-token target of the previous sample's last
-    token. Shifted as in the padded case, the loss covers exactly the same tokens.
+    token. Shifted as in the padded case, the loss covers exactly the same tokens. A row's
+    padding is one more "sample" (positions from 0, no labels): it attends only to itself.
     """
-    input_ids = [t for i in indices for t in data.input_ids[i]]
-    labels = [IGNORE_INDEX if j == 0 else t for i in indices for j, t in enumerate(data.labels[i])]
-    position_ids = [j for i in indices for j in range(len(data.input_ids[i]))]
+    rows = []
+    for row in pack_rows(indices, {i: len(data.input_ids[i]) for i in indices}, row_tokens):
+        input_ids = [t for i in row for t in data.input_ids[i]]
+        labels = [IGNORE_INDEX if j == 0 else t for i in row for j, t in enumerate(data.labels[i])]
+        position_ids = [j for i in row for j in range(len(data.input_ids[i]))]
+        rows.append((input_ids, labels, position_ids))
+    width = max(len(ids) for ids, _, _ in rows)
+    pad = [width - len(ids) for ids, _, _ in rows]
     return {
-        "input_ids": torch.tensor([input_ids], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-        "position_ids": torch.tensor([position_ids], dtype=torch.long),
+        "input_ids": torch.tensor([ids + [pad_id] * n for (ids, _, _), n in zip(rows, pad, strict=True)]),
+        "labels": torch.tensor([lab + [IGNORE_INDEX] * n for (_, lab, _), n in zip(rows, pad, strict=True)]),
+        "position_ids": torch.tensor([pos + list(range(n)) for (_, _, pos), n in zip(rows, pad, strict=True)]),
     }
 
 
@@ -413,6 +422,9 @@ def train(job: TrainJob) -> None:
     deepspeed = launch.backend == "deepspeed"
     sharded = launch.backend in ("deepspeed", "fsdp")  # collectives in every forward/backward
     packed = cfg.packing and job.recipe.model.attn_implementation in PACKING_ATTENTION
+    # flash-attn's varlen kernel attends within each sample: one row. sdpa / flex compute masked
+    # attention across a row, so rows hold at most max_seq_len tokens (cost T x R, not T^2).
+    row_tokens = None if job.recipe.model.attn_implementation == "flash_attention_2" else cfg.max_seq_len
 
     tokenizer = AutoTokenizer.from_pretrained(job.model_path)
     model = load_model(job)
@@ -420,7 +432,15 @@ def train(job: TrainJob) -> None:
     data = load_tokenized(job.data_dir)
     lengths, loss_tokens = data.lengths(), data.loss_tokens()
     steps = plan_steps(
-        lengths, cfg.effective_batch_size, cfg.epochs, cfg.seed, world, cfg.max_tokens_per_micro_batch, packed, sharded
+        lengths,
+        cfg.effective_batch_size,
+        cfg.epochs,
+        cfg.seed,
+        world,
+        cfg.max_tokens_per_micro_batch,
+        packed,
+        sharded,
+        row_tokens,
     )
     total_steps = len(steps)
     warmup = warmup_steps(cfg, total_steps)
@@ -434,7 +454,7 @@ def train(job: TrainJob) -> None:
         f"batch arithmetic: {len(data)} samples x {cfg.epochs} epochs = {steps[-1].samples_seen} samples; "
         f"EBS {cfg.effective_batch_size} samples/step -> {total_steps} optimizer steps; "
         f"{world} rank(s) ({launch.backend}); micro-batches capped at {cfg.max_tokens_per_micro_batch} "
-        f"{'real (packed)' if packed else 'padded'} tokens; "
+        f"{('real (packed, rows <= ' + str(row_tokens or 'budget') + ')') if packed else 'padded'} tokens; "
         f"precision: compute {job.recipe.model.dtype}, weights {weights_dtype(job.recipe)}; "
         f"warmup {warmup} steps, schedule {cfg.schedule}, peak lr {cfg.learning_rate:g}",
     )
@@ -464,7 +484,9 @@ def train(job: TrainJob) -> None:
     samples_log = open_jsonl(out / "samples" / f"rank{rank}.jsonl", done_steps)
     watchdog = Watchdog(job.recipe.watchdog)
     to_batch = (
-        (lambda mb: collate_packed(data, mb)) if packed else (lambda mb: collate(data, mb, tokenizer.pad_token_id))
+        (lambda mb: collate_packed(data, mb, row_tokens, tokenizer.pad_token_id))
+        if packed
+        else (lambda mb: collate(data, mb, tokenizer.pad_token_id))
     )
     started, cpu_started = time.perf_counter(), time.process_time()
     for step in steps[done_steps:]:
@@ -502,7 +524,9 @@ def train(job: TrainJob) -> None:
         optimizer.zero_grad(set_to_none=True)
 
         step_tokens = sum(lengths[i] for i in step.samples)
-        computed = sum(padded_tokens(mb, lengths, packed) for per_rank in step.micro_batches for mb in per_rank)
+        computed = sum(
+            padded_tokens(mb, lengths, packed, row_tokens) for per_rank in step.micro_batches for mb in per_rank
+        )
         tokens_seen += step_tokens
         wall = time.perf_counter() - t0
         record = {
