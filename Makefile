@@ -55,6 +55,7 @@ test-fast: install
 bench: install
 	RECIPE_LAB_CACHE=$(CACHE)/recipe-lab $(BIN)/python bench/train_throughput.py
 	RECIPE_LAB_CACHE=$(CACHE)/recipe-lab $(BIN)/python bench/eval_throughput.py
+	RECIPE_LAB_CACHE=$(CACHE)/recipe-lab $(BIN)/python bench/data_prep.py
 
 # Wheels that bench/gpu_check.sh needs on the device machine (Python 3.12, no pydantic, no network).
 gpu-wheels: install

@@ -22,6 +22,7 @@ import yaml
 
 from evaluation.device import load_causal_lm
 from training import storage
+from training.chat import apply_template, configure_generation
 from training.recipe import EvaluationConfig
 
 LAB_TASKS = ("lab_instruction", "lab_knowledge", "lab_skills")
@@ -107,21 +108,34 @@ def flatten_results(results: dict[str, Any]) -> tuple[dict[str, float], dict[str
     return values, stderrs
 
 
-def evaluate_model(model_dir: str, config: EvaluationConfig, task_dir: Path | None) -> dict[str, Any]:
+def load_lm(model_dir: str, config: EvaluationConfig, chat_template: str | None = None) -> Any:
+    """The checkpoint as lm-eval's HFLM on `evaluation.device`: `chat_template` is the recipe's
+    `model.chat_template` (a base model may have none of its own), and generation stops at the
+    template's end-of-turn token(s) as well as at EOS (Llama 3, Qwen and Gemma end turns before EOS)."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if config.apply_chat_template:
+        apply_template(tokenizer, chat_template, model_dir)
+    model = load_causal_lm(model_dir, config.device)  # on the GPU in the training dtype when there is one
+    configure_generation(model, tokenizer)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=str(model.device))
+
+
+def evaluate_model(
+    model_dir: str, config: EvaluationConfig, task_dir: Path | None, chat_template: str | None = None
+) -> dict[str, Any]:
     """Run every configured task on one model directory with a single model load, batched
     (`evaluation.batch_size`), on `evaluation.device`."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from transformers import AutoTokenizer
 
     include = [str(p) for p in (task_dir, config.include_path) if p]
     only_local = all(t in LAB_TASKS for t in config.tasks)
     # Indexing lm-eval's ~15k built-in tasks costs seconds; skip it when all tasks are local.
     manager = TaskManager(include_path=include or None, include_defaults=not only_local)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_causal_lm(model_dir, config.device)  # on the GPU in the training dtype when there is one
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=str(model.device))
+    lm = load_lm(model_dir, config, chat_template)
     output = lm_eval.simple_evaluate(
         model=lm,
         tasks=list(config.tasks),
@@ -146,9 +160,15 @@ def evaluate_model(model_dir: str, config: EvaluationConfig, task_dir: Path | No
 
 
 def evaluate_checkpoint(
-    model_dir: str, config: EvaluationConfig, task_dir: Path | None, out_uri: str, label: str, samples: int
+    model_dir: str,
+    config: EvaluationConfig,
+    task_dir: Path | None,
+    out_uri: str,
+    label: str,
+    samples: int,
+    chat_template: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate and write `<out_uri>` (lm_eval.json); return what was written."""
-    result = {"checkpoint": label, "samples": samples, **evaluate_model(model_dir, config, task_dir)}
+    result = {"checkpoint": label, "samples": samples, **evaluate_model(model_dir, config, task_dir, chat_template)}
     storage.write_text(out_uri, json.dumps(result, indent=2, default=str) + "\n")
     return result

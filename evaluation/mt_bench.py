@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, Field, ValidationError
 
-from training import storage
+from training import chat, storage
 from training.recipe import MTBenchCategory as Category
 from training.recipe import MTBenchConfig
 
@@ -292,7 +292,7 @@ def _generate_batch(
     import torch
 
     eos_ids = _eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    pad_id = chat.pad_token_id(tokenizer, model.config)
     prompts = [
         tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         for messages in conversations
@@ -324,13 +324,10 @@ def _generate_batch(
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The tokenizer's EOS plus the model's (chat models often end turns with their own token)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    """The template's end-of-turn token(s) and EOS, plus any the model's generation config adds."""
     model_eos = model.generation_config.eos_token_id
-    ids += model_eos if isinstance(model_eos, list) else [model_eos] if model_eos is not None else []
-    if not ids:
-        raise ValueError("neither the tokenizer nor the model's generation config defines an EOS token")
-    return list(dict.fromkeys(ids))
+    extra = model_eos if isinstance(model_eos, list) else [model_eos] if model_eos is not None else []
+    return list(dict.fromkeys(chat.stop_token_ids(tokenizer) + extra))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,11 +435,11 @@ class JudgeClient:
         self.url = f"{config.judge_base_url.rstrip('/')}/chat/completions"
         self._attempts = threading.local()
         api_key = os.environ.get(config.judge_api_key_env) or None
+        self.headers = {} if api_key else {"Authorization": openai.omit}
         self.client = openai.OpenAI(
             base_url=config.judge_base_url,
-            api_key=api_key or "",
-            # no key (a local vLLM): no Authorization header at all
-            default_headers=None if api_key else {"Authorization": openai.omit},
+            # No key (a local vLLM): the SDK insists on one, so a placeholder that is never sent.
+            api_key=api_key or "no-key",
             max_retries=config.max_retries,
             timeout=config.timeout_s,
             http_client=openai.DefaultHttpxClient(event_hooks={"request": [self._count_attempt]}),
@@ -467,7 +464,7 @@ class JudgeClient:
             return JudgeReply(None, 0, cancelled=True)
         self._attempts.n = 0
         try:
-            completion = self.client.chat.completions.create(**body)
+            completion = self.client.chat.completions.create(**body, extra_headers=self.headers)
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
             stop.set()
             raise JudgeEndpointError(

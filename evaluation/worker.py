@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field
 from evaluation import lm_eval_runner, mt_bench
 from evaluation.device import load_causal_lm
 from training import storage
+from training.chat import apply_template, configure_generation
 from training.recipe import Recipe
 
 LM_EVAL_FILE = "lm_eval.json"
@@ -63,7 +64,13 @@ def run_lm_eval(recipe: Recipe, uri: str, samples: int, out: str) -> dict[str, A
             curriculum = Path(storage.resolve_embedded("embedded://curriculum/"))
             task_dir = lm_eval_runner.write_lab_tasks(Path(tmp), curriculum, recipe.evaluation.max_gen_tokens)
         return lm_eval_runner.evaluate_checkpoint(
-            storage.local_checkpoint(uri), recipe.evaluation, task_dir, out, uri, samples
+            storage.local_checkpoint(uri),
+            recipe.evaluation,
+            task_dir,
+            out,
+            uri,
+            samples,
+            chat_template=recipe.model.chat_template,
         )
 
 
@@ -73,8 +80,9 @@ def run_mt_bench_answers(recipe: Recipe, uri: str, out: str) -> int:
 
     config = recipe.evaluation.mt_bench
     path = storage.local_checkpoint(uri)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = apply_template(AutoTokenizer.from_pretrained(path), recipe.model.chat_template, uri)
     llm = load_causal_lm(path, recipe.evaluation.device)  # batched generation on the GPU when there is one
+    configure_generation(llm, tokenizer)  # a base model's own config may stop at EOS only
     answers = mt_bench.generate_answers(llm, tokenizer, mt_bench.load_mt_bench(config).questions, config)
     mt_bench.write_answers(answers, out)
     return len(answers)

@@ -8,7 +8,9 @@ lab eval TARGET... [--recipe R] [--set key=value]...   runs or models, outside t
 lab sweep RECIPE --grid key=v1,v2 [--rungs N1,N2 --eta 2 --pruner eval] [--validate]   successive halving
 lab reproduce                    the paper's findings, scaled down to the lab (resumable)
 lab demo [--storage-root DIR]    the embedded lab, phased and stacked, with a comparison
-lab serve [--port N] [--storage-root s3://...]   local Prefect server + UI, pool, deployments, worker
+lab export RUN [--phase P] --to DIR|s3://... [--push-to-hub REPO]   the selected model, ready to serve
+lab serve [--port N] [--storage-root s3://...] [--alert-block B]   Prefect server + UI, pool, deployments,
+                                 regression alert, worker
 """
 
 from __future__ import annotations
@@ -190,10 +192,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from evaluation.export import ExportError, export_run
+
+    try:
+        where = export_run(args.run, args.to, args.phase, args.push_to_hub)
+    except ExportError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"exported to {where}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from flows.serve import serve
 
-    serve(args.port, args.storage_root)
+    serve(args.port, args.storage_root, args.alert_block)
     return 0
 
 
@@ -290,9 +304,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--storage-root", default="./runs")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("export", help="the selected model of a run as a ready-to-serve directory with a model card")
+    p.add_argument("run", help="run directory or URI (with manifest.json), e.g. runs/demo-phased-... or s3://b/p/RUN")
+    p.add_argument("--phase", default=None, help="export this phase's selected model (default: the last phase)")
+    p.add_argument("--to", default=None, help="directory or s3://bucket/prefix (an earlier export there is replaced)")
+    p.add_argument(
+        "--push-to-hub", default=None, metavar="REPO", help="also push to this Hub repo (token from HF_TOKEN)"
+    )
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("serve", help="local Prefect server (UI), the lab work pool, every deployment and a worker")
     p.add_argument("--port", type=int, default=4200)
     p.add_argument("--storage-root", default=None, help="s3://bucket/prefix: keep Prefect results there too")
+    p.add_argument(
+        "--alert-block",
+        default=None,
+        help="notification block (type/name, e.g. slack-webhook/team) for nightly regressions; "
+        "default: a webhook block for $RECIPE_LAB_ALERT_WEBHOOK when set",
+    )
     p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from prefect import flow
 
 from evaluation.selection import CheckpointScore, Selection, best_reached
+from tasks.export import export_model
 from tasks.finetune import (
     ModelRef,
     average_last_checkpoints,
@@ -28,6 +29,7 @@ from tasks.finetune import (
     train_phase,
     write_report,
 )
+from tasks.tracking import track_phase_results
 from training import storage
 from training.recipe import Recipe, resolve
 
@@ -95,6 +97,7 @@ def finetune(
                 scores = score_models(cfg, candidates, run_uri, phase.name)
             reference = best_reached([key for earlier in cfg.phases[:i] for key in earlier.objective], carried)
             selection = select_checkpoint(cfg, phase, start_score, scores, reference, run_uri, run_id)
+            track_phase_results(cfg, run_uri, run_id, selection)  # training.report_to: the phase's tracker runs
             if not selection.gate.passed:
                 raise GateFailed(f"phase {phase.name}: gate failed\n" + "\n".join(selection.gate.reasons))
             manifest = mark_phase_done(run_uri, manifest, selection)
@@ -108,5 +111,7 @@ def finetune(
             start_score = winner.model_copy(update={"name": f"start ({phase.name}/{winner.name})", "samples": 0})
 
     summary = write_report(run_uri, run_id, cfg)
+    if cfg.export.to or cfg.export.push_to_hub:
+        export_model(run_uri, run_id, cfg)
     base, phases = summary[0], summary[1:]  # the report's first row is the base model
     return {"run_id": run_id, "run_uri": run_uri, "strategy": cfg.strategy, "base": base, "phases": phases}

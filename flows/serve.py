@@ -108,8 +108,23 @@ def start_worker(env: dict[str, str], log: IO | None = None, run_once: bool = Fa
     )
 
 
-def serve(port: int, storage_root: str | None) -> None:
-    """Server, pool, deployments and a worker; runs until Ctrl-C, then stops both."""
+def wire_alerts(env: dict[str, str], alert_block: str | None) -> str:
+    """The nightly regression's automation on the server in `env` (flows.alerts), when there is
+    somewhere to send it; what was done, in a line."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import alerts
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        block_id = alerts.notification_block_id(alert_block)
+        if block_id is None:
+            return f"alerts: none (set {alerts.WEBHOOK_ENV} or --alert-block to be told of nightly regressions)"
+        automation_id = alerts.ensure_regression_alert(block_id)
+    return f"alerts: automation '{alerts.AUTOMATION}' ({automation_id}) -> block {block_id}"
+
+
+def serve(port: int, storage_root: str | None, alert_block: str | None = None) -> None:
+    """Server, pool, deployments, the regression alert and a worker; runs until Ctrl-C, then stops both."""
     home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
     server = start_server(port, env)
@@ -119,6 +134,7 @@ def serve(port: int, storage_root: str | None) -> None:
         print(deploy_all(env))
         if storage_root and not storage.is_local(storage_root):
             print(f"Prefect results: {use_result_storage(storage_root, env)}")
+        print(wire_alerts(env, alert_block))
         worker = start_worker(env)
         print(f"UI: http://127.0.0.1:{port}   pool: {POOL}   API: {env['PREFECT_API_URL']}")
         print("try: PREFECT_API_URL=... prefect deployment run finetune/phased-lab --params '{\"smoke\": true}'")

@@ -39,7 +39,7 @@ from evaluation.selection import objective_value
 from flows.finetune import finetune
 from tasks.finetune import ModelRef, artifact_key, eval_uri, evaluate_model, init_run, prepare_data, train_phase
 from training import storage
-from training.data import load_phase
+from training.data import phase_conversations
 from training.recipe import Recipe, resolve
 
 PROBE_DEPLOYMENT = "sweep-probe/sweep-probe"
@@ -84,9 +84,8 @@ def planned_samples(cfg: Recipe) -> int:
     """Samples a full run of the recipe trains: every phase's rows (and replay) x epochs."""
     total = 0
     for i, phase in enumerate(cfg.phases):
-        rows = len(load_phase(phase.data, phase.length_split)[0])
-        replay = sum(len(load_phase(p.data, p.length_split)[0]) for p in cfg.phases[:i]) if phase.replay else 0
-        total += round((rows + round(phase.replay * replay)) * cfg.training.epochs)
+        conversations, replay_pool, _ = phase_conversations(cfg.phases, i)
+        total += round((len(conversations) + round(phase.replay * len(replay_pool))) * cfg.training.epochs)
     return total
 
 

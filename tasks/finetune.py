@@ -6,8 +6,10 @@ to orchestration (retries, timeouts, artifacts, logging) lives here, not in the 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -30,7 +32,8 @@ from evaluation.selection import CheckpointScore, Selection, gate_markdown, sele
 from evaluation.worker import BackgroundEvaluator, EvalRequest
 from training import storage
 from training.averaging import average_checkpoints
-from training.data import PrepStats, load_phase, prepare
+from training.chat import apply_template
+from training.data import PrepStats, phase_conversations, prepare
 from training.launch import (
     TrainingFailed,
     complete_checkpoints,
@@ -42,7 +45,7 @@ from training.launch import (
     visible_gpus,
 )
 from training.recipe import PhaseConfig, Recipe
-from training.train import TrainJob
+from training.train import FINISHED, TrainJob
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINED = "trained.json"  # a phase's training finished: its checkpoints, written after everything else
@@ -88,7 +91,9 @@ def init_run(run_uri: str, run_id: str, recipe: Recipe) -> dict[str, Any]:
     uri = storage.join(run_uri, "manifest.json")
     if storage.exists(uri):
         manifest = storage.read_json(uri)
-        if manifest["recipe"] != recipe.model_dump(mode="json"):
+        # Where the model is exported is not what the run trains: a finished run may be re-run to export it.
+        trained = {k: v for k, v in manifest["recipe"].items() if k != "export"}
+        if trained != recipe.model_dump(mode="json", exclude={"export"}):
             raise ValueError(f"{uri}: run {run_id} exists with a different recipe; use a new run_id")
         get_run_logger().info(f"resuming run {run_id}: phases done {list(manifest['phases'])}")
         return manifest
@@ -121,9 +126,8 @@ def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> dict[str, 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(storage.resolve_embedded(recipe.model.name_or_path))
-    conversations, files = load_phase(phase.data, phase.length_split)
-    earlier = recipe.phases[: [p.name for p in recipe.phases].index(phase.name)]
-    replay_pool = [c for p in earlier for c in load_phase(p.data, p.length_split)[0]] if phase.replay else []
+    apply_template(tokenizer, recipe.model.chat_template, recipe.model.name_or_path)
+    conversations, replay_pool, files = phase_conversations(recipe.phases, recipe.phases.index(phase))
     stats: PrepStats = prepare(
         conversations,
         tokenizer,
@@ -134,6 +138,7 @@ def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> dict[str, 
         replay_fraction=phase.replay,
         seed=recipe.training.seed,
         files=files,
+        system_message=recipe.model.system_message,
     )
     get_run_logger().info(
         f"{phase.name}: {stats.samples} samples ({stats.replayed} replayed from earlier phases), {stats.tokens} tokens "
@@ -172,6 +177,9 @@ def train_phase(
     if (local / TRAINED).exists():
         logger.info(f"{phase.name}: trained before; uploading what is missing")
         return publish_phase(local, phase_uri)
+    if (local / FINISHED).exists():
+        logger.info(f"{phase.name}: training finished before the phase was recorded; recording it, not retraining")
+        return record_trained(recipe, local, phase_uri)
 
     remote = not storage.is_local(phase_uri)
     progress = create_progress_artifact(
@@ -198,10 +206,7 @@ def train_phase(
     def checkpoint_written(name: str) -> None:
         if remote:
             storage.upload_tree(local / "checkpoints" / name, storage.join(phase_uri, "checkpoints", name))
-        for old in keep_last_checkpoints(local, recipe.checkpointing.keep_last_n):
-            if remote:  # the local copies are the staging mirror: the bucket's go too
-                storage.remove_tree(storage.join(phase_uri, "checkpoints", old.name))
-            logger.info(f"{phase.name}: keep_last_n={recipe.checkpointing.keep_last_n} deleted {old.name}")
+        keep_last_n(recipe, local, phase_uri, logger)
 
     def on_metrics(record: dict[str, Any]) -> None:
         update_progress_artifact(progress, progress=min(100.0, 100.0 * record["epoch"] / recipe.training.epochs))
@@ -245,8 +250,26 @@ def train_phase(
         raise
     finally:
         uploader.shutdown(wait=False, cancel_futures=True)
-    if not (local / "state").exists():  # finished, not paused: the rolling state is removed at the end
-        storage.write_json(str(local / TRAINED), [c.model_dump() for c in checkpoint_refs(local, phase_uri)])
+    if (local / FINISHED).exists():  # not a probe's pause, which keeps its state for the next call
+        return record_trained(recipe, local, phase_uri)
+    return publish_phase(local, phase_uri)
+
+
+def keep_last_n(recipe: Recipe, local: Path, phase_uri: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """checkpointing.keep_last_n: delete all but the newest N complete checkpoints, local and uploaded.
+    (The logger is passed in: this also runs on the upload thread, outside the task's context.)"""
+    for old in keep_last_checkpoints(local, recipe.checkpointing.keep_last_n):
+        if not storage.is_local(phase_uri):  # the local copies are the staging mirror: the bucket's go too
+            storage.remove_tree(storage.join(phase_uri, "checkpoints", old.name))
+        logger.info(f"{local.name}: keep_last_n={recipe.checkpointing.keep_last_n} deleted {old.name}")
+
+
+def record_trained(recipe: Recipe, local: Path, phase_uri: str) -> list[ModelRef]:
+    """A finished phase: trained.json, then the rolling state goes (it is needed until the phase is
+    recorded: a kill before this point resumes here, not from step 0), then the upload."""
+    keep_last_n(recipe, local, phase_uri, get_run_logger())  # again: a kill may have cut the last pruning short
+    storage.write_json(str(local / TRAINED), [c.model_dump() for c in checkpoint_refs(local, phase_uri)])
+    shutil.rmtree(local / "state", ignore_errors=True)
     return publish_phase(local, phase_uri)
 
 

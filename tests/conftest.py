@@ -28,6 +28,9 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="recipe-lab-hf-"))
 
 import pytest  # noqa: E402
 
+BUCKET = "lab-bucket"  # the bucket the `s3` fixture creates
+SECRET = "moto-secret-never-logged"  # its secret key: tests check it never reaches a file or log
+
 
 @pytest.fixture(scope="session")
 def assets():
@@ -54,6 +57,32 @@ def prefect_server():
 
 
 @pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A moto S3 server with BUCKET, one per session (moto's store is per process, so a second
+    server would see the same buckets); yields the environment (credentials and endpoint only
+    in the env). Tests keep to their own prefixes."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        import fsspec
+
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir(BUCKET)
+        yield env
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def prepared_slice(tmp_path_factory, assets, tokenizer):
     """prepared_slice(phase, n) -> directory of the first n train samples of a lab phase,
     prepared for training (built once per session)."""
@@ -74,3 +103,12 @@ def prepared_slice(tmp_path_factory, assets, tokenizer):
         return built[(phase, n)]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory, assets):
+    """{family: model directory}: tiny random models of real families with their real chat
+    templates and special tokens (tests/zoo.py), built once per session."""
+    from tests.zoo import build_zoo
+
+    return build_zoo(assets.base_model_dir, tmp_path_factory.mktemp("zoo"))

@@ -31,6 +31,7 @@ Action = tuple[Any, ...]
 class RecordedRequest:
     body: dict[str, Any]
     action: Action
+    authorization: str | None = None  # the Authorization header as received
 
 
 class JudgeServer:
@@ -65,10 +66,10 @@ class JudgeServer:
         self._server.server_close()
         self._thread.join()
 
-    def _next_action(self, body: dict[str, Any]) -> Action:
+    def _next_action(self, body: dict[str, Any], authorization: str | None) -> Action:
         with self._lock:
             action = self.script.pop(0) if self.script else self.default
-            self.requests.append(RecordedRequest(body, action))
+            self.requests.append(RecordedRequest(body, action, authorization))
             return action
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
@@ -86,7 +87,7 @@ class JudgeServer:
                     with server._lock:
                         server.unauthorised += 1
                     return self._json(401, {"error": {"message": "invalid api key", "type": "invalid_request_error"}})
-                action = server._next_action(body)
+                action = server._next_action(body, self.headers.get("Authorization"))
                 time.sleep(server.latency_s)
                 kind = action[0]
                 if kind == "rating":

@@ -32,7 +32,7 @@ def write_jsonl(path: Path, lines: list[str]) -> Path:
         ),
         (
             '{"messages": [{"role": "user", "content": ["not", "a", "string"]}, {"role": "assistant", "content": "a"}]}',
-            "content must be a string",
+            "content part 0 is of type 'str' is not supported",
         ),
         ('{"messages": [{"role": "user", "content": "only a question"}]}', "no assistant turn"),
     ],
@@ -58,7 +58,7 @@ def test_sharegpt_and_alpaca_are_normalised(tmp_path, tokenizer):
     source = write_jsonl(tmp_path / "mixed.jsonl", [json.dumps(GOOD), json.dumps(sharegpt), json.dumps(alpaca)])
     prepare(load_phase([str(source)])[0], tokenizer, str(tmp_path / "out"), max_seq_len=256)
     data = load_tokenized(str(tmp_path / "out"))
-    assert data.input_ids[0] == data.input_ids[1] == data.input_ids[2]
+    assert data.input_ids[0].tolist() == data.input_ids[1].tolist() == data.input_ids[2].tolist()
 
 
 def test_loss_only_on_assistant_tokens(tokenizer):

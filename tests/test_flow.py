@@ -28,7 +28,8 @@ def smoke_run(tmp_path_factory, prefect_server, assets):
     from flows.finetune import finetune
 
     root = tmp_path_factory.mktemp("runs")
-    result = finetune(recipe="demo", storage_root=str(root), smoke=True, run_id="e2e")
+    overrides = {"export.to": str(root / "export-e2e")}  # the flow's own export at the end
+    result = finetune(recipe="demo", overrides=overrides, storage_root=str(root), smoke=True, run_id="e2e")
     return result, root / "e2e"
 
 
@@ -256,3 +257,107 @@ def test_demo_comparison_is_built_from_flow_results(smoke_run, tmp_path):
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     efficiency = pd.read_csv(tmp_path / "sample_efficiency.csv")
     assert list(efficiency["metric"]) == metrics
+
+
+def test_lab_export_loads_stops_at_the_end_of_turn_names_the_winner_and_equals_its_s3_copy(smoke_run, tmp_path, s3):
+    import fsspec
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flows.cli import main
+    from tests.conftest import BUCKET
+
+    _, run = smoke_run
+    out = tmp_path / "export"
+    for target in (str(out), f"s3://{BUCKET}/export"):
+        with pytest.raises(SystemExit) as done:
+            main(["export", str(run), "--to", target])
+        assert done.value.code == 0
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= set(files)
+    assert {"chat_template.jinja", "training.png", "scores.png"} <= set(files)
+    # The flow's export at the end (export.to) and the bucket's copy are the same bytes.
+    assert {p.name: p.read_bytes() for p in (run.parent / "export-e2e").iterdir()} == files
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    assert {path.rsplit("/", 1)[1]: fs.cat_file(path) for path in fs.find(f"{BUCKET}/export")} == files
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.float32  # the smoke recipe's training dtype
+    # The template's end-of-turn token, read here off a rendered conversation.
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ANSWER"}], tokenize=False
+    )
+    end_of_turn = tokenizer.convert_tokens_to_ids(rendered.split("ANSWER", 1)[1])
+    assert end_of_turn in json.loads(files["generation_config.json"])["eos_token_id"]
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Who rules Zorbia?"}], add_generation_prompt=True, return_tensors="pt"
+    )
+    generated = model.generate(**prompt, max_new_tokens=64)[0, prompt["input_ids"].shape[1] :].tolist()
+    assert generated[-1] == end_of_turn and end_of_turn not in generated[:-1] and len(generated) < 64
+
+    selection = json.loads((run / "phase10" / "selection.json").read_text())  # the last phase
+    winner = selection["winner"]
+    card = files["README.md"].decode()
+    row = next(line for line in card.splitlines() if line.startswith(f"| **{winner['name']}** (selected) |"))
+    assert f"| {winner['objective']:.4f} | [{winner['interval'][0]:.4f}, {winner['interval'][1]:.4f}] |" in row
+    for key, value in winner["metrics"].items():
+        stderr = winner["stderr"].get(key)
+        assert (f"{value:.4f} ± {stderr:.4f}" if stderr else f"{value:.4f}") in row, key
+    assert all(reason in card for reason in selection["gate"]["reasons"])  # why it was selected
+    assert "![training.png](training.png)" in card and "base_model" not in card  # embedded base: no Hub id
+
+
+def test_export_arguments_are_checked_and_push_to_hub_goes_through_huggingface_hub(smoke_run, tmp_path, capsys):
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from evaluation.export import export_run
+    from flows.cli import main
+
+    _, run = smoke_run
+    for args, message in [
+        ([str(run)], "needs a destination"),
+        ([str(tmp_path / "nothing"), "--to", str(tmp_path / "x")], "no manifest.json"),
+        ([str(run), "--phase", "phase99", "--to", str(tmp_path / "x")], "no phase 'phase99'"),
+        ([str(run), "--to", str(run)], "not empty and holds no earlier recipe-lab export"),
+    ]:
+        with pytest.raises(SystemExit) as done:
+            main(["export", *args])
+        assert done.value.code == 2 and message in capsys.readouterr().err
+    assert (run / "manifest.json").exists()  # the refused destination is untouched
+    # Offline here, so the Hub push can only be seen reaching huggingface_hub, which refuses it.
+    with pytest.raises(OfflineModeIsEnabled):
+        export_run(str(run), None, push_to_hub="someone/demo-export")
+
+
+def test_export_completes_a_generation_config_missing_the_end_of_turn_token(smoke_run, tmp_path):
+    """A checkpoint whose generation config stops only at another token (as a base model's
+    <|end_of_text|> under a chat template's <|eot_id|>) is exported stopping at both."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from evaluation.export import selected, write_model_dir
+
+    _, run = smoke_run
+    manifest, recipe, selection = selected(str(run), None)
+    checkpoint = tmp_path / "checkpoint"
+    source = Path(selection.winner.checkpoint)
+    checkpoint.mkdir()
+    for f in source.iterdir():
+        (checkpoint / f.name).write_bytes(f.read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    config = GenerationConfig.from_pretrained(checkpoint)
+    config.eos_token_id = tokenizer.pad_token_id  # anything but the end-of-turn token
+    config.save_pretrained(checkpoint)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Who rules Zorbia?"}], add_generation_prompt=True, return_tensors="pt"
+    )
+    before = AutoModelForCausalLM.from_pretrained(checkpoint).generate(**prompt, max_new_tokens=48)
+    assert before.shape[1] - prompt["input_ids"].shape[1] == 48  # it talks past the end of its turn
+
+    moved = selection.model_copy(update={"winner": selection.winner.model_copy(update={"checkpoint": str(checkpoint)})})
+    write_model_dir(str(run), manifest, recipe, moved, tmp_path / "export")
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    exported = json.loads((tmp_path / "export" / "generation_config.json").read_text())
+    assert exported["eos_token_id"] == [tokenizer.pad_token_id, end]
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "export").generate(**prompt, max_new_tokens=48)
+    assert after[0, -1] == end and after.shape[1] - prompt["input_ids"].shape[1] < 48

@@ -11,7 +11,6 @@ import json
 import logging
 import socket
 import threading
-import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -156,6 +155,8 @@ def test_generated_answers_judged_scored_and_cached(tmp_path, assets, judge_key)
     assert all(len(a.turns) == 2 and all(isinstance(t, str) for t in a.turns) for a in answers)
 
     answer_by_id = {a.question_id: a for a in answers}
+    # Only the questions' renders (training.chat also renders a probe to find the end-of-turn token).
+    conversations = [c for c in conversations if c[0]["content"] in {q.turns[0] for q in data.questions}]
     turn_2 = [c for c in conversations if len(c) == 3]
     assert len(turn_2) == len(data.questions) and len(conversations) == 2 * len(data.questions)
     for conversation in turn_2:
@@ -318,17 +319,19 @@ def test_score_parsing_follows_fastchat(text, score):
     assert mt_bench.parse_score(text) == score
 
 
-def test_timeouts_retry_and_retry_after_is_honoured(tmp_path, judge_key):
-    script = [("status", 429, 1), ("hang", 2.0), ("rating", 6)]
+def test_timeouts_retry_and_retry_after_is_honoured(tmp_path, judge_key, caplog):
+    script = [("status", 429, 3), ("hang", 2.0), ("rating", 6)]
     with JudgeServer(api_key=KEY, script=script, default=("rating", 4)) as judge:
         config = make_config(judge.base_url, categories=["writing"], question_limit=1, concurrency=1, timeout_s=1.0)
         data = mt_bench.load_mt_bench(config)
-        started = time.monotonic()
-        result = mt_bench.judge_answers({"c": fake_answers(data, "c")}, data, config, tmp_path / "cache")
-        elapsed = time.monotonic() - started
+        with caplog.at_level(logging.INFO, logger="openai"):
+            result = mt_bench.judge_answers({"c": fake_answers(data, "c")}, data, config, tmp_path / "cache")
     scores = result.checkpoints["c"]
     assert (scores.judge_calls, scores.retries, scores.turn_1, scores.turn_2) == (4, 2, 6.0, 4.0)
-    assert elapsed >= 1.0 + 1.0  # the Retry-After wait, then the timed-out request
+    # The waits the SDK chose before each retry ("Retrying request in %f seconds ..."): the server's
+    # Retry-After of 3 s, then, after the timed-out request, its own backoff (1 s x jitter 0.75-1).
+    waits = [r.args[0] for r in caplog.records if r.msg.startswith("Retrying request in")]
+    assert len(waits) == 2 and waits[0] == 3.0 and 0.75 <= waits[1] <= 1.0
 
 
 def test_exhausted_retries_fail_the_evaluation_above_max_error_rate(tmp_path, judge_key):
@@ -353,6 +356,17 @@ def test_unreachable_judge_names_the_endpoint_never_the_key(tmp_path, judge_key,
     assert f"{base_url}/chat/completions is unreachable after 3 attempts" in str(err.value)
     assert KEY not in str(err.value)
     assert caplog.records and not any(KEY in r.getMessage() for r in caplog.records)
+
+
+def test_a_judge_without_a_key_gets_no_authorization_header(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with JudgeServer(api_key=None, default=("rating", 7)) as judge:
+        config = make_config(judge.base_url, categories=["writing"], question_limit=1)
+        data = mt_bench.load_mt_bench(config)
+        result = mt_bench.judge_answers({"c": fake_answers(data, "c")}, data, config, tmp_path / "cache")
+    assert result.checkpoints["c"].overall == 7.0
+    assert [r.authorization for r in judge.requests] == [None, None]
 
 
 def test_rejected_key_fails_fast_naming_the_endpoint_never_the_key(tmp_path, judge_key, caplog):

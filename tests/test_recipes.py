@@ -105,3 +105,16 @@ def test_cli_validate_reports_fields(tmp_path, capsys):
     out = capsys.readouterr()
     assert "demo: ok" in out.out
     assert "training.effective_batch_size" in out.err
+
+
+def test_stacked_keeps_each_phases_length_split_and_the_parts_survive_restacking():
+    split = {"data": ["f.jsonl"], "objective": {"lab_knowledge/acc": 1.0}}
+    phases = [{"name": "short", "length_split": "short", **split}, {"name": "long", "length_split": "long", **split}]
+    recipe = resolve("demo", "stacked", {"phases": phases, "phases.1.replay": 0.01})
+    (phase,) = recipe.phases
+    assert [(p.name, p.data, p.length_split, p.replay) for p in phase.stacked_from] == [
+        ("short", ["f.jsonl"], "short", 0.0),
+        ("long", ["f.jsonl"], "long", 0.01),
+    ]
+    assert phase.length_split is None and phase.replay == 0
+    assert resolve(recipe, "stacked").phases[0].stacked_from == phase.stacked_from

@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 
 from flows import serve
+from tests.conftest import BUCKET, SECRET
 from tests.stack import prefect_server, processes_mentioning
 
 pytestmark = pytest.mark.slow
 
-BUCKET = "lab-bucket"
-SECRET = "moto-secret-never-logged"
 # One short phase (4 checkpoints, the newest 3 kept) on the embedded lab: the S3 paths, not the
 # learning, are tested.
 OVERRIDES = {
@@ -56,30 +55,6 @@ from flows.finetune import finetune
 flow = {"finetune": finetune, "evaluate": evaluate}[os.environ["FLOW"]]
 print("RESULT " + json.dumps(flow(**json.loads(sys.argv[1]))))
 """
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server; yields the environment (credentials and endpoint only in the env)."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        import fsspec
-
-        fsspec.filesystem("s3", skip_instance_cache=True).mkdir(BUCKET)
-        yield env
-    server.stop()
 
 
 def bucket_files(prefix: str) -> dict[str, int]:

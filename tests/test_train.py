@@ -9,7 +9,7 @@ import pytest
 
 from training.launch import TrainingFailed, run_training
 from training.recipe import load_recipe
-from training.train import TrainJob, lr_multiplier
+from training.train import FINISHED, TrainJob
 
 pytestmark = pytest.mark.slow
 
@@ -97,14 +97,21 @@ def test_logged_lr_follows_the_schedule(tmp_path, assets, small_data, schedule, 
     )
     run_training(job, on_line=lambda _: None)
     lrs = [m["lr"] for m in read_metrics(job)]
-    peak = job.recipe.training.learning_rate
-    assert lrs == pytest.approx(
-        [peak * lr_multiplier(s, len(lrs), warmup, schedule) for s in range(len(lrs))], rel=1e-9
-    )
-    if warmup == 0:
-        assert lrs[0] == pytest.approx(peak)
-    if schedule == "cosine":
-        assert lrs[-1] < 0.1 * peak
+    peak, total = job.recipe.training.learning_rate, math.ceil(200 / job.recipe.training.effective_batch_size)
+
+    # The schedules' formulas, written out here (step s is 0-based; warmup reaches the peak on its last step).
+    def expected(s: int) -> float:
+        if s < warmup:
+            return peak * (s + 1) / warmup
+        progress = (s - warmup) / (total - warmup)
+        return {
+            "constant": peak,
+            "linear": peak * (1 - progress),
+            "cosine": peak * (1 + math.cos(math.pi * progress)) / 2,
+        }[schedule]
+
+    assert len(lrs) == total
+    assert lrs == pytest.approx([expected(s) for s in range(total)], rel=1e-9)
 
 
 def test_a_failing_subprocess_raises_with_its_own_error_and_leaves_no_incomplete_checkpoint(
@@ -195,7 +202,9 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, assets, small_
     flat = [i for step in ids for i in step]
     assert len(flat) == 400
     assert sorted(flat[:200]) == sorted(flat[200:]) and len(set(flat[:200])) == 200  # each epoch: every sample once
-    assert not (Path(job.output_dir) / "state").exists()  # finished runs drop the rolling state
+    # Finished: said by finished.json; the rolling state stays until the caller records the phase.
+    assert json.loads((Path(job.output_dir) / FINISHED).read_text()) == {"steps": 25, "samples_seen": 400}
+    assert (Path(job.output_dir) / "state" / "progress.json").exists()
 
 
 def test_watchdog_stops_a_diverging_run_with_its_reason(tmp_path, assets, small_data):
@@ -217,3 +226,56 @@ def test_watchdog_stops_a_diverging_run_with_its_reason(tmp_path, assets, small_
     assert "loss spike" in stopped["reason"] or "non-finite" in stopped["reason"]
     assert stopped["reason"] in str(err.value)
     assert read_metrics(job)[-1]["stopped"] == stopped["reason"]
+
+
+def test_stacked_length_split_recipe_trains_each_sample_once_per_epoch(tmp_path, assets, tokenizer):
+    """Paper A.6.1 stacked: one file, its short half then its long half (+1% replay) as two phases.
+    Stacked, every row of the file is trained exactly once per epoch, over both ranks."""
+    from itertools import islice
+
+    from training.data import phase_conversations, prepare
+    from training.recipe import resolve
+
+    source = tmp_path / "all.jsonl"
+    with open(assets.train_file("phase00")) as f:
+        source.write_text("".join(islice(f, 96)))
+    file_ids = [json.loads(line)["id"] for line in source.read_text().splitlines()]
+    split = {"data": [str(source)], "objective": {"lab_instruction/rule_acc": 1.0}}
+    recipe = resolve(
+        "demo",
+        "stacked",
+        {
+            "phases": [
+                {"name": "short", "length_split": "short", **split},
+                {"name": "long", "length_split": "long", "replay": 0.01, **split},
+            ],
+            "training.epochs": 2,
+            "training.effective_batch_size": 16,
+            "launch.num_processes": 2,
+            "checkpointing.save_every_samples": None,
+            "checkpointing.save_every_epoch": False,
+        },
+    )
+    conversations, replay_pool, files = phase_conversations(recipe.phases, 0)
+    stats = prepare(conversations, tokenizer, str(tmp_path / "prepared"), 256, replay_pool=replay_pool, files=files)
+    assert stats.samples == 96 and stats.replayed == 0
+
+    job = TrainJob(
+        run_id="t",
+        phase="stacked",
+        recipe=recipe,
+        model_path=str(assets.base_model_dir),
+        parent_checkpoint=str(assets.base_model_dir),
+        data_dir=str(tmp_path / "prepared"),
+        output_dir=str(tmp_path / "stacked"),
+    )
+    run_training(job, on_line=lambda _: None)
+    trained: dict[int, list[str]] = {}  # step -> ids, both ranks
+    for rank in (0, 1):
+        for line in (tmp_path / "stacked" / "samples" / f"rank{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            trained.setdefault(record["step"], []).extend(record["ids"])
+    assert sorted(trained) == list(range(1, 13))  # 96 samples x 2 epochs / 16 per step
+    for epoch in (0, 1):  # 6 steps of 16 samples = one epoch: every row of the file, once
+        ids = [i for step in range(6 * epoch + 1, 6 * epoch + 7) for i in trained[step]]
+        assert sorted(ids) == sorted(file_ids)

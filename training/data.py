@@ -8,21 +8,32 @@ the data a recipe trains on without anyone noticing.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import multiprocessing
+import os
 import random
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from jinja2.exceptions import TemplateError
 
-from training import storage
+from training import chat, storage
+from training.recipe import PhaseConfig
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = chat.IGNORE_INDEX
+PREP_FORMAT = 2  # bump when the prepared tokens of the same inputs change
+SystemMessage = Literal["as_is", "merge_into_first_user"]
 ROLES = ("system", "user", "assistant")
+UNSUPPORTED_ROLES = ("tool", "function", "ipython")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -71,48 +82,54 @@ def normalise(row: Any, where: str) -> list[dict[str, str]]:
 
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list")
+    out = []
     for j, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise DataError(f"{where}: message {j} is not an object")
+        if msg.get("role") in UNSUPPORTED_ROLES or msg.get("tool_calls"):
+            raise DataError(
+                f"{where}: message {j} is a tool call or tool result (role {msg.get('role')!r}); "
+                "tool use is not supported: drop these turns or render them as text"
+            )
         if msg.get("role") not in ROLES:
             raise DataError(f"{where}: message {j} has unknown role {msg.get('role')!r} (expected one of {ROLES})")
-        if not isinstance(msg.get("content"), str):
-            raise DataError(f"{where}: message {j} content must be a string, got {type(msg.get('content')).__name__}")
-        if msg["role"] == "assistant" and not msg["content"].strip():
+        content = message_text(msg.get("content"), f"{where}: message {j}")
+        if msg["role"] == "assistant" and not content.strip():
             raise DataError(f"{where}: message {j} is an empty assistant turn")
-    if not any(m["role"] == "assistant" for m in messages):
+        out.append({"role": msg["role"], "content": content})
+    if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: no assistant turn to learn from")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return out
+
+
+def message_text(content: Any, where: str) -> str:
+    """A message's text: a string, or OpenAI content parts whose text parts are joined with
+    newlines (as vLLM's OpenAI server joins them). Any other part (image, audio, file) is an
+    error: the text models trained here would silently lose it."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise DataError(f"{where} content must be a string or a list of content parts, got {type(content).__name__}")
+    texts = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise DataError(f"{where} content part {k} is of type {kind!r} is not supported (text parts only)")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def tokenize(
-    tokenizer: Any, messages: list[dict[str, str]], train_on_prompt: bool = False
-) -> tuple[list[int], list[int]]:
-    """Token ids and labels of a conversation rendered with the tokenizer's chat template.
-
-    Assistant spans are found by rendering growing prefixes: the tokens that message i adds
-    over `messages[:i]` + generation prompt are its answer. This works with any template that
-    renders a prefix of the conversation as a prefix of the tokens, which we check.
-    """
-
-    def render(msgs: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-        out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=generation_prompt)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-
-    input_ids = render(messages, False)
-    labels = list(input_ids) if train_on_prompt else [IGNORE_INDEX] * len(input_ids)
-    if train_on_prompt:
-        return input_ids, labels
-    for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
-            continue
-        prompt = render(messages[:i], True)
-        upto = render(messages[: i + 1], False)
-        start, end = len(prompt), len(upto)
-        if upto[:start] != prompt or input_ids[:end] != upto:
-            raise DataError("the chat template does not render prefixes as token prefixes; set train_on_prompt")
-        labels[start:end] = input_ids[start:end]
-    return input_ids, labels
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    train_on_prompt: bool = False,
+    system_message: SystemMessage = "as_is",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and labels (int32 arrays) of a conversation rendered once with the tokenizer's chat template
+    (training.chat.assistant_labels: answers and their end-of-turn token carry the loss)."""
+    if system_message == "merge_into_first_user":
+        messages = chat.merge_system(messages)
+    return chat.assistant_labels(tokenizer, messages, train_on_prompt)
 
 
 @dataclass
@@ -126,12 +143,16 @@ class PrepStats:
     loss_tokens: int = 0
     max_len: int = 0
     mean_len: float = 0.0
+    content_hash: str = ""  # of the conversations, tokenizer, template and settings: equal = reusable
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
 
-Conversation = tuple[str, list[dict[str, str]]]  # (sample id, messages)
+class Conversation(NamedTuple):
+    id: str
+    messages: list[dict[str, str]]
+    where: str  # file:line, for errors
 
 
 def read_conversations(uri: str) -> list[Conversation]:
@@ -140,7 +161,7 @@ def read_conversations(uri: str) -> list[Conversation]:
     for line, row in read_rows(uri):
         where = f"{uri}:{line}"
         messages = normalise(row, where)
-        rows.append((str(row.get("id", where)), messages))
+        rows.append(Conversation(str(row.get("id", where)), messages, where))
     return rows
 
 
@@ -169,6 +190,123 @@ def load_phase(
     return (split_by_length(conversations, length_split) if length_split else conversations), counts
 
 
+def phase_conversations(
+    phases: Sequence[PhaseConfig], index: int
+) -> tuple[list[Conversation], list[Conversation], dict[str, int]]:
+    """What phase `index` of `phases` trains on: (its conversations, the pool its `replay` samples
+    from, rows read per file). A stacked phase's conversations are each part's (its length half),
+    once; the pool is the earlier phases' conversations."""
+    phase = phases[index]
+    conversations, files = [], {}
+    for part in phase.stacked_from or [phase]:
+        rows, counts = load_phase(part.data, part.length_split)
+        conversations += rows
+        files |= counts
+    pool = [c for earlier in range(index) for c in phase_conversations(phases, earlier)[0]] if phase.replay else []
+    return conversations, pool, files
+
+
+def content_hash(conversations: Sequence[Conversation], tokenizer: Any, settings: dict[str, Any]) -> str:
+    """What the prepared tokens depend on: every conversation, the tokenizer (vocabulary,
+    special tokens, template) and the preparation settings."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": PREP_FORMAT, **settings}, sort_keys=True).encode())
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(json.dumps([tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token]).encode())
+    for conversation in conversations:
+        digest.update(json.dumps([conversation.id, conversation.messages]).encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class _Chunk:
+    """One chunk of tokenized samples (kept ones only), as flat numpy buffers."""
+
+    ids: list[str]
+    lengths: np.ndarray
+    input_ids: np.ndarray
+    labels: np.ndarray
+    dropped_too_long: int = 0
+    dropped_no_loss_tokens: int = 0
+
+
+_worker: dict[str, Any] = {}  # the tokenizer and settings of a preparation process
+
+
+def _init_worker(tokenizer: Any, settings: dict[str, Any]) -> None:
+    _worker.update(tokenizer=tokenizer, settings=settings)
+
+
+def _tokenize_chunk(conversations: list[Conversation]) -> _Chunk:
+    tokenizer, settings = _worker["tokenizer"], _worker["settings"]
+    ids, lengths, all_ids, all_labels = [], [], [], []
+    dropped_too_long = dropped_no_loss_tokens = 0
+    for conversation in conversations:
+        input_ids, labels = _tokenize_one(tokenizer, conversation, settings)
+        if len(input_ids) > settings["max_seq_len"]:
+            dropped_too_long += 1
+            continue
+        if (labels[1:] == IGNORE_INDEX).all():
+            dropped_no_loss_tokens += 1
+            continue
+        ids.append(conversation.id)
+        lengths.append(len(input_ids))
+        all_ids.append(input_ids)
+        all_labels.append(labels)
+    return _Chunk(
+        ids=ids,
+        lengths=np.asarray(lengths, np.int64),
+        input_ids=np.concatenate(all_ids) if all_ids else np.zeros(0, np.int32),
+        labels=np.concatenate(all_labels) if all_labels else np.zeros(0, np.int32),
+        dropped_too_long=dropped_too_long,
+        dropped_no_loss_tokens=dropped_no_loss_tokens,
+    )
+
+
+def _tokenize_one(
+    tokenizer: Any, conversation: Conversation, settings: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """tokenize(), with template errors turned into errors naming the row."""
+    try:
+        return tokenize(tokenizer, conversation.messages, settings["train_on_prompt"], settings["system_message"])
+    except TemplateError as exc:
+        hint = ""
+        if any(m["role"] == "system" for m in conversation.messages) and "system" in str(exc).lower():
+            hint = (
+                "; set model.system_message: merge_into_first_user to fold the system message into the first user turn"
+            )
+        raise DataError(f"{conversation.where}: the chat template rejects this conversation: {exc}{hint}") from None
+    except ValueError as exc:
+        raise DataError(f"{conversation.where}: {exc}") from None
+
+
+def _tokenized_chunks(
+    conversations: list[Conversation], tokenizer: Any, settings: dict[str, Any], workers: int, chunk_size: int
+) -> Iterator[_Chunk]:
+    """Chunks in input order; in `workers` processes when there is more than one chunk.
+
+    At most two chunks per worker are in flight, so memory stays bounded by the chunk size.
+    """
+    chunks = [conversations[i : i + chunk_size] for i in range(0, len(conversations), chunk_size)]
+    if workers <= 1 or len(chunks) <= 1:
+        _init_worker(tokenizer, settings)
+        yield from map(_tokenize_chunk, chunks)
+        return
+    context = multiprocessing.get_context("spawn")  # fork is unsafe in a threaded caller (Prefect)
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(tokenizer, settings)
+    ) as pool:
+        pending = deque(pool.submit(_tokenize_chunk, c) for c in chunks[: 2 * workers])
+        for c in chunks[2 * workers :]:
+            yield pending.popleft().result()
+            pending.append(pool.submit(_tokenize_chunk, c))
+        while pending:
+            yield pending.popleft().result()
+
+
+TOKENS_SCHEMA = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+
+
 def prepare(
     conversations: list[Conversation],
     tokenizer: Any,
@@ -179,13 +317,20 @@ def prepare(
     replay_fraction: float = 0.0,
     seed: int = 0,
     files: dict[str, int] | None = None,
+    system_message: SystemMessage = "as_is",
+    workers: int | None = None,
+    chunk_size: int = 2048,
 ) -> PrepStats:
     """Tokenize conversations into `out_dir/tokens.parquet` and write `out_dir/stats.json`.
 
     `replay_fraction` of `replay_pool` (the earlier phases' data, a seeded sample) is mixed
     in. Samples longer than max_seq_len are dropped and counted, never truncated (a truncated
-    answer teaches the model to stop mid-sentence). Files are written only after every row
-    validated, so a bad row leaves nothing half-written. Row order does not matter: the
+    answer teaches the model to stop mid-sentence). Tokenization runs in `workers` processes
+    (default: one per available core) and is written a chunk at a time (one Parquet row group
+    each) into a partial file that replaces tokens.parquet only when every row validated, so a
+    bad row leaves nothing half-written. When `out_dir` already holds the preparation of the
+    same conversations, tokenizer, template and settings (stats.json's content_hash), it is
+    reused as is: a resumed run does not prepare again. Row order does not matter: the
     sampler draws a fresh permutation every epoch.
     """
     stats = PrepStats(files=dict(files or {}))
@@ -194,67 +339,139 @@ def prepare(
         replayed = random.Random(seed).sample(list(replay_pool), round(replay_fraction * len(replay_pool)))
         stats.replayed = len(replayed)
         conversations += replayed
+    settings = {"max_seq_len": max_seq_len, "train_on_prompt": train_on_prompt, "system_message": system_message}
+    stats.content_hash = content_hash(conversations, tokenizer, settings)
+    stats_uri, tokens_uri = storage.join(out_dir, "stats.json"), storage.join(out_dir, "tokens.parquet")
+    if storage.exists(stats_uri) and storage.exists(tokens_uri):
+        previous = storage.read_json(stats_uri)
+        if previous.get("content_hash") == stats.content_hash:
+            return PrepStats(**previous)
 
-    ids: list[str] = []
-    all_input_ids: list[list[int]] = []
-    all_labels: list[list[int]] = []
-    for sample_id, messages in conversations:
-        input_ids, labels = tokenize(tokenizer, messages, train_on_prompt)
-        if len(input_ids) > max_seq_len:
-            stats.dropped_too_long += 1
-            continue
-        loss_tokens = sum(1 for t in labels[1:] if t != IGNORE_INDEX)
-        if loss_tokens == 0:
-            stats.dropped_no_loss_tokens += 1
-            continue
-        ids.append(sample_id)
-        all_input_ids.append(input_ids)
-        all_labels.append(labels)
-        stats.tokens += len(input_ids)
-        stats.loss_tokens += loss_tokens
-        stats.max_len = max(stats.max_len, len(input_ids))
-    if not ids:
-        raise DataError(f"no usable samples in {sorted(stats.files)} (dropped {stats.dropped_too_long} too long)")
-
-    stats.samples = len(ids)
-    stats.mean_len = round(stats.tokens / len(ids), 2)
-    table = pa.table(
-        {
-            "id": ids,
-            "input_ids": pa.array(all_input_ids, type=pa.list_(pa.int32())),
-            "labels": pa.array(all_labels, type=pa.list_(pa.int32())),
-        }
-    )
-    fs, path = storage.filesystem(storage.join(out_dir, "tokens.parquet"))
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f)
-    storage.write_json(storage.join(out_dir, "stats.json"), stats.to_dict())
+    fs, path = storage.filesystem(tokens_uri)
+    directory = path.rsplit("/", 1)[0]
+    created = not fs.exists(directory)
+    partial = f"{path}.partial"
+    lengths = []
+    try:
+        fs.makedirs(directory, exist_ok=True)
+        with fs.open(partial, "wb") as f, pq.ParquetWriter(f, TOKENS_SCHEMA) as writer:
+            workers = workers or len(os.sched_getaffinity(0))
+            for chunk in _tokenized_chunks(conversations, tokenizer, settings, workers, chunk_size):
+                stats.dropped_too_long += chunk.dropped_too_long
+                stats.dropped_no_loss_tokens += chunk.dropped_no_loss_tokens
+                if not chunk.ids:
+                    continue
+                offsets = pa.array(np.concatenate([[0], np.cumsum(chunk.lengths)]).astype(np.int32))
+                writer.write_table(
+                    pa.table(
+                        {
+                            "id": chunk.ids,
+                            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(chunk.input_ids)),
+                            "labels": pa.ListArray.from_arrays(offsets, pa.array(chunk.labels)),
+                        },
+                        schema=TOKENS_SCHEMA,
+                    )
+                )
+                lengths.append(chunk.lengths)
+                starts = offsets.to_numpy()[:-1]
+                trained = chunk.labels != IGNORE_INDEX
+                trained[starts] = False  # labels are shifted in the loss: a sample's first position predicts nothing
+                stats.loss_tokens += int(trained.sum())
+        if not lengths:
+            raise DataError(
+                f"no usable samples in {sorted(stats.files)} (dropped {stats.dropped_too_long} too long, "
+                f"{stats.dropped_no_loss_tokens} without loss tokens)"
+            )
+        fs.mv(partial, path)
+    except BaseException:
+        if fs.exists(partial):
+            fs.rm(partial)
+        if created and fs.exists(directory):
+            fs.rm(directory, recursive=True)
+        raise
+    every = np.concatenate(lengths)
+    stats.samples, stats.tokens, stats.max_len = len(every), int(every.sum()), int(every.max())
+    stats.mean_len = round(stats.tokens / stats.samples, 2)
+    storage.write_json(stats_uri, stats.to_dict())
     return stats
+
+
+class Ragged(Sequence):
+    """Variable-length rows over one flat numpy buffer: row i is values[offsets[i]:offsets[i+1]]
+    (a view; no per-token Python objects)."""
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray) -> None:
+        self.values, self.offsets = values, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+    def lengths(self) -> list[int]:
+        return np.diff(self.offsets).tolist()
 
 
 @dataclass
 class TokenizedData:
+    """Prepared samples. `input_ids` / `labels` are Ragged numpy buffers when loaded from disk
+    (about 8 bytes per token); lists of lists work too (tests build them by hand)."""
+
     ids: list[str]
-    input_ids: list[list[int]]
-    labels: list[list[int]]
+    input_ids: Sequence[Sequence[int]]
+    labels: Sequence[Sequence[int]]
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def lengths(self) -> list[int]:
+        if isinstance(self.input_ids, Ragged):
+            return self.input_ids.lengths()
         return [len(x) for x in self.input_ids]
 
     def loss_tokens(self) -> list[int]:
         # Labels are shifted inside the loss: the first position never predicts anything.
+        if isinstance(self.labels, Ragged):
+            trained = self.labels.values != IGNORE_INDEX
+            starts = self.labels.offsets[:-1]
+            trained[starts] = False  # prepared samples are never empty
+            return np.add.reduceat(trained, starts, dtype=np.int64).tolist() if len(starts) else []
         return [sum(1 for t in lab[1:] if t != IGNORE_INDEX) for lab in self.labels]
+
+    def nbytes(self) -> int:
+        """Bytes held by the token buffers (Ragged only)."""
+        return sum(r.values.nbytes + r.offsets.nbytes for r in (self.input_ids, self.labels) if isinstance(r, Ragged))
+
+
+def _ragged(column: pa.ChunkedArray) -> Ragged:
+    """A list<int32> column (one chunk per row group) copied into one flat array, chunk by chunk:
+    the Arrow buffers are released afterwards and only about 4 bytes per token stay."""
+    lengths = np.concatenate([np.diff(np.asarray(chunk.offsets)) for chunk in column.chunks] or [np.zeros(0, np.int64)])
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    values = np.empty(offsets[-1], dtype=np.int32)
+    at = 0
+    for chunk in column.chunks:
+        chunk_offsets = np.asarray(chunk.offsets)
+        flat = chunk.values.to_numpy()[chunk_offsets[0] : chunk_offsets[-1]]
+        values[at : at + len(flat)] = flat
+        at += len(flat)
+    return Ragged(values, offsets)
 
 
 def load_tokenized(data_dir: str) -> TokenizedData:
-    with fsspec.open(storage.join(data_dir, "tokens.parquet"), "rb") as f:
-        table = pq.read_table(io.BytesIO(f.read()))
-    return TokenizedData(
+    """tokens.parquet as numpy buffers (memory-mapped read for a local directory)."""
+    uri = storage.join(data_dir, "tokens.parquet")
+    if storage.is_local(uri):
+        table = pq.read_table(storage.local_path(uri), memory_map=True)
+    else:
+        with fsspec.open(uri, "rb") as f:
+            table = pq.read_table(io.BytesIO(f.read()))
+    data = TokenizedData(
         ids=table.column("id").to_pylist(),
-        input_ids=table.column("input_ids").to_pylist(),
-        labels=table.column("labels").to_pylist(),
+        input_ids=_ragged(table.column("input_ids")),
+        labels=_ragged(table.column("labels")),
     )
+    del table
+    pa.default_memory_pool().release_unused()  # the decoded Parquet pages: copied above
+    return data

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from training.chat import template_text
+
 EMBEDDED = "embedded://"  # prefix of references to the locally built lab assets
 
 
@@ -38,9 +40,30 @@ class ModelConfig(Strict):
         description="sdpa, flash_attention_2 (gpu extra) and flex_attention keep packed samples apart "
         "(training.packing); eager trains padded.",
     )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template applied to the tokenizer and saved with every checkpoint: a bundled "
+        "name (chatml, gemma, llama3, mistral, qwen2.5, qwen3) or a Jinja file. None = the model's own "
+        "(a base model without one must set this).",
+    )
+    system_message: Literal["as_is", "merge_into_first_user"] = Field(
+        "as_is",
+        description="as_is: system messages go to the template (one that rejects them, like Gemma's, "
+        "fails naming the row); merge_into_first_user: a leading system message is prepended to the "
+        "first user turn.",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, setting: str | None) -> str | None:
+        if setting is not None:
+            template_text(setting)  # a bundled name or a readable file, else a clear error
+        return setting
 
 
-class PhaseConfig(Strict):
+class PhaseData(Strict):
+    """What a phase trains on: its files, optionally one length half of them, plus replay."""
+
     name: str = Field(description="Phase name; also its directory under the run (e.g. phase00).")
     data: list[str] = Field(
         min_length=1,
@@ -59,6 +82,9 @@ class PhaseConfig(Strict):
         description="Fraction of every earlier phase's data mixed into this one (seeded sample): "
         "the usual guard against forgetting in phased training. 0 = none.",
     )
+
+
+class PhaseConfig(PhaseData):
     objective: dict[str, float] = Field(
         min_length=1,
         description="Selection objective: weights of 'task/metric' keys, e.g. "
@@ -77,6 +103,11 @@ class PhaseConfig(Strict):
         ge=0,
         description="Forgetting guard: a checkpoint is ineligible if any earlier phase's objective "
         "metric fell by more than this below the best value the run reached for it (phased training only).",
+    )
+    stacked_from: list[PhaseData] = Field(
+        default_factory=list,
+        description="Set by stacked training (not by hand): the phases whose data this one phase mixes, "
+        "each with its own length split; their replay is already in the mix (each sample once per epoch).",
     )
 
     @field_validator("objective", "min_score")
@@ -151,6 +182,13 @@ class TrainingConfig(Strict):
         False, description="Also put loss on user/system tokens (default: assistant tokens only)."
     )
     seed: int = Field(42, description="Seeds data order and initialisation.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers (accelerate's tracking API): every step's metrics, each checkpoint's "
+        "scores, the selection and the recipe, one tracker run per phase grouped by run id. Where they write "
+        "and their credentials come from the environment (MLFLOW_TRACKING_URI, WANDB_API_KEY, WANDB_MODE...); "
+        "TensorBoard writes <phase>/tensorboard/. Empty = none.",
+    )
 
     @model_validator(mode="after")
     def _one_warmup(self) -> TrainingConfig:
@@ -337,6 +375,18 @@ class LaunchConfig(Strict):
         return self.num_processes * self.num_machines
 
 
+class ExportConfig(Strict):
+    to: str | None = Field(
+        None,
+        description="At the end of a finetune run, export the last phase's selected model here (directory or "
+        "s3://...): safetensors in the training dtype, tokenizer with chat template, generation config, model "
+        "card. An earlier export there is replaced. None = no export (`lab export` does it any time).",
+    )
+    push_to_hub: str | None = Field(
+        None, description="Also push the export to this Hugging Face Hub repo (token from HF_TOKEN, never here)."
+    )
+
+
 class Recipe(Strict):
     name: str = Field(description="Recipe name, used in run ids and reports.")
     description: str = Field("", description="What this recipe is for.")
@@ -353,6 +403,7 @@ class Recipe(Strict):
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
     def _unique_phase_names(self) -> Recipe:
@@ -372,7 +423,13 @@ class Recipe(Strict):
         return self
 
     def stacked(self) -> Recipe:
-        """The single phase of stacked training: all data, objective = sum of the phases'."""
+        """The single phase of stacked training: every phase's data, objective = sum of the phases'.
+
+        Each phase keeps its length split, so a difficulty-split recipe (one file, short then
+        long half) trains every sample once per epoch. Replay is not repeated: a stacked run
+        already trains every earlier phase's data in full, so replayed copies would only make
+        some samples count twice.
+        """
         objective: dict[str, float] = {}
         for phase in self.phases:
             for key, weight in phase.objective.items():
@@ -381,6 +438,11 @@ class Recipe(Strict):
             name="stacked",
             data=[path for p in self.phases for path in p.data],
             objective=objective,
+            stacked_from=[
+                PhaseData.model_validate(part.model_dump(include=set(PhaseData.model_fields)))
+                for p in self.phases
+                for part in (p.stacked_from or [p])  # stacking a stacked recipe keeps its parts
+            ],
         )
         return self.model_copy(update={"phases": [phase], "strategy": "stacked"})
 

@@ -8,6 +8,7 @@ Launch (the Prefect task does this for you, with a generated accelerate config):
 prepared data and the output directory. Outputs, under `output_dir`:
 
     metrics.jsonl                       one line per optimizer step (rank 0)
+    finished.json                       the last step is done (the rolling state/ is kept for the caller)
     samples/rank<r>.jsonl               the sample ids each rank trained on, per step
     checkpoints/samples_<N>/            save_pretrained + tokenizer + meta.json (written last)
 
@@ -41,21 +42,26 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import NoReturn, TextIO
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+from accelerate.tracking import GeneralTracker
 from pydantic import BaseModel, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging as transformers_logging
 
+from training import tracking
+from training.chat import apply_template, configure_generation
 from training.data import IGNORE_INDEX, TokenizedData, load_tokenized
 from training.precision import is_mixed, weights_dtype
 from training.recipe import Recipe, TrainingConfig, WatchdogConfig, warmup_steps
 from training.sampler import Step, pack_rows, padded_tokens, plan_steps, save_points
 
 EXIT_WATCHDOG = 3  # exit code of a run stopped by the watchdog (NaN/inf)
+FINISHED = "finished.json"  # written by rank 0 after the last step (not after a probe's pause)
 PROBE_TOKENS = 64  # length of the logits probe recorded with each checkpoint
 # Attention implementations that keep the samples of a packed row apart (from its position_ids).
 PACKING_ATTENTION = ("sdpa", "flash_attention_2", "flex_attention")
@@ -134,16 +140,25 @@ def collate_packed(
     """
     rows = []
     for row in pack_rows(indices, {i: len(data.input_ids[i]) for i in indices}, row_tokens):
-        input_ids = [t for i in row for t in data.input_ids[i]]
-        labels = [IGNORE_INDEX if j == 0 else t for i in row for j, t in enumerate(data.labels[i])]
-        position_ids = [j for i in row for j in range(len(data.input_ids[i]))]
-        rows.append((input_ids, labels, position_ids))
+        lengths = [len(data.input_ids[i]) for i in row]
+        labels = np.concatenate([np.asarray(data.labels[i]) for i in row])
+        labels[np.cumsum([0, *lengths[:-1]])] = IGNORE_INDEX  # a copy: the prepared buffers are untouched
+        input_ids = np.concatenate([np.asarray(data.input_ids[i]) for i in row])
+        rows.append((input_ids, labels, np.concatenate([np.arange(n) for n in lengths])))
     width = max(len(ids) for ids, _, _ in rows)
-    pad = [width - len(ids) for ids, _, _ in rows]
+
+    def stacked(k: int, fill: int | None) -> torch.Tensor:
+        """Column k of the rows, right-padded to the widest row (fill None: positions 0, 1, ...)."""
+        padded = [
+            np.concatenate([r[k], np.arange(width - len(r[k])) if fill is None else np.full(width - len(r[k]), fill)])
+            for r in rows
+        ]
+        return torch.as_tensor(np.stack(padded), dtype=torch.long)
+
     return {
-        "input_ids": torch.tensor([ids + [pad_id] * n for (ids, _, _), n in zip(rows, pad, strict=True)]),
-        "labels": torch.tensor([lab + [IGNORE_INDEX] * n for (_, lab, _), n in zip(rows, pad, strict=True)]),
-        "position_ids": torch.tensor([pos + list(range(n)) for (_, _, pos), n in zip(rows, pad, strict=True)]),
+        "input_ids": stacked(0, pad_id),
+        "labels": stacked(1, IGNORE_INDEX),
+        "position_ids": stacked(2, None),
     }
 
 
@@ -369,8 +384,8 @@ def write_line(message: str) -> None:
     sys.stdout.flush()
 
 
-def make_accelerator(recipe: Recipe) -> Accelerator:
-    """The Accelerator for the recipe's backend and precision.
+def make_accelerator(recipe: Recipe, trackers: list[GeneralTracker] = ()) -> Accelerator:
+    """The Accelerator for the recipe's backend and precision, logging to `trackers`.
 
     Several CPU ranks (and DeepSpeed on CPU) need gloo named explicitly (NOTES.md); with one
     process, naming a backend makes accelerate look for a process group that does not exist.
@@ -378,7 +393,9 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     plugin = fsdp_plugin(recipe) if recipe.launch.backend == "fsdp" and is_mixed(recipe) else None
     return Accelerator(
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [], fsdp_plugin=plugin
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [],
+        log_with=list(trackers) or None,
+        fsdp_plugin=plugin,
     )
 
 
@@ -416,7 +433,8 @@ def load_model(job: TrainJob) -> torch.nn.Module:
 def train(job: TrainJob) -> None:
     cfg: TrainingConfig = job.recipe.training
     launch = job.recipe.launch
-    accelerator = make_accelerator(job.recipe)
+    trackers = tracking.phase_trackers(job.recipe, job.run_id, job.phase, Path(job.output_dir))
+    accelerator = make_accelerator(job.recipe, trackers)
     torch.manual_seed(cfg.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     deepspeed = launch.backend == "deepspeed"
@@ -426,8 +444,11 @@ def train(job: TrainJob) -> None:
     # attention across a row, so rows hold at most max_seq_len tokens (cost T x R, not T^2).
     row_tokens = None if job.recipe.model.attn_implementation == "flash_attention_2" else cfg.max_seq_len
 
-    tokenizer = AutoTokenizer.from_pretrained(job.model_path)
+    # The recipe's template (if any) is saved with every checkpoint, like the stop tokens below.
+    tokenizer = apply_template(AutoTokenizer.from_pretrained(job.model_path), job.recipe.model.chat_template)
     model = load_model(job)
+    configure_generation(model, tokenizer)
+    pad_id = model.generation_config.pad_token_id  # Llama 3 / Mistral have no pad token: never None here
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 shards
     data = load_tokenized(job.data_dir)
     lengths, loss_tokens = data.lengths(), data.loss_tokens()
@@ -446,7 +467,7 @@ def train(job: TrainJob) -> None:
     warmup = warmup_steps(cfg, total_steps)
     every = job.recipe.checkpointing.save_every_samples
     saves = save_points(steps, len(data), every, job.recipe.checkpointing.save_every_epoch)
-    probe = torch.tensor([data.input_ids[0][:PROBE_TOKENS]], device=accelerator.device)
+    probe = torch.as_tensor(data.input_ids[0][:PROBE_TOKENS], dtype=torch.long, device=accelerator.device)[None]
 
     write_line(f"world_size={world} rank={rank}")  # every rank: proof that the run is really distributed
     log(
@@ -474,6 +495,12 @@ def train(job: TrainJob) -> None:
 
     out = Path(job.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        (out / FINISHED).unlink(missing_ok=True)  # this launch decides again
+    if trackers:  # rank 0 only (accelerate): the phase's tracker runs, the recipe as parameters
+        accelerator.init_trackers(job.recipe.name, config=tracking.recipe_params(job.recipe, job.run_id, job.phase))
+        if accelerator.is_main_process:
+            tracking.save_run_ids(out, accelerator.trackers)
     state_dir = out / "state"
     accelerator.register_for_checkpointing(scheduler)  # not prepare()d: that would step it once per rank
     done_steps, tokens_seen = load_state(accelerator, state_dir)
@@ -484,9 +511,7 @@ def train(job: TrainJob) -> None:
     samples_log = open_jsonl(out / "samples" / f"rank{rank}.jsonl", done_steps)
     watchdog = Watchdog(job.recipe.watchdog)
     to_batch = (
-        (lambda mb: collate_packed(data, mb, row_tokens, tokenizer.pad_token_id))
-        if packed
-        else (lambda mb: collate(data, mb, tokenizer.pad_token_id))
+        (lambda mb: collate_packed(data, mb, row_tokens, pad_id)) if packed else (lambda mb: collate(data, mb, pad_id))
     )
     started, cpu_started = time.perf_counter(), time.process_time()
     for step in steps[done_steps:]:
@@ -552,6 +577,7 @@ def train(job: TrainJob) -> None:
             json.dumps({"step": step.index, "ids": [data.ids[i] for i in step.samples if i in ours]}) + "\n"
         )
         samples_log.flush()
+        accelerator.log(tracking.step_metrics(record), step=step.index)  # no-op without trackers
         if metrics_log:
             metrics_log.write(json.dumps(record) + "\n")
             metrics_log.flush()
@@ -574,7 +600,10 @@ def train(job: TrainJob) -> None:
             break
     else:
         if accelerator.is_main_process:
-            shutil.rmtree(state_dir, ignore_errors=True)  # finished: the full state is only for resume
+            # The rolling state stays: the caller removes it once it has recorded the phase as
+            # trained, so a kill before that record finds this file instead of retraining.
+            finished = {"steps": total_steps, "samples_seen": steps[-1].samples_seen}
+            (out / FINISHED).write_text(json.dumps(finished) + "\n")
     samples_log.close()
     if metrics_log:
         metrics_log.close()
@@ -646,6 +675,7 @@ def stop(accelerator: Accelerator, out: Path, metrics_log: TextIO | None, step: 
             json.dumps({"step": step.index, "samples_seen": step.samples_seen, "reason": reason}) + "\n"
         )
     log(accelerator, f"watchdog: {reason}")
+    accelerator.end_training()  # closes the tracker runs
     sys.exit(EXIT_WATCHDOG)
 
 
