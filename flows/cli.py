@@ -99,10 +99,10 @@ def check_memory(recipe: Recipe, gpu_memory_gib: float | None) -> str | None:
 
     Only GPU backends are checked, against --gpu-memory or the GPU found here; a model whose
     config.json cannot be read is reported and not checked."""
-    from training.plan import plan_recipe
+    from training.plan import device_memory_bytes, plan_recipe
 
-    if recipe.launch.backend == "cpu":
-        return None
+    if recipe.launch.backend == "cpu" or device_memory_bytes(gpu_memory_gib) is None:
+        return None  # nothing to check against (no GPU here and no --gpu-memory)
     try:
         plan, _ = plan_recipe(recipe, gpu_memory_gib)
     except (OSError, KeyError, ValueError) as exc:
