@@ -17,7 +17,7 @@ import torch
 from training.launch import accelerate_config, deepspeed_config, launch_command, run_training
 from training.precision import autocast_mode, weights_dtype
 from training.recipe import RecipeError, load_recipe
-from training.train import TrainJob, token_logprobs
+from training.train import TrainJob, fsdp_plugin, token_logprobs
 
 # fp32 everywhere; the sharded runs sum the same terms in another order (and over gloo).
 LOSS_REL = 1e-4
@@ -113,6 +113,8 @@ def test_fsdp_config_keeps_fp32_weights_and_computes_in_the_model_dtype():
     assert acc["distributed_type"] == "FSDP" and acc["fsdp_config"]["fsdp_version"] == 2
     assert acc["mixed_precision"] == "bf16" and weights_dtype(recipe) == "float32"
     assert acc["fsdp_config"]["fsdp_cpu_ram_efficient_loading"]  # no full copy of the weights per rank
+    policy = fsdp_plugin(recipe).mixed_precision_policy  # what the training script hands accelerate
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
 
 
 @pytest.fixture(scope="module")

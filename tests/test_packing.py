@@ -35,6 +35,24 @@ def test_packed_row_restarts_positions_and_masks_the_label_across_each_boundary(
     assert (batch["labels"][0, 1:] != IGNORE_INDEX).sum() == (padded != IGNORE_INDEX).sum() == sum(data.loss_tokens())
 
 
+def test_rows_capped_for_sdpa_keep_samples_whole_and_pad_only_row_ends():
+    data = TokenizedData(
+        ids=["a", "b", "c"],
+        input_ids=[[1, 2, 3], [4, 5], [6, 7, 8, 9]],
+        labels=[[-100, 2, 3], [4, 5], [-100, -100, 8, 9]],
+    )
+    batch = collate_packed(data, [0, 1, 2], row_tokens=5, pad_id=0)  # rows: [c] then [a, b]
+    assert batch["input_ids"].tolist() == [[6, 7, 8, 9, 0], [1, 2, 3, 4, 5]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]  # the pad is its own "sample"
+    assert batch["labels"].tolist() == [
+        [IGNORE_INDEX, IGNORE_INDEX, 8, 9, IGNORE_INDEX],
+        [IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5],
+    ]
+    lengths = [3, 2, 4]
+    assert padded_tokens([0, 1, 2], lengths, True, row_tokens=5) == 10  # 2 rows x 5
+    assert padded_tokens([0, 1, 2], lengths, True) == 9  # one row (flash-attn varlen)
+
+
 def test_packed_micro_batches_cap_real_tokens_and_waste_nothing():
     rng = random.Random(0)
     lengths = [rng.randint(8, 300) for _ in range(400)]
@@ -72,14 +90,18 @@ def test_equalising_splits_the_heaviest_micro_batch_and_leaves_a_rank_short_only
 def test_a_packed_forward_gives_the_padded_loss_and_gradient():
     data = random_data()
     grads, losses = [], []
-    for batch in (collate(data, list(range(B)), pad_id=0), collate_packed(data, list(range(B)))):
+    padded, one_row = collate(data, list(range(B)), pad_id=0), collate_packed(data, list(range(B)))
+    rows = collate_packed(data, list(range(B)), row_tokens=60)  # several padded rows, as with sdpa
+    assert rows["input_ids"].shape[0] > 1 and (rows["input_ids"] == 0).any()
+    for batch in (padded, one_row, rows):
         model = tiny_model()
         loss = summed_token_loss(model, batch)
         loss.backward()
         losses.append(loss.item())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
-    assert (grads[1] - grads[0]).abs().max() <= 1e-5 * grads[0].abs().max()
+    for k in (1, 2):
+        assert losses[k] == pytest.approx(losses[0], rel=1e-5)
+        assert (grads[k] - grads[0]).abs().max() <= 1e-5 * grads[0].abs().max()
 
 
 @pytest.mark.parametrize("name", ["lab", "tulu", "tulu-plus", "demo"])
@@ -120,7 +142,9 @@ def test_packed_training_through_the_real_script_equals_the_padded_run(tmp_path,
         run_training(job, on_line=lambda _: None)
         runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     packed, padded = runs["packed"], runs["padded"]
-    assert [m["padding_efficiency"] for m in packed] == [1.0] * 3
+    # sdpa: rows of <= max_seq_len (256) tokens, padded only at row ends (measured 0.76-0.98 here:
+    # samples close to the row cap leave gaps; heavy-tailed real data fills rows better).
+    assert all(m["padding_efficiency"] > 0.7 for m in packed)
     assert all(m["padding_efficiency"] < 1.0 for m in padded)  # the padded run really padded
     for p, q in zip(packed, padded, strict=True):
         assert p["loss"] == pytest.approx(q["loss"], rel=1e-5)

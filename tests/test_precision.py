@@ -32,7 +32,17 @@ def changed_fraction(checkpoint: Path, base: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.mark.slow
-def test_bf16_recipe_moves_as_many_weights_as_fp32_and_pure_bf16_far_fewer(tmp_path, assets, prepared_slice):
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "cpu",
+        pytest.param(
+            "ddp",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+        ),
+    ],
+)
+def test_bf16_recipe_moves_as_many_weights_as_fp32_and_pure_bf16_far_fewer(tmp_path, assets, prepared_slice, backend):
     data_dir = prepared_slice("phase00", 80)
     base = load_file(Path(assets.base_model_dir) / "model.safetensors")
     runs = {
@@ -51,6 +61,7 @@ def test_bf16_recipe_moves_as_many_weights_as_fp32_and_pure_bf16_far_fewer(tmp_p
                 "training.warmup_steps": 0,
                 "checkpointing.save_every_samples": None,
                 "checkpointing.state_every_steps": None,
+                "launch.backend": backend,  # ddp with one process: the GPU (bf16 autocast on CUDA)
                 **overrides,
             },
         )

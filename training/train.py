@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 from accelerate.tracking import GeneralTracker
 from pydantic import BaseModel, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -58,7 +58,7 @@ from training.chat import apply_template, configure_generation
 from training.data import IGNORE_INDEX, TokenizedData, load_tokenized
 from training.precision import is_mixed, weights_dtype
 from training.recipe import Recipe, TrainingConfig, WatchdogConfig, warmup_steps
-from training.sampler import Step, padded_tokens, plan_steps, save_points
+from training.sampler import Step, pack_rows, padded_tokens, plan_steps, save_points
 
 EXIT_WATCHDOG = 3  # exit code of a run stopped by the watchdog (NaN/inf)
 FINISHED = "finished.json"  # written by rank 0 after the last step (not after a probe's pause)
@@ -126,24 +126,39 @@ def collate(data: TokenizedData, indices: list[int], pad_id: int) -> dict[str, t
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def collate_packed(data: TokenizedData, indices: list[int]) -> dict[str, torch.Tensor]:
-    """One row of concatenated samples, no padding (for flash-attn's varlen path).
+def collate_packed(
+    data: TokenizedData, indices: list[int], row_tokens: int | None = None, pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """Concatenated samples, no padding within a row: one row, or rows of <= row_tokens tokens
+    (`training.sampler.pack_rows`) right-padded to the longest row.
 
     position_ids restart at 0 for each sample: that is how transformers finds the sample
     boundaries and keeps attention within each sample (no attention_mask). The first label of
     each sample is masked: it would be the next-token target of the previous sample's last
-    token. Shifted as in the padded case, the loss covers exactly the same tokens.
+    token. Shifted as in the padded case, the loss covers exactly the same tokens. A row's
+    padding is one more "sample" (positions from 0, no labels): it attends only to itself.
     """
-    input_ids = np.concatenate([np.asarray(data.input_ids[i]) for i in indices])
-    labels = np.concatenate([np.asarray(data.labels[i]) for i in indices])
-    lengths = [len(data.input_ids[i]) for i in indices]
-    starts = np.cumsum([0, *lengths[:-1]])
-    labels[starts] = IGNORE_INDEX  # a copy: the prepared buffers are untouched
-    position_ids = np.concatenate([np.arange(n) for n in lengths])
+    rows = []
+    for row in pack_rows(indices, {i: len(data.input_ids[i]) for i in indices}, row_tokens):
+        lengths = [len(data.input_ids[i]) for i in row]
+        labels = np.concatenate([np.asarray(data.labels[i]) for i in row])
+        labels[np.cumsum([0, *lengths[:-1]])] = IGNORE_INDEX  # a copy: the prepared buffers are untouched
+        input_ids = np.concatenate([np.asarray(data.input_ids[i]) for i in row])
+        rows.append((input_ids, labels, np.concatenate([np.arange(n) for n in lengths])))
+    width = max(len(ids) for ids, _, _ in rows)
+
+    def stacked(k: int, fill: int | None) -> torch.Tensor:
+        """Column k of the rows, right-padded to the widest row (fill None: positions 0, 1, ...)."""
+        padded = [
+            np.concatenate([r[k], np.arange(width - len(r[k])) if fill is None else np.full(width - len(r[k]), fill)])
+            for r in rows
+        ]
+        return torch.as_tensor(np.stack(padded), dtype=torch.long)
+
     return {
-        "input_ids": torch.as_tensor(input_ids, dtype=torch.long)[None],
-        "labels": torch.as_tensor(labels, dtype=torch.long)[None],
-        "position_ids": torch.as_tensor(position_ids, dtype=torch.long)[None],
+        "input_ids": stacked(0, pad_id),
+        "labels": stacked(1, IGNORE_INDEX),
+        "position_ids": stacked(2, None),
     }
 
 
@@ -374,22 +389,24 @@ def make_accelerator(recipe: Recipe, trackers: list[GeneralTracker] = ()) -> Acc
 
     Several CPU ranks (and DeepSpeed on CPU) need gloo named explicitly (NOTES.md); with one
     process, naming a backend makes accelerate look for a process group that does not exist.
-    FSDP: accelerate's mixed precision reduces gradients in the compute dtype; the policy here
-    reduces and accumulates them in float32 (training.precision).
     """
     distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    kwargs = {}
-    if recipe.launch.backend == "fsdp" and is_mixed(recipe):
-        from accelerate import FullyShardedDataParallelPlugin
-
-        compute = getattr(torch, recipe.model.dtype)
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            fsdp_version=2, mixed_precision_policy={"param_dtype": compute, "reduce_dtype": torch.float32}
-        )
+    plugin = fsdp_plugin(recipe) if recipe.launch.backend == "fsdp" and is_mixed(recipe) else None
     return Accelerator(
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [],
         log_with=list(trackers) or None,
-        **kwargs,
+        fsdp_plugin=plugin,
+    )
+
+
+def fsdp_plugin(recipe: Recipe) -> FullyShardedDataParallelPlugin:
+    """FSDP2 mixed precision: compute in the model dtype, gradients reduced (and accumulated
+    between syncs) in float32, float32 outputs (the loss). accelerate's own bf16 policy would
+    reduce and accumulate in bf16. Everything else comes from the launcher's environment."""
+    compute = getattr(torch, recipe.model.dtype)
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        mixed_precision_policy={"param_dtype": compute, "reduce_dtype": torch.float32, "output_dtype": torch.float32},
     )
 
 
@@ -423,6 +440,9 @@ def train(job: TrainJob) -> None:
     deepspeed = launch.backend == "deepspeed"
     sharded = launch.backend in ("deepspeed", "fsdp")  # collectives in every forward/backward
     packed = cfg.packing and job.recipe.model.attn_implementation in PACKING_ATTENTION
+    # flash-attn's varlen kernel attends within each sample: one row. sdpa / flex compute masked
+    # attention across a row, so rows hold at most max_seq_len tokens (cost T x R, not T^2).
+    row_tokens = None if job.recipe.model.attn_implementation == "flash_attention_2" else cfg.max_seq_len
 
     # The recipe's template (if any) is saved with every checkpoint, like the stop tokens below.
     tokenizer = apply_template(AutoTokenizer.from_pretrained(job.model_path), job.recipe.model.chat_template)
@@ -433,7 +453,15 @@ def train(job: TrainJob) -> None:
     data = load_tokenized(job.data_dir)
     lengths, loss_tokens = data.lengths(), data.loss_tokens()
     steps = plan_steps(
-        lengths, cfg.effective_batch_size, cfg.epochs, cfg.seed, world, cfg.max_tokens_per_micro_batch, packed, sharded
+        lengths,
+        cfg.effective_batch_size,
+        cfg.epochs,
+        cfg.seed,
+        world,
+        cfg.max_tokens_per_micro_batch,
+        packed,
+        sharded,
+        row_tokens,
     )
     total_steps = len(steps)
     warmup = warmup_steps(cfg, total_steps)
@@ -447,7 +475,7 @@ def train(job: TrainJob) -> None:
         f"batch arithmetic: {len(data)} samples x {cfg.epochs} epochs = {steps[-1].samples_seen} samples; "
         f"EBS {cfg.effective_batch_size} samples/step -> {total_steps} optimizer steps; "
         f"{world} rank(s) ({launch.backend}); micro-batches capped at {cfg.max_tokens_per_micro_batch} "
-        f"{'real (packed)' if packed else 'padded'} tokens; "
+        f"{('real (packed, rows <= ' + str(row_tokens or 'budget') + ')') if packed else 'padded'} tokens; "
         f"precision: compute {job.recipe.model.dtype}, weights {weights_dtype(job.recipe)}; "
         f"warmup {warmup} steps, schedule {cfg.schedule}, peak lr {cfg.learning_rate:g}",
     )
@@ -482,8 +510,10 @@ def train(job: TrainJob) -> None:
     # Each rank records the sample ids it trained on: proof of no repeats or gaps, and of disjoint ranks.
     samples_log = open_jsonl(out / "samples" / f"rank{rank}.jsonl", done_steps)
     watchdog = Watchdog(job.recipe.watchdog)
-    to_batch = (lambda mb: collate_packed(data, mb)) if packed else (lambda mb: collate(data, mb, pad_id))
-    started = time.perf_counter()
+    to_batch = (
+        (lambda mb: collate_packed(data, mb, row_tokens, pad_id)) if packed else (lambda mb: collate(data, mb, pad_id))
+    )
+    started, cpu_started = time.perf_counter(), time.process_time()
     for step in steps[done_steps:]:
         t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
@@ -519,7 +549,9 @@ def train(job: TrainJob) -> None:
         optimizer.zero_grad(set_to_none=True)
 
         step_tokens = sum(lengths[i] for i in step.samples)
-        computed = sum(padded_tokens(mb, lengths, packed) for per_rank in step.micro_batches for mb in per_rank)
+        computed = sum(
+            padded_tokens(mb, lengths, packed, row_tokens) for per_rank in step.micro_batches for mb in per_rank
+        )
         tokens_seen += step_tokens
         wall = time.perf_counter() - t0
         record = {
@@ -536,6 +568,7 @@ def train(job: TrainJob) -> None:
             "padding_efficiency": round(step_tokens / computed, 4),
             "micro_batches": sum(len(per_rank) for per_rank in step.micro_batches),
             "wall_s": round(time.perf_counter() - started, 3),
+            "cpu_s": round(time.process_time() - cpu_started, 3),  # this rank's CPU time: robust to a shared machine
             "peak_memory_gb": round(peak_memory_bytes(accelerator.device) / 2**30, 4),
             "time": round(time.time(), 3),  # when the step ended (Unix time): concurrent runs can be told apart
         }
