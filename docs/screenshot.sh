@@ -23,7 +23,7 @@ trap 'for p in $WORKER $SERVER; do kill -TERM -- "-$p" 2>/dev/null || true; wait
 until curl -sf "$PREFECT_API_URL/health" >/dev/null; do sleep 1; done
 
 "$BIN/prefect" work-pool create lab --type process --overwrite
-"$BIN/prefect" work-pool set-concurrency-limit lab 1
+"$BIN/prefect" work-pool create lab-control --type process --overwrite
 "$BIN/prefect" --no-prompt deploy --all --prefect-file deployments/prefect.yaml
 RUN=$("$BIN/prefect" deployment run finetune/phased-lab \
     --params "{\"smoke\": true, \"storage_root\": \"$WORK/runs\", \"run_id\": \"ui-demo\"}" | sed -n 's/.*UUID: *\([0-9a-f-]\{36\}\).*/\1/p')
@@ -37,7 +37,7 @@ shot() {  # URL OUT.png: flags from the machine notes; a fresh profile per shot
         --virtual-time-budget=15000 --screenshot="$2" "$1" 2>/dev/null
 }
 # A worker that stays up, so that the deployments show as Ready.
-"$BIN/prefect" worker start --pool lab >"$WORK/worker2.log" 2>&1 &
+"$BIN/prefect" worker start --pool lab --limit 1 >"$WORK/worker2.log" 2>&1 &
 WORKER=$!
 sleep 15
 REPORT=$(curl -sf -X POST "$PREFECT_API_URL/artifacts/filter" -H 'content-type: application/json' \

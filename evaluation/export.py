@@ -2,7 +2,7 @@
 
     <to>/model.safetensors (+ config.json)   the weights in the recipe's training dtype
     <to>/tokenizer.json, tokenizer_config.json, chat_template.jinja   the tokenizer and its chat template
-    <to>/generation_config.json             stops at the template's end-of-turn token(s)
+    <to>/generation_config.json             stops at the template's end-of-turn token(s) (training.chat)
     <to>/README.md                          model card: base model, recipe, data, phases, scores
                                             with intervals, why the checkpoint was selected, plots
     <to>/training.png, scores.png           the run report's plots, when the run has them
@@ -26,6 +26,7 @@ import yaml
 
 from evaluation.selection import CheckpointScore, Selection
 from training import storage
+from training.chat import stop_token_ids
 from training.recipe import Recipe
 
 PLOTS = ("training.png", "scores.png")
@@ -33,24 +34,6 @@ PLOTS = ("training.png", "scores.png")
 
 class ExportError(ValueError):
     """The run cannot be exported (unknown phase, unfinished phase); the message says which."""
-
-
-def end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """The token(s) the chat template closes an assistant turn with, found by rendering one: the
-    first special token after the answer (Llama 3 <|eot_id|>, ChatML <|im_end|>, ...), and the
-    tokenizer's eos. A model that generates until these stops where its training answers ended."""
-    marker = "recipe-lab end-of-turn probe"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
-    )
-    after = tokenizer(text[text.index(marker) + len(marker) :], add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids) | {
-        i for i, token in tokenizer.added_tokens_decoder.items() if getattr(token, "special", False)
-    }
-    ids = [next(i for i in after if i in special)] if any(i in special for i in after) else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def selected(run_uri: str, phase: str | None) -> tuple[dict[str, Any], Recipe, Selection]:
@@ -129,7 +112,7 @@ def write_model_dir(run_uri: str, manifest: dict, recipe: Recipe, selection: Sel
         generation = GenerationConfig.from_model_config(model.config)
     eos = generation.eos_token_id
     known = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    generation.eos_token_id = known + [i for i in end_of_turn_ids(tokenizer) if i not in known]
+    generation.eos_token_id = known + [i for i in stop_token_ids(tokenizer) if i not in known]
     if generation.pad_token_id is None and tokenizer.pad_token_id is not None:
         generation.pad_token_id = tokenizer.pad_token_id
     model.generation_config = generation
@@ -175,7 +158,7 @@ def model_card(
         f"({winner.samples} samples into the phase).",
         "",
         "Load it with `AutoModelForCausalLM.from_pretrained(...)`; prompts use the tokenizer's chat template, "
-        f"and generation stops at its end-of-turn token(s) {tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))}.",
+        f"and generation stops at {tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))} (end of turn, EOS).",
         "",
         "## Recipe",
         "",

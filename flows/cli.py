@@ -6,7 +6,8 @@ lab plan RECIPE [--gpus N] [--gpu-memory GiB] [--nodes M] [--samples S] [--set k
 lab run RECIPE [--strategy phased|stacked] [--storage-root DIR] [--smoke] [--set key=value]...
 lab eval TARGET... [--recipe R] [--set key=value]...   runs or models, outside training
 lab sweep RECIPE --grid key=v1,v2 [--rungs N1,N2 --eta 2 --pruner eval] [--validate]   successive halving
-lab reproduce                    the paper's findings, scaled down to the lab (resumable)
+lab reproduce [--seeds K]        the paper's findings across K seeds, scaled down to the lab (resumable)
+lab nightly-spread [RECIPE] --seeds K   the nightly recipe's seed spread -> its regression tolerances
 lab demo [--storage-root DIR]    the embedded lab, phased and stacked, with a comparison
 lab export RUN [--phase P] --to DIR|s3://... [--push-to-hub REPO]   the selected model, ready to serve
 lab serve [--port N] [--storage-root s3://...] [--alert-block B]   Prefect server + UI, pool, deployments,
@@ -174,8 +175,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from flows.reproduce import reproduce
 
-    findings = reproduce(storage_root=args.storage_root)
-    print_summary(findings, "paper findings on the embedded lab")
+    started = time.perf_counter()
+    result = reproduce(storage_root=args.storage_root, seeds=args.seeds)
+    print_summary(result["findings"], f"paper findings on the embedded lab ({args.seeds} seeds)")
+    print_summary(result["pruners"], "pruners validated on the LR sweep")
+    print(f"wall time: {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+def cmd_nightly_spread(args: argparse.Namespace) -> int:
+    from flows.nightly import nightly_seed_spread
+
+    spread = nightly_seed_spread(recipe=args.recipe, seeds=args.seeds, storage_root=args.storage_root)
+    rows = [{"metric": m, "per seed": v["values"], "tolerance": v["tolerance"]} for m, v in spread["metrics"].items()]
+    print_summary(rows, f"seed spread of the nightly {spread['recipe']} ({spread['seeds']} seeds)")
     return 0
 
 
@@ -297,7 +310,14 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("reproduce", help="the paper's comparisons on the embedded lab, with a findings table")
     p.add_argument("--storage-root", default="./runs", help="runs go under <root>/reproduce/ (re-run to resume)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per arm (data order, fine-tune init); CIs need >= 2")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("nightly-spread", help="measure the nightly recipe's seed spread; its tolerances follow")
+    p.add_argument("recipe", nargs="?", default="demo")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--storage-root", default="./runs", help="the nightly's storage root")
+    p.set_defaults(func=cmd_nightly_spread)
 
     p = sub.add_parser("demo", help="the embedded lab end to end, phased and stacked")
     p.add_argument("--recipe", default="demo")

@@ -14,8 +14,19 @@ from typing import Any
 
 from prefect import flow
 
+from evaluation.findings import regression_tolerance
 from flows.finetune import finetune
-from tasks.nightly import alert_regression, compare_with_last_good, history_uri, publish_history, record_night
+from tasks.nightly import (
+    alert_regression,
+    compare_with_last_good,
+    fingerprint,
+    history_uri,
+    measured_tolerances,
+    publish_history,
+    record_night,
+    selected_metrics,
+    spread_uri,
+)
 from training import storage
 from training.recipe import resolve
 
@@ -38,7 +49,8 @@ def nightly(
     Args:
         recipe: recipe name or YAML path (small: it runs every night).
         tolerances: allowed absolute drop per metric: "<phase>/<metric>", "<metric>" (any
-            phase) or "default"; 0.05 otherwise.
+            phase) or "default"; 0.05 otherwise. None: derived from the recipe's measured seed
+            spread (`nightly_seed_spread`, <root>/nightly/<recipe>/seed_spread.json) when there is one.
         overrides: dotted keys to change, as for `finetune`.
         storage_root: local directory or s3://bucket/prefix; the history lives in <root>/nightly/.
         smoke: shrink the recipe to the embedded lab (the default for a nightly check).
@@ -49,7 +61,9 @@ def nightly(
     run_id = run_id or f"nightly-{cfg.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     result = finetune(recipe=recipe, overrides=overrides, storage_root=root, smoke=smoke, run_id=run_id)
     uri = history_uri(root, cfg)
-    night = compare_with_last_good(uri, run_id, cfg, result["phases"], tolerances or {})
+    if tolerances is None:
+        tolerances = measured_tolerances(uri, cfg)
+    night = compare_with_last_good(uri, run_id, cfg, result["phases"], tolerances)
     history = record_night(uri, night)
     plot = publish_history(uri, night, history)
     if not night.passed:
@@ -61,3 +75,44 @@ def nightly(
             )
         )
     return {"run_id": run_id, "passed": True, "baseline_run_id": night.baseline_run_id, "history": uri, "plot": plot}
+
+
+@flow(name="nightly-seed-spread")
+def nightly_seed_spread(
+    recipe: str = "demo",
+    seeds: int = 3,
+    overrides: dict[str, Any] | None = None,
+    storage_root: str = "./runs",
+    smoke: bool = True,
+) -> dict[str, Any]:
+    """Measure how much the nightly recipe's selected metrics move with the seed alone, and
+    derive each metric's regression tolerance from it (evaluation/findings.py:
+    regression_tolerance); the nightly uses them when it is given no tolerances.
+
+    Args:
+        recipe, overrides, storage_root, smoke: as for the nightly (the same recipe is measured).
+        seeds: runs with training.seed = 0 .. seeds-1 (at least 2).
+    """
+    if seeds < 2:
+        raise ValueError(f"a seed spread needs at least 2 seeds, got {seeds}")
+    cfg = resolve(recipe, None, overrides, smoke)
+    root = os.path.abspath(storage_root) if storage.is_local(storage_root) else storage_root
+    per_seed: dict[str, list[float]] = {}
+    for seed in range(seeds):
+        result = finetune(
+            recipe=recipe,
+            overrides={**(overrides or {}), "training.seed": seed},
+            storage_root=root,
+            smoke=smoke,
+            run_id=f"nightly-{cfg.name}-spread-seed{seed}",
+        )
+        for metric, value in selected_metrics(cfg, result["phases"]).items():
+            per_seed.setdefault(metric, []).append(value)
+    spread = {
+        "recipe": cfg.name,
+        "fingerprint": fingerprint(cfg),
+        "seeds": seeds,
+        "metrics": {m: {"values": v, "tolerance": regression_tolerance(v)} for m, v in per_seed.items()},
+    }
+    storage.write_json(spread_uri(history_uri(root, cfg)), spread)
+    return spread

@@ -4,10 +4,14 @@ Each experiment is a `finetune` (or `sweep`) with a fixed run id under <root>/re
 a re-run resumes: finished runs are read back, not trained again. The hyperparameter
 experiments train one phase (the lab's knowledge phase, 1,624 samples, 2 epochs, scored by
 multiple-choice accuracy on 200 held-out questions) so that they fit a laptop CPU; stacked vs
-phased uses the full `demo` recipe. Every verdict is a stated rule over measured numbers,
-with `se` the standard error of the compared score (lm-eval's stderr).
+phased uses the full `demo` recipe.
 
-CPU budget: about 16 minutes on 2 cores (measured 16m22s; see README).
+Every arm runs with `seeds` seeds (training.seed = 0 .. K-1: data order and fine-tune
+initialisation), paired across arms; each arm is reported as mean +- 95% CI and each claim
+gets agree / disagree / inconclusive by the stated rule of evaluation/findings.py. The LR
+sweep also scores every pruner (evaluation/pruning.py) on every seed.
+
+CPU budget: about 16 minutes per seed on 2 cores (one seed measured 16m22s; see README).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
+from evaluation import findings as rules
 from evaluation import report
+from evaluation.pruning import PRUNERS
 from evaluation.selection import Selection
 from flows.finetune import finetune
 from flows.sweep import sweep
@@ -37,6 +43,7 @@ KNOWLEDGE = {
     "evaluation.tasks": ["lab_knowledge"],
 }
 METRIC = "lab_knowledge/acc"
+LAB_METRICS = ["lab_instruction/rule_acc", "lab_knowledge/acc", "lab_skills/exact_match"]
 LR_GRID = [5e-4, 1e-3, 2e-3, 4e-3]
 
 
@@ -56,153 +63,227 @@ def read_winner(run_uri: str, phases: list[str]) -> dict[str, Any]:
     }
 
 
-def knowledge_run(name: str, root: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    run_id = f"reproduce-{name}"
-    finetune(recipe="demo", overrides={**KNOWLEDGE, **overrides}, storage_root=root, run_id=run_id)
-    return read_winner(storage.join(root, run_id), ["knowledge"])
+def knowledge_runs(name: str, root: str, overrides: dict[str, Any], seeds: list[int]) -> list[dict[str, Any]]:
+    """One arm of a hyperparameter experiment: the knowledge phase, once per seed."""
+    winners = []
+    for seed in seeds:
+        run_id = f"reproduce-{name}-seed{seed}"
+        finetune(
+            recipe="demo", overrides={**KNOWLEDGE, **overrides, "training.seed": seed}, storage_root=root, run_id=run_id
+        )
+        winners.append(read_winner(storage.join(root, run_id), ["knowledge"]))
+    return winners
 
 
-def score(run: dict[str, Any]) -> str:
-    return f"{run['metrics'][METRIC]:.3f}±{run['stderr'].get(METRIC, 0):.3f}"
+def scores(runs: list[dict[str, Any]], metric: str = METRIC) -> list[float]:
+    return [r["metrics"][metric] for r in runs]
+
+
+def stderr(runs: list[dict[str, Any]], metric: str = METRIC) -> float:
+    """The evaluation's stderr of one run (the interval of a single seed)."""
+    return runs[0]["stderr"].get(metric, 0.0)
+
+
+def arm(runs: list[dict[str, Any]], metric: str = METRIC) -> rules.Estimate:
+    return rules.estimate(scores(runs, metric), stderr(runs, metric))
+
+
+def compare(
+    claim: str, rule: str, names: tuple[str, str], a: list[float], b: list[float], se: tuple[float, float]
+) -> dict[str, Any]:
+    """A finding row for "A beats B" or "A is not worse than B" over paired seeds."""
+    difference = rules.paired_difference(a, b, *se)
+    verdict = rules.beats(difference) if rule == "beats" else rules.not_worse(difference)
+    return {
+        "claim": claim,
+        "measured": f"{names[0]} {rules.estimate(a, se[0])} vs {names[1]} {rules.estimate(b, se[1])}; "
+        f"difference {difference} (95% CI [{difference.low:.3f}, {difference.high:.3f}], {describe(difference)})",
+        "rule": rules.RULES[rule],
+        "verdict": verdict,
+    }
+
+
+def describe(e: rules.Estimate) -> str:
+    return f"{e.n} seeds" if e.source == "seeds" else "1 seed: evaluation stderr only"
 
 
 @flow(name="reproduce")
-def reproduce(storage_root: str = "./runs") -> list[dict[str, str]]:
-    """Run the scaled-down comparisons and return the findings table (claim, measured, verdict)."""
+def reproduce(storage_root: str = "./runs", seeds: int = 1) -> dict[str, list[dict[str, Any]]]:
+    """Run the scaled-down comparisons with `seeds` seeds per arm; return the findings table
+    (claim, measured, rule, verdict) and the pruners' validation across seeds."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     root = storage.join(os.path.abspath(storage_root) if storage.is_local(storage_root) else storage_root, "reproduce")
     progress = create_progress_artifact(progress=0.0, key="reproduce-progress", description="lab reproduce")
+    seed_list = list(range(seeds))
     findings = []
 
     # 1. Stacked vs phased (paper 3.1): similar scores, stacked reaches its peak with fewer samples.
-    runs = {}
-    for strategy in ("phased", "stacked"):
-        result = finetune(recipe="demo", strategy=strategy, storage_root=root, run_id=f"reproduce-{strategy}")
-        runs[strategy] = read_winner(
-            storage.join(root, f"reproduce-{strategy}"), [p["phase"] for p in result["phases"]]
-        )
-    metrics = ["lab_instruction/rule_acc", "lab_knowledge/acc", "lab_skills/exact_match"]
-    mean = {s: sum(r["metrics"][m] for m in metrics) / 3 for s, r in runs.items()}
-    se = max(runs["stacked"]["stderr"].get(m, 0) for m in metrics)
-    findings.append(
-        {
-            "claim": "stacked scores like phased (or better) and needs fewer samples to peak",
-            "measured": f"mean of 3 lab metrics: stacked {mean['stacked']:.3f} vs phased {mean['phased']:.3f}; samples to peak "
-            f"{runs['stacked']['samples_to_peak']} vs {runs['phased']['samples_to_peak']}",
-            "rule": "agree if stacked >= phased - 2se and fewer samples",
-            "verdict": "agree"
-            if mean["stacked"] >= mean["phased"] - 2 * se
-            and runs["stacked"]["samples_to_peak"] < runs["phased"]["samples_to_peak"]
-            else "disagree",
-        }
+    runs: dict[str, list[dict[str, Any]]] = {"phased": [], "stacked": []}
+    for seed in seed_list:
+        for strategy in runs:
+            run_id = f"reproduce-{strategy}-seed{seed}"
+            result = finetune(
+                recipe="demo", strategy=strategy, overrides={"training.seed": seed}, storage_root=root, run_id=run_id
+            )
+            runs[strategy].append(read_winner(storage.join(root, run_id), [p["phase"] for p in result["phases"]]))
+    mean = {s: [sum(r["metrics"][m] for m in LAB_METRICS) / 3 for r in rs] for s, rs in runs.items()}
+    se = {s: max(rs[0]["stderr"].get(m, 0) for m in LAB_METRICS) for s, rs in runs.items()}
+    row = compare(
+        "stacked scores like phased (or better) and needs fewer samples to peak",
+        "not_worse",
+        ("stacked", "phased"),
+        mean["stacked"],
+        mean["phased"],
+        (se["stacked"], se["phased"]),
     )
+    fewer = [s["samples_to_peak"] < p["samples_to_peak"] for s, p in zip(runs["stacked"], runs["phased"], strict=True)]
+    row["measured"] = (
+        "mean of 3 lab metrics: " + row["measured"] + f"; fewer samples to peak in {sum(fewer)}/{seeds} seeds"
+    )
+    row["rule"] += "; and fewer samples to peak in every seed (none: disagree)"
+    row["verdict"] = rules.combine(row["verdict"], rules.consistent(fewer))
+    findings.append(row)
     update_progress_artifact(progress, progress=35.0)
 
     # 2. Batch size (paper 3.2): larger effective batches give better final scores.
-    small, large = (
-        knowledge_run("ebs16", root, {"training.effective_batch_size": 16}),
-        knowledge_run("ebs128", root, {"training.effective_batch_size": 128}),
-    )
+    small = knowledge_runs("ebs16", root, {"training.effective_batch_size": 16}, seed_list)
+    large = knowledge_runs("ebs128", root, {"training.effective_batch_size": 128}, seed_list)
     findings.append(
-        {
-            "claim": "a larger effective batch gives a better final score",
-            "measured": f"EBS 128: {score(large)} vs EBS 16: {score(small)}",
-            "rule": "agree if EBS 128 > EBS 16",
-            "verdict": "agree" if large["objective"] > small["objective"] else "disagree",
-        }
+        compare(
+            "a larger effective batch gives a better final score",
+            "beats",
+            ("EBS 128", "EBS 16"),
+            scores(large),
+            scores(small),
+            (stderr(large), stderr(small)),
+        )
     )
     update_progress_artifact(progress, progress=50.0)
 
-    # 3. Learning rate sweep with early dynamics (paper 3.7): the early ranking predicts the final one.
-    summary = sweep(
-        recipe="demo",
-        grid={**{k: [v] for k, v in KNOWLEDGE.items()}, "training.learning_rate": LR_GRID},
-        rungs=[480],
-        eta=2,
-        pruner="dynamics",
-        validate_ranking=True,
-        storage_root=root,
-        sweep_id="reproduce-lr",
-    )
-    finals = {r["overrides"]["training.learning_rate"]: r["final_objective"] for r in summary["runs"]}
-    best_lr = max(finals, key=finals.get)
-    paper_rule = next(v for v in summary["validation"] if v["pruner"] == "dynamics")
-    rho = paper_rule["spearman_first_rung"]
+    # 3. Learning rate sweep (paper 3.7): the early ranking predicts the final one; every pruner validated.
+    sweeps = [
+        sweep(
+            recipe="demo",
+            grid={**{k: [v] for k, v in KNOWLEDGE.items()}, "training.seed": [seed], "training.learning_rate": LR_GRID},
+            rungs=[480],
+            eta=2,
+            pruner="dynamics",
+            validate_ranking=True,
+            storage_root=root,
+            sweep_id=f"reproduce-lr-seed{seed}",
+        )
+        for seed in seed_list
+    ]
+    pruners = []
+    for pruner in PRUNERS:
+        checks = [next(v for v in s["validation"] if v["pruner"] == pruner) for s in sweeps]
+        rhos = [c["spearman_first_rung"] for c in checks if c["spearman_first_rung"] is not None]
+        pruners.append(
+            {
+                "pruner": pruner,
+                "spearman_first_rung": str(rules.estimate(rhos)) if rhos else "undefined",
+                "winner_survived": f"{sum(bool(c['winner_survived']) for c in checks)}/{seeds}",
+                "samples_saved": round(sum(c["samples_saved"] for c in checks) / seeds),
+                "rho_per_seed": ", ".join(f"{r:.3f}" for r in rhos),
+            }
+        )
+    paper = next(p for p in pruners if p["pruner"] == "dynamics")
+    paper_checks = [next(v for v in s["validation"] if v["pruner"] == "dynamics") for s in sweeps]
+    paper_rhos = [c["spearman_first_rung"] for c in paper_checks if c["spearman_first_rung"] is not None]
     findings.append(
         {
             "claim": "lower grad norm and higher loss early predict the better final run",
-            "measured": f"Spearman(early rank, final score) = {rho if rho is None else round(rho, 3)} over {len(finals)} LRs; "
-            f"winner survived early stopping: {paper_rule['winner_survived']}",
-            "rule": "agree if rho > 0 and the winner survived",
-            "verdict": "agree" if rho is not None and rho > 0 and paper_rule["winner_survived"] else "disagree",
+            "measured": f"Spearman(early rank, final score) = {paper['spearman_first_rung']} over {len(LR_GRID)} LRs "
+            f"({paper['rho_per_seed']}); winner survived early stopping in {paper['winner_survived']} seeds",
+            "rule": "agree if the 95% CI of rho is above 0 and the winner survived in every seed; disagree if the "
+            "CI is below 0 or the winner never survived; else inconclusive",
+            "verdict": rules.combine(
+                rules.beats(rules.estimate(paper_rhos)) if paper_rhos else "inconclusive",
+                rules.consistent([bool(c["winner_survived"]) for c in paper_checks]),
+            ),
         }
     )
+    finals = [{r["overrides"]["training.learning_rate"]: r["final_objective"] for r in s["runs"]} for s in sweeps]
+    best = [max(f, key=f.get) for f in finals]
+    lower_half = sorted(LR_GRID)[: len(LR_GRID) // 2]
     findings.append(
         {
             "claim": "lower learning rates end better (among stable ones)",
-            "measured": "final "
-            + ", ".join(f"lr {lr:g}: {v:.3f}" for lr, v in sorted(finals.items()))
-            + f"; best {best_lr:g}",
-            "rule": "agree if the best LR is in the lower half of the grid",
-            "verdict": "agree" if best_lr in sorted(LR_GRID)[: len(LR_GRID) // 2] else "disagree",
+            "measured": "best LR per seed: " + ", ".join(f"{lr:g}" for lr in best),
+            "rule": "agree if the best LR is in the lower half of the grid in every seed, disagree if in none, "
+            "else inconclusive",
+            "verdict": rules.consistent([lr in lower_half for lr in best]),
         }
     )
     update_progress_artifact(progress, progress=75.0)
 
     # 4. Schedule (paper 3.5): constant is as good as cosine decay.
-    constant, cosine = (
-        knowledge_run("constant", root, {"training.schedule": "constant"}),
-        knowledge_run("cosine", root, {"training.schedule": "cosine"}),
-    )
-    se = max(constant["stderr"][METRIC], cosine["stderr"][METRIC])
+    constant = knowledge_runs("constant", root, {"training.schedule": "constant"}, seed_list)
+    cosine = knowledge_runs("cosine", root, {"training.schedule": "cosine"}, seed_list)
     findings.append(
-        {
-            "claim": "a constant LR does not compromise the final score vs cosine decay",
-            "measured": f"constant {score(constant)} vs cosine {score(cosine)}",
-            "rule": "agree if constant >= cosine - 2se",
-            "verdict": "agree" if constant["objective"] >= cosine["objective"] - 2 * se else "disagree",
-        }
+        compare(
+            "a constant LR does not compromise the final score vs cosine decay",
+            "not_worse",
+            ("constant", "cosine"),
+            scores(constant),
+            scores(cosine),
+            (stderr(constant), stderr(cosine)),
+        )
     )
     update_progress_artifact(progress, progress=85.0)
 
     # 5. Warmup (paper 3.6): no warmup is as good as 25 or 100 steps (scaled: 5 and 20 steps of 32).
-    warm = {steps: knowledge_run(f"warmup{steps}", root, {"training.warmup_steps": steps}) for steps in (0, 5, 20)}
-    se = max(r["stderr"][METRIC] for r in warm.values())
+    warm = {
+        steps: knowledge_runs(f"warmup{steps}", root, {"training.warmup_steps": steps}, seed_list)
+        for steps in (0, 5, 20)
+    }
+    best_warm = [max(a, b) for a, b in zip(scores(warm[5]), scores(warm[20]), strict=True)]
     findings.append(
-        {
-            "claim": "no warmup is as good as a warmup (paper: 0 vs 25 vs 100 steps)",
-            "measured": "; ".join(f"warmup {k}: {score(r)}" for k, r in warm.items()),
-            "rule": "agree if warmup 0 >= max(others) - 2se",
-            "verdict": "agree"
-            if warm[0]["objective"] >= max(warm[5]["objective"], warm[20]["objective"]) - 2 * se
-            else "disagree",
-        }
+        compare(
+            "no warmup is as good as a warmup (paper: 0 vs 25 vs 100 steps)",
+            "not_worse",
+            ("warmup 0", "the better of warmup 5 / 20"),
+            scores(warm[0]),
+            best_warm,
+            (stderr(warm[0]), max(stderr(warm[5]), stderr(warm[20]))),
+        )
     )
     update_progress_artifact(progress, progress=95.0)
 
     # 6. Checkpoint averaging (not a paper claim): the uniform weight average of a run's last 3
     #    checkpoints against the best single checkpoint of the same run (its max is the luckiest
     #    draw, so the comparison leans towards the single checkpoint).
-    knowledge_run("average", root, {"selection.average_last_k": 3})
-    selection = Selection.model_validate(
-        storage.read_json(storage.join(root, "reproduce-average", "knowledge", "selection.json"))
-    )
-    averaged = next(c for c in selection.candidates if c.name.startswith("avg_last"))
-    single = max((c for c in selection.candidates if c.name.startswith("samples_")), key=lambda c: c.objective)
-    se = max(averaged.objective_stderr, single.objective_stderr)
+    averaged, single = [], []
+    for seed in seed_list:
+        knowledge_runs("average", root, {"selection.average_last_k": 3}, [seed])
+        selection = Selection.model_validate(
+            storage.read_json(storage.join(root, f"reproduce-average-seed{seed}", "knowledge", "selection.json"))
+        )
+        averaged.append(next(c for c in selection.candidates if c.name.startswith("avg_last")))
+        single.append(
+            max((c for c in selection.candidates if c.name.startswith("samples_")), key=lambda c: c.objective)
+        )
     findings.append(
-        {
-            "claim": "the average of the last 3 checkpoints scores at least as well as the best single checkpoint",
-            "measured": f"{averaged.name} {averaged.objective:.3f}±{averaged.objective_stderr:.3f} vs best single "
-            f"{single.name} {single.objective:.3f}±{single.objective_stderr:.3f}; selected: {selection.winner.name}",
-            "rule": "agree if average >= best single - 2se",
-            "verdict": "agree" if averaged.objective >= single.objective - 2 * se else "disagree",
-        }
+        compare(
+            "the average of the last 3 checkpoints scores at least as well as the best single checkpoint",
+            "not_worse",
+            ("average of the last 3", "best single checkpoint"),
+            [c.objective for c in averaged],
+            [c.objective for c in single],
+            (averaged[0].objective_stderr, single[0].objective_stderr),
+        )
     )
     update_progress_artifact(progress, progress=100.0)
 
     table = report.write_table(storage.join(root, "report"), "findings", findings)
+    pruner_table = report.write_table(storage.join(root, "report"), "pruners", pruners)
     create_markdown_artifact(
         key="reproduce-findings",
-        markdown="# Paper findings on the embedded lab\n\n" + table.to_markdown(index=False) + "\n",
+        markdown=f"# Paper findings on the embedded lab ({seeds} seeds)\n\n"
+        + table.to_markdown(index=False)
+        + "\n\n## Pruners validated on the LR sweep\n\n"
+        + pruner_table.to_markdown(index=False)
+        + "\n",
     )
-    return findings
+    return {"findings": findings, "pruners": pruners}

@@ -1,5 +1,6 @@
-"""`lab serve`: a local Prefect server with the UI, the `lab` work pool, every deployment of
-deployments/prefect.yaml, and a process worker, for people who want to click.
+"""`lab serve`: a local Prefect server with the UI, the `lab` and `lab-control` work pools,
+every deployment of deployments/prefect.yaml, and a process worker on each, for people who
+want to click.
 
 The same steps by hand are in the README ("Operations"); the deployment tests drive these
 functions, so what `lab serve` does is what is tested.
@@ -21,7 +22,8 @@ from training import storage
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
-POOL = "lab"
+POOL = "lab"  # GPU machines: one worker each, taking one flow run at a time
+CONTROL_POOL = "lab-control"  # flows that only orchestrate (a sweep's parent): no GPU slot taken
 RESULTS_BLOCK = "recipe-lab-results"
 PREFECT = [sys.executable, "-m", "prefect"]
 
@@ -70,10 +72,11 @@ def start_server(port: int, env: dict[str, str], log: IO | None = None, timeout_
 
 
 def deploy_all(env: dict[str, str]) -> str:
-    """The `lab` process pool with a concurrency limit of 1 (one GPU job per machine: a pool per
-    GPU machine, its runs queue), then every deployment in deployments/prefect.yaml."""
-    prefect(["work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
-    prefect(["work-pool", "set-concurrency-limit", POOL, "1"], env)
+    """The `lab` process pool (GPU machines) and the `lab-control` pool (orchestration only),
+    then every deployment in deployments/prefect.yaml. One GPU job per machine is the worker's
+    limit (`start_worker`), so N machines' workers on one pool run N flow runs at once."""
+    for pool in (POOL, CONTROL_POOL):
+        prefect(["work-pool", "create", pool, "--type", "process", "--overwrite"], env)
     return prefect(["--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)], env)
 
 
@@ -98,11 +101,15 @@ with get_client(sync_client=True) as client:
 """
 
 
-def start_worker(env: dict[str, str], log: IO | None = None, run_once: bool = False) -> subprocess.Popen:
-    """A process worker on the `lab` pool; its flow runs start in this checkout (the pull step
-    reads RECIPE_LAB_HOME)."""
+def start_worker(
+    env: dict[str, str], log: IO | None = None, run_once: bool = False, pool: str = POOL
+) -> subprocess.Popen:
+    """A process worker; its flow runs start in this checkout (the pull step reads
+    RECIPE_LAB_HOME). On the GPU pool it takes one flow run at a time (one GPU job per machine);
+    on the control pool any number (they only wait on others)."""
+    limit = ["--limit", "1"] if pool == POOL else []
     return start(
-        [*PREFECT, "worker", "start", "--pool", POOL, *(["--run-once"] if run_once else [])],
+        [*PREFECT, "worker", "start", "--pool", pool, *limit, *(["--run-once"] if run_once else [])],
         {**env, "RECIPE_LAB_HOME": str(REPO)},
         log,
     )
@@ -128,20 +135,19 @@ def serve(port: int, storage_root: str | None, alert_block: str | None = None) -
     home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
     server = start_server(port, env)
-    worker = None
+    workers: list[subprocess.Popen] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a SIGTERM too runs the cleanup below
     try:
         print(deploy_all(env))
         if storage_root and not storage.is_local(storage_root):
             print(f"Prefect results: {use_result_storage(storage_root, env)}")
         print(wire_alerts(env, alert_block))
-        worker = start_worker(env)
-        print(f"UI: http://127.0.0.1:{port}   pool: {POOL}   API: {env['PREFECT_API_URL']}")
+        workers = [start_worker(env), start_worker(env, pool=CONTROL_POOL)]
+        print(f"UI: http://127.0.0.1:{port}   pools: {POOL}, {CONTROL_POOL}   API: {env['PREFECT_API_URL']}")
         print("try: PREFECT_API_URL=... prefect deployment run finetune/phased-lab --params '{\"smoke\": true}'")
-        worker.wait()
+        workers[0].wait()
     except KeyboardInterrupt:
         pass
     finally:
-        for proc in (worker, server):
-            if proc is not None:
-                stop(proc)
+        for proc in [*workers, server]:
+            stop(proc)

@@ -96,12 +96,12 @@ def run_metrics(run_uri: str, cfg: Recipe) -> list[list[dict[str, Any]]]:
 
 @flow(name="sweep-probe")
 def probe(
-    recipe: str,
-    overrides: dict[str, Any],
-    smoke: bool,
-    storage_root: str,
     run_id: str,
     rung: int,
+    recipe: str = "demo",
+    overrides: dict[str, Any] | None = None,
+    smoke: bool = False,
+    storage_root: str = "./runs",
     previous_rung: int = 0,
     evaluate: bool = False,
 ) -> dict[str, Any]:
@@ -111,11 +111,13 @@ def probe(
     A probe already done is read back, not trained again (the sweep resumes like its runs do).
     With `evaluate`, the checkpoint saved at the pause is scored on the phase objective.
     """
-    cfg = resolve_run(recipe, overrides, smoke)
+    cfg = resolve_run(recipe, overrides or {}, smoke)
     run_uri = storage.join(absolute_root(storage_root), run_id)
     out = rung_uri(run_uri, rung)
-    if storage.exists(out) and (not evaluate or storage.read_json(out)["eval_score"] is not None):
-        return storage.read_json(out)
+    if storage.exists(out):
+        done = storage.read_json(out)
+        if done["stopped"] or not evaluate or done["eval_score"] is not None:
+            return done
     init_run(run_uri, run_id, cfg)
     phase = cfg.phases[0]
     prepare_data(cfg, phase, run_uri)

@@ -80,14 +80,38 @@ def read_history(uri: str) -> list[dict[str, Any]]:
     )
 
 
+def selected_metrics(recipe: Recipe, phases: list[dict[str, Any]]) -> dict[str, float]:
+    """Each phase's winner on every phase's objective metrics: {"<phase>/<metric>": value}."""
+    objectives = sorted({k for p in recipe.phases for k in p.objective})
+    return {f"{row['phase']}/{k}": float(row[k]) for row in phases for k in objectives if k in row}
+
+
+def spread_uri(history: str) -> str:
+    """The recipe's measured seed spread lives beside its history."""
+    return storage.join(history.rsplit("/", 1)[0], "seed_spread.json")
+
+
+@task(name="measured-tolerances")
+def measured_tolerances(history: str, recipe: Recipe) -> dict[str, float]:
+    """Per-metric tolerances derived from the recipe's measured seed spread (`lab nightly-spread`),
+    if one was measured with this very recipe; else {} (DEFAULT_TOLERANCE applies)."""
+    uri = spread_uri(history)
+    if not storage.exists(uri):
+        return {}
+    spread = storage.read_json(uri)
+    if spread["fingerprint"] != fingerprint(recipe):
+        get_run_logger().warning(f"{uri}: measured for another recipe version; not used (measure it again)")
+        return {}
+    return {metric: m["tolerance"] for metric, m in spread["metrics"].items()}
+
+
 @task(name="compare-with-last-good")
 def compare_with_last_good(
     uri: str, run_id: str, recipe: Recipe, phases: list[dict[str, Any]], tolerances: dict[str, float]
 ) -> Night:
     """The night's selected metrics (each phase's winner, on every phase's objective metrics)
     checked against the last good night of the same recipe."""
-    objectives = sorted({k for p in recipe.phases for k in p.objective})
-    metrics = {f"{row['phase']}/{k}": float(row[k]) for row in phases for k in objectives if k in row}
+    metrics = selected_metrics(recipe, phases)
     current = fingerprint(recipe)
     good = [h for h in read_history(uri) if h["passed"] and h["fingerprint"] == current]
     baseline = good[-1] if good else None

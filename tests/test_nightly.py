@@ -92,3 +92,20 @@ def test_nightly_passes_within_tolerance_and_fails_with_an_event_beyond_it(tmp_p
     rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
     assert len(rows) == 5 and rows[-1]["passed"] is False
     assert (tmp_path / "nightly" / "demo" / "history.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Tolerances from the recipe's measured seed spread: the same 0.2 drop is seed noise for a
+    # recipe whose selected metric moved 0.2 .. 0.8 across seeds (tolerance 1.645 x sqrt2 x 0.3).
+    from evaluation.findings import regression_tolerance
+    from tasks.nightly import fingerprint
+    from training.recipe import resolve
+
+    spread = history.parent / "seed_spread.json"
+    wide = regression_tolerance([0.2, 0.5, 0.8])
+    assert wide == pytest.approx(1.645 * 2**0.5 * 0.3, abs=1e-4)
+    measured = {"metrics": {METRIC: {"values": [0.2, 0.5, 0.8], "tolerance": wide}}}
+    spread.write_text(json.dumps({**measured, "fingerprint": "another-recipe"}))
+    assert nightly(**args, return_state=True).is_failed()  # measured for another recipe: not used
+    spread.write_text(json.dumps({**measured, "fingerprint": fingerprint(resolve("demo", None, OVERRIDES, False))}))
+    assert nightly(**args, tolerances={"default": 0.05}, return_state=True).is_failed()  # explicit ones win
+    derived = nightly(**args)
+    assert derived["passed"] and derived["baseline_run_id"] == "injected"

@@ -163,6 +163,20 @@ def test_halving_stops_the_diverging_run_at_the_first_rung_and_resumes_the_other
         reference = read_jsonl(Path(straight.output_dir) / "metrics.jsonl")
         assert [m["loss"] for m in metrics] == [m["loss"] for m in reference]
         assert [m["grad_norm"] for m in metrics] == [m["grad_norm"] for m in reference]
+    # Re-running the sweep with the same id picks it up: nothing is trained again, the same summary.
+    before = {r["run_id"]: (tmp_path / r["run_id"] / "p" / "metrics.jsonl").read_text() for r in summary["runs"]}
+    again = sweep(
+        recipe="demo",
+        grid=grid,
+        rungs=[128],
+        eta=2,
+        pruner="dynamics",
+        storage_root=str(tmp_path),
+        smoke=True,
+        sweep_id="sh",
+    )
+    assert again["runs"] == summary["runs"]
+    assert before == {r: (tmp_path / r / "p" / "metrics.jsonl").read_text() for r in before}
     written = json.loads((tmp_path / "sh" / "sweep.json").read_text())
     assert written["samples_saved"] == summary["samples_saved"]
     assert (tmp_path / "sh" / "sweep.png").read_bytes()[:4] == b"\x89PNG"

@@ -121,14 +121,19 @@ def accelerate_config(
     return config
 
 
-def launch_env(launch: LaunchConfig) -> dict[str, str]:
-    env = dict(os.environ)
+def node_env(launch: LaunchConfig) -> dict[str, str]:
+    """The variables every node's launch needs on top of its own environment."""
+    env = {"PYTHONUNBUFFERED": "1"}
     if launch.backend == "cpu" and launch.world_size > 1:  # gloo DDP on CPU; with one process it breaks PartialState
         env["ACCELERATE_USE_CPU"] = "true"
+    return env
+
+
+def launch_env(launch: LaunchConfig) -> dict[str, str]:
+    env = {**os.environ, **node_env(launch)}
     if launch.backend == "cpu" or not torch.cuda.is_available():
         # Measured on 2 cores: 1 thread per rank trained 24x faster than 2 (oversubscription).
         env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
@@ -170,8 +175,18 @@ def visible_gpus() -> list[str]:
     return listed.split(",") if listed else [str(i) for i in range(torch.cuda.device_count())]
 
 
-def launch_command(config_file: Path, job_file: Path, launch: LaunchConfig) -> list[str]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+def launch_command(
+    config_file: Path,
+    job_file: Path,
+    launch: LaunchConfig,
+    python: str = sys.executable,
+    node: tuple[str, str, str] | None = None,
+) -> list[str]:
+    """The accelerate launch of one node. Under a scheduler every node runs the same command:
+    `node` is (machine rank, main process ip, port) as references the node's shell or kubelet
+    expands, e.g. ("$SLURM_NODEID", "$MAIN_PROCESS_IP", "29500")."""
+    machine_rank, main_ip, main_port = node or (launch.machine_rank, launch.main_process_ip, launch.main_process_port)
+    cmd = [python, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
     if launch.world_size > 1:
         if launch.backend in ("cpu", "ddp"):  # DeepSpeed / FSDP come from the config file
             cmd += ["--multi_gpu"]
@@ -181,11 +196,11 @@ def launch_command(config_file: Path, job_file: Path, launch: LaunchConfig) -> l
             "--num_machines",
             str(launch.num_machines),
             "--machine_rank",
-            str(launch.machine_rank),
+            str(machine_rank),
             "--main_process_ip",
-            str(launch.main_process_ip),
+            str(main_ip),
             "--main_process_port",
-            str(launch.main_process_port),
+            str(main_port),
         ]
     elif launch.world_size > 1:  # a free port: several runs on one machine must not meet on 29500
         cmd += ["--main_process_port", str(free_port())]
@@ -247,9 +262,12 @@ def delete_checkpoints(paths: list[Path]) -> list[Path]:
     return paths
 
 
-def launch_files(job: TrainJob) -> tuple[list[str], dict[Path, str]]:
+def launch_files(
+    job: TrainJob, python: str = sys.executable, node: tuple[str, str, str] | None = None
+) -> tuple[list[str], dict[Path, str]]:
     """The launch command and the files it reads (path -> text): job.json, accelerate.yaml and,
-    for DeepSpeed, deepspeed.json, all in the phase directory."""
+    for DeepSpeed, deepspeed.json, all in the phase directory. `python` and `node`: see
+    `launch_command` (a scheduler's nodes)."""
     output_dir = Path(job.output_dir)
     job_file, config_file = output_dir / "job.json", output_dir / "accelerate.yaml"
     files = {job_file: job.model_dump_json(indent=2)}
@@ -258,13 +276,15 @@ def launch_files(job: TrainJob) -> tuple[list[str], dict[Path, str]]:
         ds_file = output_dir / "deepspeed.json"
         files[ds_file] = json.dumps(deepspeed_config(job.recipe), indent=2) + "\n"
     files[config_file] = yaml.safe_dump(accelerate_config(job.recipe.launch, ds_file, autocast_mode(job.recipe)))
-    return launch_command(config_file, job_file, job.recipe.launch), files
+    return launch_command(config_file, job_file, job.recipe.launch, python, node), files
 
 
-def write_launch_files(job: TrainJob) -> list[str]:
+def write_launch_files(
+    job: TrainJob, python: str = sys.executable, node: tuple[str, str, str] | None = None
+) -> list[str]:
     """Write the launch files into the phase directory; return the launch command."""
     Path(job.output_dir).mkdir(parents=True, exist_ok=True)
-    command, files = launch_files(job)
+    command, files = launch_files(job, python, node)
     for path, text in files.items():
         path.write_text(text)
     return command
@@ -330,7 +350,12 @@ def run_training(
     Progress and checkpoints are read from the run's files every `poll_s`: `on_metrics` gets
     each new metrics.jsonl record, `on_checkpoint` each checkpoint whose meta.json landed
     (including ones an earlier launch left), once. Both run in the caller's thread; an exception
-    from either kills the training group and propagates."""
+    from either kills the training group and propagates.
+
+    Under a cluster scheduler (launch.scheduler) the phase is a cluster job instead
+    (training/scheduler.py), with node 0's output streamed the same way."""
+    if job.recipe.launch.scheduler != "local":
+        return run_scheduled(job, on_line, on_metrics, on_checkpoint)
     stopped = Path(job.output_dir) / "stopped.json"
     stopped.unlink(missing_ok=True)  # a watchdog verdict of an earlier launch; this one may get further
     proc = start_training(job)
@@ -389,6 +414,36 @@ def run_training(
         scrolled_out = 0 <= first_error_at < lines_read - len(tail)
         shown = [*first_error, "...", *tail] if scrolled_out else list(tail)
         raise TrainingFailed(f"training of phase {job.phase} {what}:\n" + "\n".join(shown))
+    return complete_checkpoints(Path(job.output_dir))
+
+
+def run_scheduled(
+    job: TrainJob,
+    on_line: Callable[[str], None],
+    on_metrics: Callable[[dict], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+) -> list[Path]:
+    """The phase as a cluster job; its files (metrics, checkpoints) are reported once it ended
+    (the nodes write them to the shared phase directory)."""
+    from training.scheduler import run_on_kubernetes, run_on_slurm
+
+    scheduler = job.recipe.launch.scheduler
+    stopped = Path(job.output_dir) / "stopped.json"
+    stopped.unlink(missing_ok=True)
+    try:
+        succeeded = (run_on_kubernetes if scheduler == "kubernetes" else run_on_slurm)(job, on_line)
+    finally:
+        remove_incomplete_checkpoints(Path(job.output_dir))
+    files = RunFiles(Path(job.output_dir))
+    for record in files.new_metrics():
+        if on_metrics:
+            on_metrics(record)
+    for checkpoint in files.new_checkpoints():
+        if on_checkpoint:
+            on_checkpoint(checkpoint)
+    if not succeeded:
+        what = "stopped by the watchdog" if stopped.exists() else f"failed under {scheduler} (node 0's log above)"
+        raise TrainingFailed(f"training of phase {job.phase} {what}")
     return complete_checkpoints(Path(job.output_dir))
 
 

@@ -360,15 +360,23 @@ def plan_recipe(
         tokens_per_s_per_gpu,
     )
     phase = recipe.phases[0].name
+    k8s = recipe.launch.kubernetes if recipe.launch.scheduler == "kubernetes" else None
+    root = f"{k8s.mount_path.rstrip('/')}/STORAGE_ROOT" if k8s else "STORAGE_ROOT"  # on the nodes' shared volume
     job = TrainJob(
         run_id="RUN_ID",
         phase=phase,
         recipe=recipe,
         model_path=recipe.model.name_or_path,
         parent_checkpoint=recipe.model.name_or_path,
-        data_dir=f"STORAGE_ROOT/RUN_ID/data/{phase}",
-        output_dir=f"STORAGE_ROOT/RUN_ID/{phase}",
+        data_dir=f"{root}/RUN_ID/data/{phase}",
+        output_dir=f"{root}/RUN_ID/{phase}",
     )
     command, files = launch_files(job)
     shown = {str(path): text for path, text in files.items() if path.suffix != ".json" or "deepspeed" in path.name}
-    return plan, render(plan, command, shown)
+    text = render(plan, command, shown)
+    if recipe.launch.num_machines > 1 or recipe.launch.scheduler != "local":
+        from training.scheduler import node_launches
+
+        text += f"\n\n-- the phase on {recipe.launch.num_machines} node(s), scheduler {recipe.launch.scheduler}\n"
+        text += node_launches(job)
+    return plan, text

@@ -337,6 +337,34 @@ class SelectionConfig(Strict):
     )
 
 
+class KubernetesConfig(Strict):
+    """One Kubeflow Trainer TrainJob per phase (launch.scheduler: kubernetes)."""
+
+    image: str = Field(description="Container image with recipe-lab installed (its working directory the repo).")
+    namespace: str = Field("default", description="Namespace of the TrainJob.")
+    runtime: str = Field(
+        "torch-distributed", description="ClusterTrainingRuntime the TrainJob refers to (it injects PET_NODE_RANK...)."
+    )
+    volume_claim: str = Field(
+        description="PersistentVolumeClaim holding the storage root, mounted on every node at `mount_path`."
+    )
+    mount_path: str = Field(
+        description="Where the claim is mounted; the run's storage root (a local path) must lie under it, "
+        "so that every node sees the prepared data, the launch files and the checkpoints at the same paths."
+    )
+    gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of one GPU.")
+
+
+class SlurmConfig(Strict):
+    """One sbatch job per phase, srun starting the launch on every node (launch.scheduler: slurm)."""
+
+    partition: str | None = Field(None, description="#SBATCH --partition (None: the cluster's default).")
+    time: str = Field("2-00:00:00", description="#SBATCH --time, the job's wall-clock limit.")
+    sbatch_options: list[str] = Field(
+        default_factory=list, description="More #SBATCH lines, e.g. ['--account=ml', '--exclusive']."
+    )
+
+
 class LaunchConfig(Strict):
     backend: Literal["cpu", "ddp", "deepspeed", "fsdp"] = Field(
         "cpu",
@@ -357,6 +385,14 @@ class LaunchConfig(Strict):
     )
     main_process_ip: str | None = Field(None, description="Address of machine 0 (needed for num_machines > 1).")
     main_process_port: int = Field(29500, gt=0, lt=65536, description="Rendezvous port on machine 0.")
+    scheduler: Literal["local", "kubernetes", "slurm"] = Field(
+        "local",
+        description="local: this machine launches (one node, or this node of a job started by hand); "
+        "kubernetes / slurm: each phase is one cluster job of num_machines nodes x num_processes GPUs, "
+        "every node running the same accelerate launch with its node rank from the scheduler.",
+    )
+    kubernetes: KubernetesConfig | None = Field(None, description="Needed for scheduler: kubernetes.")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Used by scheduler: slurm.")
 
     @model_validator(mode="after")
     def _consistent(self) -> LaunchConfig:
@@ -364,8 +400,10 @@ class LaunchConfig(Strict):
             raise ValueError("offload_optimizer / offload_params need backend: deepspeed")
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage: 3 (ZeRO-2 does not shard the weights)")
-        if self.num_machines > 1 and not self.main_process_ip:
+        if self.num_machines > 1 and not self.main_process_ip and self.scheduler == "local":
             raise ValueError("num_machines > 1 needs main_process_ip (the address of machine 0)")
+        if self.scheduler == "kubernetes" and self.kubernetes is None:
+            raise ValueError("scheduler: kubernetes needs a kubernetes section (image, volume_claim, mount_path)")
         if self.machine_rank >= self.num_machines:
             raise ValueError(f"machine_rank {self.machine_rank} must be < num_machines {self.num_machines}")
         return self
