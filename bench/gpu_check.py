@@ -73,7 +73,10 @@ def build_model(path: Path, shape: dict) -> dict:
     model.save_pretrained(path)
     vocab = shape["vocab_size"]
     words = Tokenizer(WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    PreTrainedTokenizerFast(tokenizer_object=words, pad_token="t0", eos_token="t1").save_pretrained(path)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="t0", eos_token="t1")
+    # A minimal template (the training script requires one; the data here is pre-tokenized).
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
+    tokenizer.save_pretrained(path)
     del model
     return config.to_dict()
 

@@ -91,7 +91,10 @@ def build_model(path: Path, vocab: int, hidden: int, layers: int) -> int:
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)
     words = Tokenizer(WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    PreTrainedTokenizerFast(tokenizer_object=words, pad_token="t0", eos_token="t1").save_pretrained(path)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="t0", eos_token="t1")
+    # A minimal template (the training script requires one; the data here is pre-tokenized).
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
+    tokenizer.save_pretrained(path)
     return sum(p.numel() for p in model.parameters())
 
 
