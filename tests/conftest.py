@@ -28,6 +28,20 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="recipe-lab-hf-"))
 
 import pytest  # noqa: E402
 
+
+def mt_bench_settings(judge_base_url: str, key_env: str, **overrides) -> dict:
+    """An `evaluation.mt_bench` block on the shared MT-Bench files, judged at `judge_base_url`."""
+    mt = SHARED / "mt_bench"
+    return {
+        "question_file": str(mt / "question.jsonl"),
+        "judge_prompt_file": str(mt / "judge_prompts.jsonl"),
+        "reference_file": str(mt / "reference_answer_gpt-4.jsonl"),
+        "judge_base_url": judge_base_url,
+        "judge_model": "judge-test",
+        "judge_api_key_env": key_env,
+    } | overrides
+
+
 BUCKET = "lab-bucket"  # the bucket the `s3` fixture creates
 SECRET = "moto-secret-never-logged"  # its secret key: tests check it never reaches a file or log
 

@@ -256,7 +256,7 @@ def family_run(request, tmp_path_factory, prefect_server, assets, zoo):
     tasks -> MT-Bench answers for two questions, judged by a local double), shared by the
     tests that read it. The data carries a system prompt (Gemma's is merged, as it must be)."""
     from flows.finetune import finetune
-    from tests.conftest import SHARED
+    from tests.conftest import mt_bench_settings
     from tests.judge_server import JudgeServer
 
     family = request.param
@@ -266,7 +266,6 @@ def family_run(request, tmp_path_factory, prefect_server, assets, zoo):
     for row in rows:
         row["messages"] = [{"role": "system", "content": "Answer briefly."}, *row["messages"]]
     data = write_jsonl(root / "train.jsonl", rows)
-    mt = SHARED / "mt_bench"
     with pytest.MonkeyPatch.context() as patch, JudgeServer(api_key="sk-test-families", default=("rating", 5)) as judge:
         patch.setenv("RECIPE_LAB_TEST_JUDGE_KEY", "sk-test-families")
         patch.setattr("tasks.finetune.mt_bench_cache_dir", lambda: root / "judgments")  # no judgments shared
@@ -281,17 +280,13 @@ def family_run(request, tmp_path_factory, prefect_server, assets, zoo):
             "evaluation.limit": 4,
             "evaluation.batch_size": 8,
             "evaluation.max_gen_tokens": 8,
-            "evaluation.mt_bench": {
-                "question_file": str(mt / "question.jsonl"),
-                "judge_prompt_file": str(mt / "judge_prompts.jsonl"),
-                "reference_file": str(mt / "reference_answer_gpt-4.jsonl"),
-                "judge_base_url": judge.base_url,
-                "judge_model": "judge-test",
-                "judge_api_key_env": "RECIPE_LAB_TEST_JUDGE_KEY",
-                "question_limit": 1,
-                "categories": ["writing", "math"],
-                "max_new_tokens": 8,
-            },
+            "evaluation.mt_bench": mt_bench_settings(
+                judge.base_url,
+                "RECIPE_LAB_TEST_JUDGE_KEY",
+                question_limit=1,
+                categories=["writing", "math"],
+                max_new_tokens=8,
+            ),
         }
         finetune(recipe="demo", storage_root=str(root), overrides=overrides, run_id=family)
     run = root / family

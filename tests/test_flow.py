@@ -172,13 +172,12 @@ def test_a_failed_gate_fails_the_flow_after_writing_why(tmp_path, prefect_server
 
 def test_mt_bench_judges_every_checkpoint_inside_the_flow(tmp_path, prefect_server, assets, monkeypatch):
     from flows.finetune import finetune
-    from tests.conftest import SHARED
+    from tests.conftest import mt_bench_settings
     from tests.judge_server import JudgeServer
 
     monkeypatch.setenv("RECIPE_LAB_TEST_JUDGE_KEY", "sk-test-flow")
     # A judgment cache of its own: the shared one may hold these very judgments from an earlier run.
     monkeypatch.setattr("tasks.finetune.mt_bench_cache_dir", lambda: tmp_path / "judgments")
-    mt = SHARED / "mt_bench"
     with JudgeServer(api_key="sk-test-flow", default=("rating", 6)) as judge:
         overrides = {
             "phases": [
@@ -192,17 +191,13 @@ def test_mt_bench_judges_every_checkpoint_inside_the_flow(tmp_path, prefect_serv
             "checkpointing.save_every_samples": 256,
             "checkpointing.prune": "keep_selected",
             "evaluation.limit": 10,
-            "evaluation.mt_bench": {
-                "question_file": str(mt / "question.jsonl"),
-                "judge_prompt_file": str(mt / "judge_prompts.jsonl"),
-                "reference_file": str(mt / "reference_answer_gpt-4.jsonl"),
-                "judge_base_url": judge.base_url,
-                "judge_model": "judge-test",
-                "judge_api_key_env": "RECIPE_LAB_TEST_JUDGE_KEY",
-                "question_limit": 1,
-                "categories": ["writing", "math"],
-                "max_new_tokens": 8,
-            },
+            "evaluation.mt_bench": mt_bench_settings(
+                judge.base_url,
+                "RECIPE_LAB_TEST_JUDGE_KEY",
+                question_limit=1,
+                categories=["writing", "math"],
+                max_new_tokens=8,
+            ),
         }
         finetune(recipe="demo", storage_root=str(tmp_path), overrides=overrides, run_id="mt")
     run = tmp_path / "mt" / "phase00"

@@ -18,9 +18,10 @@ import pytest
 
 from evaluation import mt_bench
 from evaluation.mt_bench import Answer, JudgeEndpointError, MTBenchConfig, MTBenchDataError, MTBenchError
+from tests.conftest import SHARED, mt_bench_settings
 from tests.judge_server import JudgeServer
 
-MT_BENCH_DIR = Path(__file__).parents[2] / "shared" / "mt_bench"
+MT_BENCH_DIR = SHARED / "mt_bench"
 KEY_ENV = "RECIPE_LAB_TEST_JUDGE_KEY"
 KEY = "sk-test-Zq8v-DISTINCTIVE-judge-key-4471"
 # Expected outcome of each scripted "text" reply: a score, or None for a parse error.
@@ -34,19 +35,8 @@ def judge_key(monkeypatch):
 
 
 def make_config(base_url: str, **overrides) -> MTBenchConfig:
-    settings = {
-        "question_file": str(MT_BENCH_DIR / "question.jsonl"),
-        "judge_prompt_file": str(MT_BENCH_DIR / "judge_prompts.jsonl"),
-        "reference_file": str(MT_BENCH_DIR / "reference_answer_gpt-4.jsonl"),
-        "judge_base_url": base_url,
-        "judge_model": "judge-test",
-        "judge_api_key_env": KEY_ENV,
-        "concurrency": 4,
-        "max_retries": 3,
-        "timeout_s": 5.0,
-        "max_error_rate": 0.5,
-    }
-    return MTBenchConfig(**(settings | overrides))
+    defaults = {"concurrency": 4, "max_retries": 3, "timeout_s": 5.0, "max_error_rate": 0.5}
+    return MTBenchConfig(**mt_bench_settings(base_url, KEY_ENV, **(defaults | overrides)))
 
 
 def fake_answers(data: mt_bench.MTBenchData, tag: str) -> list[Answer]:

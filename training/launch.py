@@ -335,6 +335,19 @@ class RunFiles:
         self.reported.update(p.name for p in fresh)
         return fresh
 
+    def report(
+        self,
+        on_metrics: Callable[[dict], None] | None,
+        on_checkpoint: Callable[[Path], None] | None,
+    ) -> None:
+        """Hand what is new since the last call to the callbacks: metrics first, then checkpoints."""
+        for record in self.new_metrics():
+            if on_metrics:
+                on_metrics(record)
+        for checkpoint in self.new_checkpoints():
+            if on_checkpoint:
+                on_checkpoint(checkpoint)
+
 
 def run_training(
     job: TrainJob,
@@ -380,15 +393,6 @@ def run_training(
             on_line(line)
 
     files = RunFiles(Path(job.output_dir))
-
-    def report() -> None:
-        for record in files.new_metrics():
-            if on_metrics:
-                on_metrics(record)
-        for checkpoint in files.new_checkpoints():
-            if on_checkpoint:
-                on_checkpoint(checkpoint)
-
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -400,9 +404,9 @@ def run_training(
             except subprocess.TimeoutExpired:
                 if deadline is not None and time.monotonic() > deadline:
                     raise
-                report()
+                files.report(on_metrics, on_checkpoint)
         reader.join()
-        report()  # what the last poll missed
+        files.report(on_metrics, on_checkpoint)  # what the last poll missed
     except BaseException:  # timeout, cancel, a callback's error, KeyboardInterrupt: no rank may outlive us
         kill_group(proc)
         raise
@@ -434,13 +438,7 @@ def run_scheduled(
         succeeded = (run_on_kubernetes if scheduler == "kubernetes" else run_on_slurm)(job, on_line)
     finally:
         remove_incomplete_checkpoints(Path(job.output_dir))
-    files = RunFiles(Path(job.output_dir))
-    for record in files.new_metrics():
-        if on_metrics:
-            on_metrics(record)
-    for checkpoint in files.new_checkpoints():
-        if on_checkpoint:
-            on_checkpoint(checkpoint)
+    RunFiles(Path(job.output_dir)).report(on_metrics, on_checkpoint)
     if not succeeded:
         what = "stopped by the watchdog" if stopped.exists() else f"failed under {scheduler} (node 0's log above)"
         raise TrainingFailed(f"training of phase {job.phase} {what}")
