@@ -310,7 +310,10 @@ def test_finetune_flow_runs_for_every_family(family_run):
     packed, padded = (
         json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for d in (run / "phase00", run.parent / "padded")
     )
-    assert packed["padding_efficiency"] == 1.0 > padded["padding_efficiency"]  # one row vs a padded batch
+    # Packed, a step's 16 short samples (~1.6k tokens) share rows of one 4,096-token micro-batch;
+    # padded, length groups are split to bound their padding. (On sdpa the rows are capped at
+    # max_seq_len and padded to the longest row, so packed padding_efficiency is below 1 here.)
+    assert packed["micro_batches"] < padded["micro_batches"]
     assert packed["samples_seen"] == padded["samples_seen"] == 32
     for checkpoint in (
         run / "phase00" / "checkpoints" / "samples_32",
