@@ -95,19 +95,22 @@ def read_jsonl(path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # 7 minutes on 2 busy cores, mostly flow-run process start-ups; 600 s was hit under load
 def test_a_sweep_on_the_pool_trains_its_runs_at_once_on_two_workers_and_equals_a_serial_sweep(tmp_path, assets):
-    data = tmp_path / "phase05-480.jsonl"
+    data = tmp_path / "phase05-1600.jsonl"
     with open(assets.train_file("phase05")) as f:
-        data.write_text("".join(islice(f, 480)))
+        data.write_text("".join(islice(f, 1600)))
     grid = {
         "phases": [[{"name": "p", "data": [str(data)], "objective": {"lab_knowledge/acc": 1.0}}]],
         "training.epochs": [2],
         "evaluation.tasks": [["lab_knowledge"]],
         "evaluation.limit": [20],
+        "checkpointing.save_every_samples": [None],  # a checkpoint per epoch only
         "training.learning_rate": [1e-3, 2e-3],
     }
-    # smoke: 2 x 15 steps of 32 samples; one rung after the first epoch, where eta 1.5 keeps both
+    # smoke: 2 x 50 steps of 32 samples; one rung after the first epoch, where eta 1.5 keeps both
     # runs (ceil(2 / 1.5) = 2): each run is a probe flow run, then a finish flow run, on the pool.
-    params = {"recipe": "demo", "grid": grid, "rungs": [480], "eta": 1.5, "pruner": "dynamics", "smoke": True}
+    # A stage trains for ~8 s on an idle 2-core machine, longer than the seconds by which the two
+    # workers' flow runs start apart (15-step stages of 2.5 s did not overlap in one CI-like run).
+    params = {"recipe": "demo", "grid": grid, "rungs": [1600], "eta": 1.5, "pruner": "dynamics", "smoke": True}
     with prefect_server(tmp_path) as env:
         env["PREFECT_WORKER_QUERY_SECONDS"] = "1"
         serve.deploy_all(env)
@@ -146,7 +149,7 @@ def test_a_sweep_on_the_pool_trains_its_runs_at_once_on_two_workers_and_equals_a
         assert [m["loss"] for m in steps] == [
             m["loss"] for m in read_jsonl(tmp_path / "serial" / b["run_id"] / "p" / "metrics.jsonl")
         ]
-        probe, finish = steps[:15], steps[15:]
+        probe, finish = steps[:50], steps[50:]
         stages.append([(probe[0]["time"], probe[-1]["time"]), (finish[0]["time"], finish[-1]["time"])])
     # The two workers trained the runs at the same time: in the probe or the finish stage (or
     # both), one run's steps overlap the other's (run one after another, they never would).
