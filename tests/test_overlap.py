@@ -118,3 +118,18 @@ def test_run_files_report_whole_metric_lines_and_each_complete_checkpoint_once(t
     assert files.new_checkpoints() == []
     metrics.write_text('{"step": 1}\n')  # a resumed launch rewrote it
     assert files.new_metrics() == [{"step": 1}]
+
+
+def test_run_files_read_a_resumed_log_from_its_start_even_when_it_grew_past_the_old_offset(tmp_path):
+    """A resumed launch keeps steps 1-2 and redoes 3 onwards; by the next poll its log can be
+    longer than the one already read (seen in CI: a mid-line offset gave 'Extra data')."""
+    from training.train import open_jsonl
+
+    files = RunFiles(tmp_path)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(f'{{"step": {i}}}\n' for i in range(1, 5)))
+    assert [m["step"] for m in files.new_metrics()] == [1, 2, 3, 4]
+    with open_jsonl(metrics, keep_through_step=2) as log:
+        log.write("".join(f'{{"step": {i}, "loss": {i / 10}}}\n' for i in range(3, 6)))
+    assert [m["step"] for m in files.new_metrics()] == [1, 2, 3, 4, 5]
+    assert files.new_metrics() == []

@@ -314,16 +314,21 @@ class RunFiles:
     def __init__(self, output_dir: Path) -> None:
         self.output_dir = output_dir
         self.metrics_offset = 0
+        self.metrics_inode: int | None = None
         self.reported: set[str] = set()
 
     def new_metrics(self) -> list[dict]:
         path = self.output_dir / "metrics.jsonl"
-        if not path.exists():
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
             return []
-        with open(path, "rb") as f:
+        with f:
+            inode = os.fstat(f.fileno()).st_ino
             f.seek(0, os.SEEK_END)
-            if f.tell() < self.metrics_offset:  # rewritten by a resumed launch
-                self.metrics_offset = 0
+            # A resumed launch swaps in a new file (train.open_jsonl): read it from the start.
+            if inode != self.metrics_inode or f.tell() < self.metrics_offset:
+                self.metrics_inode, self.metrics_offset = inode, 0
             f.seek(self.metrics_offset)
             data = f.read()
         complete = data[: data.rfind(b"\n") + 1]  # a line being written is read next time

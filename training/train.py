@@ -681,7 +681,10 @@ def stop(accelerator: Accelerator, out: Path, metrics_log: TextIO | None, step: 
 
 def open_jsonl(path: Path, keep_through_step: int) -> TextIO:
     """Append to a per-step JSONL log, first dropping the steps after `keep_through_step`
-    (a resumed run redoes them; a fresh run keeps nothing)."""
+    (a resumed run redoes them; a fresh run keeps nothing).
+
+    The kept lines go to a new file swapped in by rename: a kill cannot lose them, and a reader
+    tailing the log (launch.RunFiles) sees a new file instead of a rewrite under its offset."""
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = []
     if keep_through_step and path.exists():
@@ -690,7 +693,9 @@ def open_jsonl(path: Path, keep_through_step: int) -> TextIO:
             for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= keep_through_step
         ]
-    path.write_text("".join(line + "\n" for line in kept))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
     return open(path, "a")
 
 
