@@ -6,10 +6,10 @@ Data: synthetic multi-turn conversations (a system prompt, 1-3 user/assistant ex
 per message lognormal), seeded, in one JSONL file. One tokenizer: the lab's byte-level BPE
 with ChatML special tokens and the bundled `chatml` template. Each contender runs in its own
 process, from the JSONL file to tokens ready for training, and reports its wall time and peak
-RSS (its own and its worker processes'):
+RSS (its own and its child processes'):
 
   ours        training.data: load_phase + prepare (assistant masks with end-of-turn, drop
-              over-long, `--workers` processes, chunked Parquet output)
+              over-long, `--workers` threads, chunked Parquet output)
   trl         TRL SFTTrainer's dataset preparation with its defaults for conversational data
               (load_dataset json, then the trainer's constructor: chat template + tokenization,
               no assistant masks; a tiny model, whose setup is timed alone and subtracted)
@@ -87,8 +87,8 @@ def build_tokenizer(out_dir: Path) -> Path:
 
 def peak_rss_mb() -> dict[str, float]:
     """Peak resident memory: this process's VmHWM, and the largest ru_maxrss of its finished
-    children (our tokenization workers). ru_maxrss survives exec, so a child's figure is an
-    upper bound that includes this process's size when it was started."""
+    children (a peer's worker processes; ours tokenizes in threads). ru_maxrss survives exec,
+    so a child's figure is an upper bound that includes this process's size when it was started."""
     status = Path("/proc/self/status").read_text().splitlines()
     own = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -199,7 +199,7 @@ def measure(name: str, data: Path, tokenizer: Path, out: Path, workers: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conversations", type=int, default=100_000)
-    parser.add_argument("--workers", type=int, default=2, help="our tokenization processes (2 cores)")
+    parser.add_argument("--workers", type=int, default=2, help="our tokenization threads (2 cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peers", default="trl,hf_map")
     parser.add_argument("--child", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)

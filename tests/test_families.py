@@ -377,3 +377,35 @@ def test_generation_blocks_of_a_template_mark_the_answers(zoo):
     assert chat.template_shape(tokenizer).generation_blocks
     input_ids, labels = chat.assistant_labels(tokenizer, CONVERSATION)
     assert trained_texts(tokenizer, input_ids, labels) == ["Blue.", "Red, of course."]
+
+
+TRICKY = [
+    {"role": "system", "content": "  Sé breve. 🙂  "},
+    {"role": "user", "content": "Qu'est-ce que 2+2 ? Réponds vite."},
+    {"role": "assistant", "content": " Quatre 🎉 — évidemment.\n"},
+    {"role": "user", "content": "和 3+3 呢?"},
+    {"role": "assistant", "content": "<think>\nEasy.\n</think>\n\n六 (six) ✓"},
+]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_batched_masks_equal_a_reference_from_every_token_offset(tokenizers, family, train_on_prompt):
+    """The batched path (span -> token lookups at span edges) against the plain computation:
+    one rendering, one tokenization with offsets, a token trained when its characters overlap
+    an assistant span. Multi-byte characters split into several byte-level tokens included."""
+    tokenizer = tokenizers[family]
+    conversations = [CONVERSATION, TRICKY, TRICKY[1:3]]
+    if not FAMILIES[family].system_role:
+        conversations = [chat.merge_system(c) for c in conversations]
+    batched = chat.assistant_labels_batch(tokenizer, conversations, train_on_prompt)
+    shape = chat.template_shape(tokenizer)
+    for messages, (ids, labels) in zip(conversations, batched, strict=True):
+        text = chat.render(tokenizer, messages)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = chat.assistant_spans(text, messages, shape)
+        expected = [
+            token if train_on_prompt or any(s < end and e > begin for begin, end in spans) else IGNORE_INDEX
+            for token, (s, e) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+        ]
+        assert ids.tolist() == encoded["input_ids"] and labels.tolist() == expected

@@ -14,7 +14,9 @@ found from renderings of the template itself, never from a table of family names
 
 from __future__ import annotations
 
+import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,12 +147,19 @@ def _located(text: str, content: str, start: int) -> tuple[int, int] | None:
     Templates trim content (Llama 3, Gemma) or keep only the answer after a think block
     (Qwen 3 on earlier turns); each form is tried, the exact one first.
     """
-    forms = [content, content.strip(), content.split("</think>")[-1].strip()]
-    for form in dict.fromkeys(f for f in forms if f):
-        at = text.find(form, start)
+    for form in _forms(content):
+        at = text.find(form, start) if form else -1
         if at >= 0:
             return at, at + len(form)
     return None
+
+
+def _forms(content: str) -> Iterator[str]:
+    """The forms of `content` a template may write, the exact one first (each made only when
+    the ones before it were not found: this runs for every message of every conversation)."""
+    yield content
+    yield content.strip()
+    yield content.split("</think>")[-1].strip()
 
 
 def assistant_spans(text: str, messages: list[dict[str, str]], shape: TemplateShape) -> list[tuple[int, int]]:
@@ -187,33 +196,68 @@ def assistant_spans(text: str, messages: list[dict[str, str]], shape: TemplateSh
 def assistant_labels(
     tokenizer: Any, messages: list[dict[str, str]], train_on_prompt: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and labels (IGNORE_INDEX outside the answers) from one rendering, as int32 arrays.
+    """Token ids and labels (IGNORE_INDEX outside the answers) of one conversation, as int32 arrays."""
+    return assistant_labels_batch(tokenizer, [messages], train_on_prompt)[0]
+
+
+# transformers tracks {% generation %} blocks in state shared by every user of the compiled
+# template, and refuses a second rendering while one is running: one such rendering at a time.
+_generation_lock = threading.Lock()
+
+
+def assistant_labels_batch(
+    tokenizer: Any, conversations: list[list[dict[str, str]]], train_on_prompt: bool = False
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(token ids, labels) of each conversation, each from ONE rendering of it.
 
     Templates with `{% generation %}` blocks mark the answers themselves; for the others,
     the assistant spans' character offsets become token offsets (a token is trained when it
-    overlaps a span: Mistral's answer starts with a token that carries the space before it).
+    overlaps a span: Mistral's answer starts with a token that carries the space before it;
+    tokens cover the text in order, so a span's tokens are one contiguous run).
+    The conversations are rendered and encoded as one batch: per-call overhead dominated
+    preparation time one conversation at a time, and the batch encoder releases the GIL, so
+    batches encode in parallel threads.
     """
     shape = template_shape(tokenizer)
     if shape.generation_blocks and not train_on_prompt:
-        out = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-        ids = np.asarray(out["input_ids"], dtype=np.int32)
-        return ids, np.where(np.asarray(out["assistant_masks"], dtype=bool), ids, IGNORE_INDEX).astype(np.int32)
-    text = render(tokenizer, messages)
+        with _generation_lock:
+            out = tokenizer.apply_chat_template(
+                conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+        pairs = [
+            (np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool))
+            for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True)
+        ]
+        return [(ids, np.where(mask, ids, IGNORE_INDEX).astype(np.int32)) for ids, mask in pairs]
+    texts = tokenizer.apply_chat_template(conversations, tokenize=False)
     # The backend tokenizer directly: the same ids and offsets as tokenizer(...), without the
-    # wrapper's per-call overhead (it dominated preparation time).
-    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-    ids = np.asarray(encoding.ids, dtype=np.int32)
-    if train_on_prompt:
-        return ids, ids.copy()
-    in_span = np.zeros(len(text) + 1, dtype=np.int32)
-    for begin, end in assistant_spans(text, messages, shape):
-        in_span[begin:end] = 1
-    covered = np.concatenate([[0], np.cumsum(in_span)])  # characters in spans before each offset
-    offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
-    trained = covered[offsets[:, 1]] > covered[offsets[:, 0]]
-    return ids, np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
+    # wrapper's overhead (and without its padding/truncation settings, which it mutates per call).
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    out = []
+    for text, messages, encoding in zip(texts, conversations, encodings, strict=True):
+        ids = np.asarray(encoding.ids, dtype=np.int32)
+        labels = ids.copy() if train_on_prompt else np.full_like(ids, IGNORE_INDEX)
+        if not train_on_prompt:
+            for begin, end in assistant_spans(text, messages, shape):
+                first, stop = _first_token(encoding, begin, text), _first_token(encoding, end, text)
+                # A token that straddles the span's end overlaps it too (and so do its byte-level
+                # siblings, which share its offsets).
+                while stop < len(ids) and encoding.token_to_chars(stop)[0] < end:
+                    stop += 1
+                labels[first:stop] = ids[first:stop]
+        out.append((ids, labels))
+    return out
+
+
+def _first_token(encoding: Any, char: int, text: str) -> int:
+    """Index of the first token that covers a character at or after `char` (the token count if
+    none does). A few lookups per answer: converting every token's offsets cost more than
+    encoding."""
+    for at in range(char, len(text)):
+        token = encoding.char_to_token(at)
+        if token is not None:
+            return token
+    return len(encoding)
 
 
 def merge_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import random
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, NamedTuple
 
 import fsspec
@@ -127,9 +127,8 @@ def tokenize(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and labels (int32 arrays) of a conversation rendered once with the tokenizer's chat template
     (training.chat.assistant_labels: answers and their end-of-turn token carry the loss)."""
-    if system_message == "merge_into_first_user":
-        messages = chat.merge_system(messages)
-    return chat.assistant_labels(tokenizer, messages, train_on_prompt)
+    settings = {"train_on_prompt": train_on_prompt, "system_message": system_message}
+    return _tokenize_batch(tokenizer, [messages], settings)[0]
 
 
 @dataclass
@@ -230,19 +229,17 @@ class _Chunk:
     dropped_no_loss_tokens: int = 0
 
 
-_worker: dict[str, Any] = {}  # the tokenizer and settings of a preparation process
-
-
-def _init_worker(tokenizer: Any, settings: dict[str, Any]) -> None:
-    _worker.update(tokenizer=tokenizer, settings=settings)
-
-
-def _tokenize_chunk(conversations: list[Conversation]) -> _Chunk:
-    tokenizer, settings = _worker["tokenizer"], _worker["settings"]
+def _tokenize_chunk(tokenizer: Any, settings: dict[str, Any], conversations: list[Conversation]) -> _Chunk:
+    """Tokenize a chunk as one batch; keep the samples that fit and carry loss."""
+    try:
+        pairs = _tokenize_batch(tokenizer, [c.messages for c in conversations], settings)
+    except (TemplateError, ValueError):
+        for conversation in conversations:  # again one by one, for an error that names the row
+            _tokenize_one(tokenizer, conversation, settings)
+        raise
     ids, lengths, all_ids, all_labels = [], [], [], []
     dropped_too_long = dropped_no_loss_tokens = 0
-    for conversation in conversations:
-        input_ids, labels = _tokenize_one(tokenizer, conversation, settings)
+    for conversation, (input_ids, labels) in zip(conversations, pairs, strict=True):
         if len(input_ids) > settings["max_seq_len"]:
             dropped_too_long += 1
             continue
@@ -263,12 +260,20 @@ def _tokenize_chunk(conversations: list[Conversation]) -> _Chunk:
     )
 
 
+def _tokenize_batch(
+    tokenizer: Any, conversations: list[list[dict[str, str]]], settings: dict[str, Any]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    if settings["system_message"] == "merge_into_first_user":
+        conversations = [chat.merge_system(messages) for messages in conversations]
+    return chat.assistant_labels_batch(tokenizer, conversations, settings["train_on_prompt"])
+
+
 def _tokenize_one(
     tokenizer: Any, conversation: Conversation, settings: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """tokenize(), with template errors turned into errors naming the row."""
+    """One conversation, with template errors turned into errors naming the row."""
     try:
-        return tokenize(tokenizer, conversation.messages, settings["train_on_prompt"], settings["system_message"])
+        return _tokenize_batch(tokenizer, [conversation.messages], settings)[0]
     except TemplateError as exc:
         hint = ""
         if any(m["role"] == "system" for m in conversation.messages) and "system" in str(exc).lower():
@@ -283,23 +288,23 @@ def _tokenize_one(
 def _tokenized_chunks(
     conversations: list[Conversation], tokenizer: Any, settings: dict[str, Any], workers: int, chunk_size: int
 ) -> Iterator[_Chunk]:
-    """Chunks in input order; in `workers` processes when there is more than one chunk.
+    """Chunks in input order; in `workers` threads when there is more than one chunk.
 
-    At most two chunks per worker are in flight, so memory stays bounded by the chunk size.
+    Threads, not processes: the Rust batch encoder, most of the work, runs without the GIL, and
+    threads need no start-up (a spawned process spent seconds importing transformers, and
+    imported the caller's script again). At most two chunks per thread are in flight, so
+    memory stays bounded by the chunk size.
     """
     chunks = [conversations[i : i + chunk_size] for i in range(0, len(conversations), chunk_size)]
+    tokenize_chunk = partial(_tokenize_chunk, tokenizer, settings)
     if workers <= 1 or len(chunks) <= 1:
-        _init_worker(tokenizer, settings)
-        yield from map(_tokenize_chunk, chunks)
+        yield from map(tokenize_chunk, chunks)
         return
-    context = multiprocessing.get_context("spawn")  # fork is unsafe in a threaded caller (Prefect)
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(tokenizer, settings)
-    ) as pool:
-        pending = deque(pool.submit(_tokenize_chunk, c) for c in chunks[: 2 * workers])
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque(pool.submit(tokenize_chunk, c) for c in chunks[: 2 * workers])
         for c in chunks[2 * workers :]:
             yield pending.popleft().result()
-            pending.append(pool.submit(_tokenize_chunk, c))
+            pending.append(pool.submit(tokenize_chunk, c))
         while pending:
             yield pending.popleft().result()
 
@@ -319,13 +324,13 @@ def prepare(
     files: dict[str, int] | None = None,
     system_message: SystemMessage = "as_is",
     workers: int | None = None,
-    chunk_size: int = 2048,
+    chunk_size: int = 512,
 ) -> PrepStats:
     """Tokenize conversations into `out_dir/tokens.parquet` and write `out_dir/stats.json`.
 
     `replay_fraction` of `replay_pool` (the earlier phases' data, a seeded sample) is mixed
     in. Samples longer than max_seq_len are dropped and counted, never truncated (a truncated
-    answer teaches the model to stop mid-sentence). Tokenization runs in `workers` processes
+    answer teaches the model to stop mid-sentence). Tokenization runs in `workers` threads
     (default: one per available core) and is written a chunk at a time (one Parquet row group
     each) into a partial file that replaces tokens.parquet only when every row validated, so a
     bad row leaves nothing half-written. When `out_dir` already holds the preparation of the
