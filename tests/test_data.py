@@ -140,3 +140,26 @@ def test_length_split_puts_every_sample_in_one_half_and_replay_adds_one_percent(
     replayed = [i for i in trained_long if i in short_ids]
     assert len(replayed) == 2  # 1% of 200
     assert set(trained_long) - set(replayed) == long_ids  # the rest of phase II is exactly the long half
+
+
+def test_a_script_without_main_guard_prepares_in_parallel_once(tmp_path, assets):
+    """Tokenization threads start nothing that imports the caller's script again (spawned
+    worker processes did: an unguarded script ran once more per worker, or failed)."""
+    import subprocess
+    import sys
+
+    source = write_jsonl(tmp_path / "d.jsonl", [json.dumps({"id": f"r{i}", **GOOD}) for i in range(12)])
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from transformers import AutoTokenizer\n"
+        "from training.data import load_phase, prepare\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({str(assets.base_model_dir)!r})\n"
+        f"stats = prepare(load_phase([{str(source)!r}])[0], tokenizer, {str(tmp_path / 'out')!r}, 256,"
+        " workers=2, chunk_size=4)\n"
+        "print('prepared', stats.samples)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines().count("prepared 12") == 1
