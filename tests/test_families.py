@@ -27,6 +27,8 @@ EXPECTED_TRAINED = {
     "qwen3": ["Blue.<|im_end|>", "<think>\n\n</think>\n\nRed, of course.<|im_end|>"],
     "mistral": [" Blue.</s>", " Red, of course.</s>"],
     "gemma": ["Blue.<end_of_turn>", "Red, of course.<end_of_turn>"],
+    "granite": ["Blue.<|end_of_text|>", "Red, of course.<|end_of_text|>"],
+    "phi3": ["Blue.<|end|>", "Red, of course.<|end|>"],
 }
 
 
@@ -63,6 +65,11 @@ def test_loss_masked_tokens_are_each_answer_plus_its_end_of_turn(tmp_path, token
     assert trained_texts(tokenizer, data.input_ids[0].tolist(), data.labels[0].tolist()) == EXPECTED_TRAINED[family]
     # Nothing of the prompts is trained, and the system prompt reached the model.
     assert "You are terse." in tokenizer.decode(data.input_ids[0].tolist())
+    # Answers start after the generation prompt, measured even where it is no mere suffix of a
+    # rendering (Phi-3 ends one without a prompt with an EOS); Mistral has none.
+    header = chat.template_shape(tokenizer).header
+    assert chat.render(tokenizer, CONVERSATION[1:2], generation_prompt=True).endswith(header)
+    assert bool(header) == (family != "mistral")
 
 
 def test_qwen3_rewritten_history_gets_correct_masks_without_train_on_prompt(tokenizers):
