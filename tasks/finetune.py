@@ -444,9 +444,11 @@ def prune_phase_checkpoints(recipe: Recipe, run_uri: str, phase: str, winner: st
 
 
 @task(name="write-report")
-def write_report(run_uri: str, run_id: str, recipe: Recipe) -> list[dict[str, Any]]:
+def write_report(run_uri: str, run_id: str, recipe: Recipe, phases: list[str] | None = None) -> list[dict[str, Any]]:
+    """The run's report over `phases` (default: every phase of the recipe; a run stopped by a
+    gate reports the phases it reached)."""
     metrics = sorted({k for p in recipe.phases for k in p.objective})
-    table, tidy = report.write_run_report(run_uri, [p.name for p in recipe.phases], metrics)
+    table, tidy = report.write_run_report(run_uri, phases or [p.name for p in recipe.phases], metrics)
     create_table_artifact(
         key=artifact_key(run_id, "results"),
         table=tidy.to_dict(orient="records"),
