@@ -235,8 +235,10 @@ def train_phase(
         for upload in uploads:
             upload.result()  # an upload error fails the task (a retry resumes the upload)
         if evaluator is not None:
-            # Training's share is free now: evaluate what is still queued on it too.
-            for slot in training_slots(recipe.launch, recipe.evaluation.devices)[: evaluator.pending]:
+            # Training's share is free now: evaluate what is still queued on it too. The running
+            # worker takes the next queued model; a new worker first pays its imports and model
+            # load (~4 s on a CPU, about two lab evaluations), so one starts per model beyond that.
+            for slot in training_slots(recipe.launch, recipe.evaluation.devices)[: max(0, evaluator.pending - 1)]:
                 evaluator.add_worker({**os.environ, **slot})
             evaluator.wait()  # selection needs every score
     except TrainingFailed:
