@@ -9,7 +9,7 @@ from typing import Any
 from prefect import flow, task
 
 from evaluation import report
-from flows.finetune import finetune
+from flows.finetune import GateFailed, finetune
 from training import storage
 from training.recipe import resolve
 
@@ -34,8 +34,25 @@ def write_comparison(out_uri: str, runs: dict[str, dict[str, Any]], metrics: lis
 
 @task(name="run-arm", task_run_name="{strategy}")
 def run_arm(recipe: str, strategy: str, storage_root: str, run_id: str) -> dict[str, Any]:
-    """One arm of the comparison: a `finetune` subflow."""
-    return finetune(recipe=recipe, strategy=strategy, storage_root=storage_root, run_id=run_id)
+    """One arm of the comparison: a `finetune` subflow. An arm stopped by a phase's gate is a
+    result of the comparison, not a crash of the demo: it is reported up to that phase, with
+    the gate's reasons (`gate_failed`); its finetune flow run stays Failed."""
+    try:
+        return finetune(recipe=recipe, strategy=strategy, storage_root=storage_root, run_id=run_id)
+    except GateFailed as failed:
+        run_uri = storage.join(storage_root, run_id)
+        reached = [
+            p.name
+            for p in resolve(recipe, strategy).phases
+            if storage.exists(storage.join(run_uri, p.name, "selection.json"))
+        ]
+        return {
+            "run_id": run_id,
+            "run_uri": run_uri,
+            "strategy": strategy,
+            "phases": [{"phase": name} for name in reached],
+            "gate_failed": str(failed),
+        }
 
 
 @flow(name="demo")
