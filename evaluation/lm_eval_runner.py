@@ -29,7 +29,7 @@ LAB_TASKS = ("lab_instruction", "lab_knowledge", "lab_skills")
 
 # Loaded by lm-eval from next to the YAMLs (`!function lab_results.instruction`).
 LAB_RESULTS_MODULE = """\
-from evaluation.lab_metrics import instruction, skills  # noqa: F401
+from evaluation.lab_metrics import answer, choices, instruction, no_target, prompt, question, skills  # noqa: F401
 """
 
 
@@ -51,8 +51,8 @@ def lab_task_configs(curriculum_dir: Path, max_gen_tokens: int) -> dict[str, dic
         "lab_instruction": {
             **data("phase00"),
             "output_type": "generate_until",
-            "doc_to_text": "{{prompt}}",
-            "doc_to_target": "",
+            "doc_to_text": FunctionTag("lab_results.prompt"),
+            "doc_to_target": FunctionTag("lab_results.no_target"),
             "generation_kwargs": generation,
             "process_results": FunctionTag("lab_results.instruction"),
             "metric_list": [{"metric": "rule_acc", "aggregation": "mean", "higher_is_better": True}],
@@ -60,9 +60,9 @@ def lab_task_configs(curriculum_dir: Path, max_gen_tokens: int) -> dict[str, dic
         "lab_knowledge": {
             **data("phase05"),
             "output_type": "multiple_choice",
-            "doc_to_text": "{{question}}",
-            "doc_to_choice": "{{choices}}",
-            "doc_to_target": "{{answer}}",
+            "doc_to_text": FunctionTag("lab_results.question"),
+            "doc_to_choice": FunctionTag("lab_results.choices"),
+            "doc_to_target": FunctionTag("lab_results.answer"),
             # The chat template puts the answer right after the assistant header.
             "target_delimiter": "",
             "metric_list": [
@@ -73,8 +73,8 @@ def lab_task_configs(curriculum_dir: Path, max_gen_tokens: int) -> dict[str, dic
         "lab_skills": {
             **data("phase10"),
             "output_type": "generate_until",
-            "doc_to_text": "{{question}}",
-            "doc_to_target": "{{answer}}",
+            "doc_to_text": FunctionTag("lab_results.question"),
+            "doc_to_target": FunctionTag("lab_results.answer"),
             "generation_kwargs": generation,
             "process_results": FunctionTag("lab_results.skills"),
             "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],

@@ -201,6 +201,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nreport: {result['report']}  (comparison.md, comparison.csv, comparison.png)")
     for run in result["runs"].values():
         print(f"run:    {run['run_uri']}/report  (summary.md, training.png, scores.png)")
+        if "gate_failed" in run:
+            print(f"        {run['strategy']} stopped at a gate: {run['gate_failed']}")
     print(f"wall time: {time.perf_counter() - started:.0f}s")
     return 0
 

@@ -9,7 +9,7 @@ from typing import Any
 from prefect import flow, task
 
 from evaluation import report
-from flows.finetune import finetune
+from flows.finetune import GateFailed, finetune
 from training import storage
 from training.recipe import resolve
 
@@ -32,20 +32,47 @@ def write_comparison(out_uri: str, runs: dict[str, dict[str, Any]], metrics: lis
     return table.to_dict(orient="records")
 
 
+@task(name="run-arm", task_run_name="{strategy}")
+def run_arm(recipe: str, strategy: str, storage_root: str, run_id: str) -> dict[str, Any]:
+    """One arm of the comparison: a `finetune` subflow. An arm stopped by a phase's gate is a
+    result of the comparison, not a crash of the demo: it is reported up to that phase, with
+    the gate's reasons (`gate_failed`); its finetune flow run stays Failed."""
+    try:
+        return finetune(recipe=recipe, strategy=strategy, storage_root=storage_root, run_id=run_id)
+    except GateFailed as failed:
+        run_uri = storage.join(storage_root, run_id)
+        reached = [
+            p.name
+            for p in resolve(recipe, strategy).phases
+            if storage.exists(storage.join(run_uri, p.name, "selection.json"))
+        ]
+        return {
+            "run_id": run_id,
+            "run_uri": run_uri,
+            "strategy": strategy,
+            "phases": [{"phase": name} for name in reached],
+            "gate_failed": str(failed),
+        }
+
+
 @flow(name="demo")
 def demo(recipe: str = "demo", storage_root: str = "./runs", demo_id: str | None = None) -> dict[str, Any]:
-    """Build the embedded assets, run `finetune` phased then stacked, and compare them.
+    """Build the embedded assets, run `finetune` phased and stacked, and compare them.
 
+    The two arms are independent runs. On CPU they train side by side (each training process
+    takes one thread, so on 2 cores the second core no longer waits through the whole phased
+    chain); on GPUs one after the other, because each arm's launch takes every GPU of the node.
     Writes <storage_root>/<demo_id>-phased/, <demo_id>-stacked/ and <demo_id>/report/.
     """
     demo_id = demo_id or f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     root = os.path.abspath(storage_root) if storage.is_local(storage_root) else storage_root
     build_embedded_assets()
-    runs = {
-        strategy: finetune(recipe=recipe, strategy=strategy, storage_root=root, run_id=f"{demo_id}-{strategy}")
-        for strategy in ("phased", "stacked")
-    }
     phased = resolve(recipe, "phased")
+    if phased.launch.backend == "cpu":
+        arms = {s: run_arm.submit(recipe, s, root, f"{demo_id}-{s}") for s in ("phased", "stacked")}
+        runs = {strategy: arm.result() for strategy, arm in arms.items()}
+    else:
+        runs = {s: run_arm(recipe, s, root, f"{demo_id}-{s}") for s in ("phased", "stacked")}
     metrics = [k for p in phased.phases for k in p.objective]
     out_uri = storage.join(root, demo_id, "report")
     table = write_comparison(out_uri, runs, metrics)

@@ -99,6 +99,7 @@ def finetune(
             selection = select_checkpoint(cfg, phase, start_score, scores, reference, run_uri, run_id)
             track_phase_results(cfg, run_uri, run_id, selection)  # training.report_to: the phase's tracker runs
             if not selection.gate.passed:
+                write_report(run_uri, run_id, cfg, [p.name for p in cfg.phases[: i + 1]])  # what it reached
                 raise GateFailed(f"phase {phase.name}: gate failed\n" + "\n".join(selection.gate.reasons))
             manifest = mark_phase_done(run_uri, manifest, selection)
             # None: the start model or the average won; no checkpoint of this phase is needed

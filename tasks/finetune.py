@@ -235,8 +235,10 @@ def train_phase(
         for upload in uploads:
             upload.result()  # an upload error fails the task (a retry resumes the upload)
         if evaluator is not None:
-            # Training's share is free now: evaluate what is still queued on it too.
-            for slot in training_slots(recipe.launch, recipe.evaluation.devices)[: evaluator.pending]:
+            # Training's share is free now: evaluate what is still queued on it too. The running
+            # worker takes the next queued model; a new worker first pays its imports and model
+            # load (~4 s on a CPU, about two lab evaluations), so one starts per model beyond that.
+            for slot in training_slots(recipe.launch, recipe.evaluation.devices)[: max(0, evaluator.pending - 1)]:
                 evaluator.add_worker({**os.environ, **slot})
             evaluator.wait()  # selection needs every score
     except TrainingFailed:
@@ -444,9 +446,11 @@ def prune_phase_checkpoints(recipe: Recipe, run_uri: str, phase: str, winner: st
 
 
 @task(name="write-report")
-def write_report(run_uri: str, run_id: str, recipe: Recipe) -> list[dict[str, Any]]:
+def write_report(run_uri: str, run_id: str, recipe: Recipe, phases: list[str] | None = None) -> list[dict[str, Any]]:
+    """The run's report over `phases` (default: every phase of the recipe; a run stopped by a
+    gate reports the phases it reached)."""
     metrics = sorted({k for p in recipe.phases for k in p.objective})
-    table, tidy = report.write_run_report(run_uri, [p.name for p in recipe.phases], metrics)
+    table, tidy = report.write_run_report(run_uri, phases or [p.name for p in recipe.phases], metrics)
     create_table_artifact(
         key=artifact_key(run_id, "results"),
         table=tidy.to_dict(orient="records"),

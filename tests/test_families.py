@@ -27,6 +27,8 @@ EXPECTED_TRAINED = {
     "qwen3": ["Blue.<|im_end|>", "<think>\n\n</think>\n\nRed, of course.<|im_end|>"],
     "mistral": [" Blue.</s>", " Red, of course.</s>"],
     "gemma": ["Blue.<end_of_turn>", "Red, of course.<end_of_turn>"],
+    "granite": ["Blue.<|end_of_text|>", "Red, of course.<|end_of_text|>"],
+    "phi3": ["Blue.<|end|>", "Red, of course.<|end|>"],
 }
 
 
@@ -63,6 +65,11 @@ def test_loss_masked_tokens_are_each_answer_plus_its_end_of_turn(tmp_path, token
     assert trained_texts(tokenizer, data.input_ids[0].tolist(), data.labels[0].tolist()) == EXPECTED_TRAINED[family]
     # Nothing of the prompts is trained, and the system prompt reached the model.
     assert "You are terse." in tokenizer.decode(data.input_ids[0].tolist())
+    # Answers start after the generation prompt, measured even where it is no mere suffix of a
+    # rendering (Phi-3 ends one without a prompt with an EOS); Mistral has none.
+    header = chat.template_shape(tokenizer).header
+    assert chat.render(tokenizer, CONVERSATION[1:2], generation_prompt=True).endswith(header)
+    assert bool(header) == (family != "mistral")
 
 
 def test_qwen3_rewritten_history_gets_correct_masks_without_train_on_prompt(tokenizers):
@@ -311,9 +318,9 @@ def test_finetune_flow_runs_for_every_family(family_run):
         json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for d in (run / "phase00", run.parent / "padded")
     )
     # Packed, a step's 16 short samples (~1.6k tokens) share rows of one 4,096-token micro-batch;
-    # padded, length groups are split to bound their padding. (On sdpa the rows are capped at
-    # max_seq_len and padded to the longest row, so packed padding_efficiency is below 1 here.)
+    # padded, length groups are split to bound their padding.
     assert packed["micro_batches"] < padded["micro_batches"]
+    assert packed["padding_efficiency"] == 1.0 > padded["padding_efficiency"]
     assert packed["samples_seen"] == padded["samples_seen"] == 32
     for checkpoint in (
         run / "phase00" / "checkpoints" / "samples_32",
@@ -338,25 +345,30 @@ def test_finetune_flow_runs_for_every_family(family_run):
     assert json.loads((run / "phase00" / "selection.json").read_text())["winner"]["name"] in ("base", "samples_32")
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_per_sample"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_packed_row_gives_each_family_the_padded_loss(zoo, family):
+def test_a_packed_row_gives_each_family_the_padded_loss(zoo, family, attn):
     """Samples packed into one row (position_ids restart per sample) are scored exactly as in a
     padded batch by every family's attention, sliding windows (Mistral, Gemma: 16 tokens)
-    included: no attention crosses a sample boundary."""
+    included: no attention crosses a sample boundary. Both ways of attending on a packed row:
+    sdpa's row-wide mask and sdpa per sample (what training uses, training.attention)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from training import attention
     from training.data import TokenizedData
     from training.train import collate, collate_packed, summed_token_loss
 
+    assert attention.NAME == "sdpa_per_sample"
     model = AutoModelForCausalLM.from_pretrained(zoo[family], dtype=torch.float32, attn_implementation="sdpa")
+    packed_model = AutoModelForCausalLM.from_pretrained(zoo[family], dtype=torch.float32, attn_implementation=attn)
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(10, 2000, (n,), generator=g).tolist() for n in (30, 7, 22)]
     data = TokenizedData(ids=["a", "b", "c"], input_ids=ids, labels=ids)
     pad = chat.pad_token_id(AutoTokenizer.from_pretrained(zoo[family]), model.config)
     with torch.no_grad():
         padded = summed_token_loss(model, collate(data, [0, 1, 2], pad))
-        packed = summed_token_loss(model, collate_packed(data, [0, 1, 2]))
+        packed = summed_token_loss(packed_model, collate_packed(data, [0, 1, 2]))
         alone = sum(summed_token_loss(model, collate(data, [i], pad)) for i in range(3))
     assert torch.allclose(padded, alone, rtol=1e-5) and torch.allclose(packed, alone, rtol=1e-5)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -168,6 +169,32 @@ def test_a_failed_gate_fails_the_flow_after_writing_why(tmp_path, prefect_server
     assert selection["gate"]["passed"] is False
     assert any("missed by" in r for r in selection["gate"]["reasons"])
     assert not (tmp_path / "gated" / "phase05").exists()  # the next phase never started
+    summary = pd.read_csv(tmp_path / "gated" / "report" / "summary.csv")  # the report of what it reached
+    assert list(summary["phase"]) == ["base", "phase00"] and summary["gate"].iloc[-1] == "FAIL"
+
+
+def test_a_demo_arm_stopped_by_a_gate_is_reported_not_raised(tmp_path, prefect_server, assets):
+    """`make demo` on a machine where a phase misses its gate still compares the arms: the
+    stopped arm is reported up to that phase, with the gate's reasons."""
+    from flows.demo import run_arm, write_comparison
+    from training.recipe import load_recipe
+
+    recipe = load_recipe(
+        "demo",
+        {
+            "phases.0.min_score": {"lab_instruction/rule_acc": 1.01},
+            "training.epochs": 0.1,
+            "checkpointing.save_every_samples": None,
+            "evaluation.limit": 20,
+        },
+    )
+    path = tmp_path / "gated.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    arm = run_arm.fn(str(path), "phased", str(tmp_path), "gated-phased")
+    assert [p["phase"] for p in arm["phases"]] == ["phase00"]
+    assert "phase phase00: gate failed" in arm["gate_failed"] and "missed by" in arm["gate_failed"]
+    rows = write_comparison.fn(str(tmp_path / "report"), {"phased": arm}, ["lab_instruction/rule_acc"])
+    assert [(r["phase"], r["gate"]) for r in rows] == [("base", ""), ("phase00", "FAIL")]
 
 
 def test_mt_bench_judges_every_checkpoint_inside_the_flow(tmp_path, prefect_server, assets, monkeypatch):

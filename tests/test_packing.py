@@ -1,8 +1,8 @@
 """Padding-free packing (the default with sdpa, flash_attention_2 and flex_attention): the
-collation and the sampler's real-token cap, and, through transformers' packed-sequence path
-(position_ids restarting per sample; on CPU the sdpa mask is built from them), the same loss and
-gradient as padding, for one forward and for a whole run of the real training script.
-flash-attn itself is not installed here: its varlen kernel reads the same position_ids."""
+collation and the sampler's real-token cap, sdpa run per sample (training.attention) against a
+block-diagonal mask built independently, and the same loss and gradient as padding, for one
+forward and for a whole run of the real training script. flash-attn itself is not installed
+here: its varlen kernel reads the same position_ids."""
 
 import json
 import random
@@ -35,7 +35,7 @@ def test_packed_row_restarts_positions_and_masks_the_label_across_each_boundary(
     assert (batch["labels"][0, 1:] != IGNORE_INDEX).sum() == (padded != IGNORE_INDEX).sum() == sum(data.loss_tokens())
 
 
-def test_rows_capped_for_sdpa_keep_samples_whole_and_pad_only_row_ends():
+def test_rows_capped_for_flex_attention_keep_samples_whole_and_pad_only_row_ends():
     data = TokenizedData(
         ids=["a", "b", "c"],
         input_ids=[[1, 2, 3], [4, 5], [6, 7, 8, 9]],
@@ -91,7 +91,7 @@ def test_a_packed_forward_gives_the_padded_loss_and_gradient():
     data = random_data()
     grads, losses = [], []
     padded, one_row = collate(data, list(range(B)), pad_id=0), collate_packed(data, list(range(B)))
-    rows = collate_packed(data, list(range(B)), row_tokens=60)  # several padded rows, as with sdpa
+    rows = collate_packed(data, list(range(B)), row_tokens=60)  # several padded rows, as with flex_attention
     assert rows["input_ids"].shape[0] > 1 and (rows["input_ids"] == 0).any()
     for batch in (padded, one_row, rows):
         model = tiny_model()
@@ -102,6 +102,44 @@ def test_a_packed_forward_gives_the_padded_loss_and_gradient():
     for k in (1, 2):
         assert losses[k] == pytest.approx(losses[0], rel=1e-5)
         assert (grads[k] - grads[0]).abs().max() <= 1e-5 * grads[0].abs().max()
+
+
+@pytest.mark.parametrize("sliding_window", [None, 4])
+def test_sdpa_per_sample_equals_attention_under_a_block_diagonal_mask(sliding_window):
+    """Output and gradients of sdpa per sample (samples grouped by rounded length, padded tails)
+    equal one sdpa call under the dense block-diagonal causal mask, grouped-query heads and a
+    sliding window included."""
+    import torch.nn.functional as F
+
+    from training.attention import sdpa_per_sample
+
+    lengths, heads, kv_heads, dim = [5, 1, 17, 3, 40, 2, 9], 4, 2, 8
+    width = sum(lengths)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, width, dim, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, kv_heads, width, dim, generator=g, requires_grad=True) for _ in range(2))
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    out, _ = sdpa_per_sample(module, q, k, v, None, position_ids=positions, sliding_window=sliding_window)
+
+    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    i = torch.arange(width)
+    mask = (sample[:, None] == sample[None, :]) & (i[None, :] <= i[:, None])
+    if sliding_window:
+        mask &= i[None, :] > i[:, None] - sliding_window
+    expected = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), attn_mask=mask
+    ).transpose(1, 2)
+    assert out.shape == (1, width, heads, dim)
+    assert torch.allclose(out, expected, atol=1e-6)
+    weights = torch.randn(out.shape, generator=g)
+    for got, want in zip(
+        torch.autograd.grad((out * weights).sum(), (q, k, v)),
+        torch.autograd.grad((expected * weights).sum(), (q, k, v)),
+        strict=True,
+    ):
+        assert torch.allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["lab", "tulu", "tulu-plus", "demo"])
@@ -142,9 +180,8 @@ def test_packed_training_through_the_real_script_equals_the_padded_run(tmp_path,
         run_training(job, on_line=lambda _: None)
         runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     packed, padded = runs["packed"], runs["padded"]
-    # sdpa: rows of <= max_seq_len (256) tokens, padded only at row ends (measured 0.76-0.98 here:
-    # samples close to the row cap leave gaps; heavy-tailed real data fills rows better).
-    assert all(m["padding_efficiency"] > 0.7 for m in packed)
+    # sdpa per sample: one row per micro-batch, no padding at all
+    assert all(m["padding_efficiency"] == 1.0 for m in packed)
     assert all(m["padding_efficiency"] < 1.0 for m in padded)  # the padded run really padded
     for p, q in zip(packed, padded, strict=True):
         assert p["loss"] == pytest.approx(q["loss"], rel=1e-5)

@@ -11,6 +11,10 @@ conventions (training/templates/). What each family breaks in a Llama-lab-only p
     mistral  [INST] ... [/INST], no generation prompt, system folded into the last user turn,
              EOS </s> ends a turn, no pad token, sliding-window attention
     gemma    (Gemma 3) rejects the system role, <end_of_turn> ends a turn, EOS <eos>, pad <pad>
+    granite  (Granite 3) one token <|end_of_text|> is BOS, EOS, pad and end of turn (nothing may
+             drop labels equal to the pad id), a default system prompt, muP multipliers
+    phi3     (Phi-3 mini) <|end|> ends a turn, yet a rendering without a generation prompt ends
+             with an EOS outside every turn (not trained); pad is the EOS <|endoftext|>
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Family:
     pad: str | None
     end_of_turn: str
     system_role: bool = True
+    add_bos: bool = True  # plain `encode` starts with BOS (Granite's GPT-2 tokenizer adds none)
     config: tuple[tuple[str, object], ...] = ()
 
 
@@ -99,6 +104,35 @@ FAMILIES = {
             system_role=False,
             config=(("head_dim", 8), ("query_pre_attn_scalar", 8), ("sliding_window", 16)),
         ),
+        Family(
+            "granite",
+            "granite",
+            "granite",
+            ("<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>"),
+            bos="<|end_of_text|>",
+            eos="<|end_of_text|>",
+            pad="<|end_of_text|>",
+            end_of_turn="<|end_of_text|>",
+            add_bos=False,
+            # Granite 3.0's muP multipliers: attention scaled by 1 / head_dim (not its square root),
+            # scaled embeddings, residuals and logits; an attention that drops `scaling` shows here.
+            config=(
+                ("attention_multiplier", 0.125),
+                ("embedding_multiplier", 12.0),
+                ("residual_multiplier", 0.22),
+                ("logits_scaling", 8.0),
+            ),
+        ),
+        Family(
+            "phi3",
+            "phi3",
+            "phi3",
+            ("<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+            bos="<s>",
+            eos="<|endoftext|>",
+            pad="<|endoftext|>",
+            end_of_turn="<|end|>",
+        ),
     ]
 }
 
@@ -107,7 +141,7 @@ def family_tokenizer(base_tokenizer_dir: Path, family: Family) -> PreTrainedToke
     """The lab's BPE with the family's special tokens, BOS rule and template."""
     backend = Tokenizer.from_file(str(base_tokenizer_dir / "tokenizer.json"))
     backend.add_special_tokens(list(family.specials))
-    if family.bos:  # plain `encode` starts with the family's BOS (templates write it themselves)
+    if family.bos and family.add_bos:  # plain `encode` starts with the family's BOS (templates write it themselves)
         backend.post_processor = processors.TemplateProcessing(
             single=f"{family.bos} $A",
             pair=f"{family.bos} $A {family.bos} $B",

@@ -4,7 +4,9 @@ Every family differs in what the lab's own template hid: Llama 3 ends a turn wit
 `<|eot_id|>` but its EOS is `<|end_of_text|>` and it has no pad token; Qwen ends with
 `<|im_end|>` and adds a default system prompt; Qwen 3 rewrites earlier assistant turns (their
 think blocks go); Mistral has no generation prompt and folds the system message into the last
-user turn; Gemma rejects the system role. Everything that depends on the template lives here,
+user turn; Gemma rejects the system role; Granite's one `<|end_of_text|>` is BOS, EOS, pad and
+end of turn; Phi-3 ends a turn with `<|end|>` but a rendering without a generation prompt with
+an EOS outside every turn. Everything that depends on the template lives here,
 found from renderings of the template itself, never from a table of family names:
 
     apply_template(tokenizer, recipe.model.chat_template)   the recipe's template, or the model's own
@@ -95,7 +97,7 @@ def template_shape(tokenizer: Any) -> TemplateShape:
 def _measure(tokenizer: Any, template: str) -> TemplateShape:
     user = [{"role": "user", "content": "Hello."}]
     bare, prompted = render(tokenizer, user), render(tokenizer, user, generation_prompt=True)
-    header = prompted[len(bare) :] if prompted.startswith(bare) else ""
+    header = _generation_prompt(tokenizer, bare, prompted)
     answered = render(tokenizer, [*user, {"role": "assistant", "content": _PROBE_ANSWER}])
     after = answered[answered.rindex(_PROBE_ANSWER) + len(_PROBE_ANSWER) :].lstrip(" ")
     closing = next((s for s in special_tokens(tokenizer) if after.startswith(s)), None)
@@ -107,6 +109,23 @@ def _measure(tokenizer: Any, template: str) -> TemplateShape:
             "not start with a special token of this tokenizer; use a template written for this model's tokens"
         )
     return TemplateShape(header=header, end_of_turn=(closing,), generation_blocks="generation %}" in template)
+
+
+def _generation_prompt(tokenizer: Any, bare: str, prompted: str) -> str:
+    """What the generation prompt adds after the last turn ('' for Mistral, which has none).
+
+    Usually `prompted` is `bare` plus the prompt; Phi-3 ends `bare` with an EOS that the prompt
+    replaces (`<|endoftext|>` vs `<|assistant|>\n`). The two are then compared token by token
+    (a special token is one token; characters would match `<|` of both) and the prompt is what
+    follows the tokens they share.
+    """
+    if prompted.startswith(bare):
+        return prompted[len(bare) :]
+    a, b = (tokenizer.backend_tokenizer.encode(text, add_special_tokens=False) for text in (bare, prompted))
+    shared = next(
+        (i for i, (x, y) in enumerate(zip(a.ids, b.ids, strict=False)) if x != y), min(len(a.ids), len(b.ids))
+    )
+    return prompted[b.offsets[shared - 1][1] :] if shared else prompted
 
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from training.chat import template_text
+from training.chat import BUNDLED, template_text
 
 EMBEDDED = "embedded://"  # prefix of references to the locally built lab assets
 
@@ -43,7 +43,7 @@ class ModelConfig(Strict):
     chat_template: str | None = Field(
         None,
         description="Chat template applied to the tokenizer and saved with every checkpoint: a bundled "
-        "name (chatml, gemma, llama3, mistral, qwen2.5, qwen3) or a Jinja file. None = the model's own "
+        f"name ({', '.join(BUNDLED)}) or a Jinja file. None = the model's own "
         "(a base model without one must set this).",
     )
     system_message: Literal["as_is", "merge_into_first_user"] = Field(

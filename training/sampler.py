@@ -76,11 +76,12 @@ def padded_tokens(batch: list[int], lengths: list[int], packed: bool, row_tokens
 
 
 def pack_rows(batch: list[int], lengths: Sequence[int] | Mapping[int, int], row_tokens: int | None) -> list[list[int]]:
-    """A packed micro-batch's rows: one row (row_tokens None: flash-attn's varlen kernel computes
-    each sample's attention alone), or first-fit-decreasing rows of at most row_tokens tokens.
+    """A packed micro-batch's rows: one row (row_tokens None: flash-attn's varlen kernel and sdpa
+    per sample compute each sample's attention alone), or first-fit-decreasing rows of at most
+    row_tokens tokens.
 
-    sdpa / flex attention on a packed row compute (masked) attention across the whole row: one
-    row of T tokens costs T^2, rows of R tokens cost T x R, at the price of padding row ends.
+    flex attention on a packed row computes (masked) attention across the whole row: one row of
+    T tokens costs T^2, rows of R tokens cost T x R, at the price of padding row ends.
     """
     if row_tokens is None:
         return [list(batch)]
