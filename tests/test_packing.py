@@ -106,14 +106,14 @@ def test_a_packed_forward_gives_the_padded_loss_and_gradient():
 
 @pytest.mark.parametrize("sliding_window", [None, 4])
 def test_sdpa_per_sample_equals_attention_under_a_block_diagonal_mask(sliding_window):
-    """Output and gradients of sdpa per sample (samples grouped by rounded length, padded tails)
-    equal one sdpa call under the dense block-diagonal causal mask, grouped-query heads and a
-    sliding window included."""
+    """Output and gradients of sdpa per sample (short samples grouped at rounded lengths with
+    padded tails, long ones at their exact length) equal one sdpa call under the dense
+    block-diagonal causal mask, grouped-query heads and a sliding window included."""
     import torch.nn.functional as F
 
     from training.attention import sdpa_per_sample
 
-    lengths, heads, kv_heads, dim = [5, 1, 17, 3, 40, 2, 9], 4, 2, 8
+    lengths, heads, kv_heads, dim = [5, 1, 17, 3, 150, 2, 40, 150, 9, 131], 4, 2, 8  # short and long (> 128)
     width = sum(lengths)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, heads, width, dim, generator=g, requires_grad=True)

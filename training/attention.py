@@ -24,6 +24,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface
 
 NAME = "sdpa_per_sample"
+EXACT_FROM = 128  # samples longer than this get attention at their exact length (see length_groups)
 
 
 def sdpa_per_sample(
@@ -41,9 +42,9 @@ def sdpa_per_sample(
 ) -> tuple[torch.Tensor, None]:
     """(batch, heads, T, dim) query/key/value -> (batch, T, heads, dim), as transformers' sdpa returns.
 
-    A row's samples are grouped by length rounded up to a power of two and each group runs as
-    one causal sdpa call on a (samples, heads, length, dim) batch: a few calls per row rather
-    than one per sample. A sample's padded tail comes after its tokens, so causal attention never
+    A row's samples are grouped by length (short ones rounded up to a power of two) and each
+    group runs as one causal sdpa call on a (samples, heads, length, dim) batch: a few calls per
+    row rather than one per short sample. A sample's padded tail comes after its tokens, so causal attention never
     lets a real token see it. Sliding-window layers (Mistral, Gemma) get a banded mask; a row
     without position_ids (a plain forward, e.g. the checkpoint probe) is one sample.
     """
@@ -85,15 +86,18 @@ def gather(row: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def length_groups(position_ids: torch.Tensor | None, width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A packed row's samples (cut where position_ids restart at 0) grouped by length rounded up
-    to a power of two: per group, the token index of each sample's slots (samples, length) and
-    which slots are real (the rest repeat the sample's first token)."""
+    """A packed row's samples (cut where position_ids restart at 0) grouped by length (rounded up
+    to a power of two up to EXACT_FROM tokens): per group, the token index of each sample's
+    slots (samples, length) and which slots are real (the rest repeat the sample's first token)."""
     if position_ids is None:
         starts = torch.zeros(1, dtype=torch.long)
     else:
         starts = torch.nonzero(position_ids == 0).flatten().cpu()
     lengths = torch.diff(starts, append=torch.tensor([width]))
-    rounded = 2 ** torch.ceil(torch.log2(lengths.double())).long()
+    # Short samples share a call at a power-of-two length: padding them costs less than a call
+    # each. A long sample's attention dominates and padding it up to 2x would cost up to 4x, so
+    # it is grouped at its exact length (in practice a call of its own).
+    rounded = torch.where(lengths > EXACT_FROM, lengths, 2 ** torch.ceil(torch.log2(lengths.double())).long())
     groups = []
     for length in torch.unique(rounded).tolist():
         chosen = rounded == length
