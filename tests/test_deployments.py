@@ -137,8 +137,30 @@ def test_a_sweep_on_the_pool_trains_its_runs_at_once_on_two_workers_and_equals_a
         serial = {**params, "storage_root": str(tmp_path / "serial"), "sweep_id": "serial"}
         code = "import json, sys; from flows.sweep import sweep; sweep(**json.loads(sys.argv[1]))"
         subprocess.run([sys.executable, "-c", code, json.dumps(serial)], env=env, cwd=serve.REPO, check=True)
+        pooled = json.loads((tmp_path / "pool" / "pool" / "sweep.json").read_text())
 
-    pooled = json.loads((tmp_path / "pool" / "pool" / "sweep.json").read_text())
+        # The parent restarted (same sweep id, no worker left to train anything) picks up the
+        # flow runs it started: it creates no probe or finish flow run (only its own), and ends
+        # with the same results. Were they submitted again, nothing would run them (timeout).
+        again = {**params, "storage_root": str(tmp_path / "pool"), "sweep_id": "pool", "on_pool": True}
+        code = (
+            "import json, sys; from flows.sweep import sweep; from prefect.client.orchestration import get_client\n"
+            "count = lambda: len(get_client(sync_client=True).read_flow_runs(limit=200))\n"
+            "before = count(); sweep(**json.loads(sys.argv[1])); print('new flow runs', count() - before)"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(again)],
+            env=env,
+            cwd=serve.REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert "new flow runs 1" in out.stdout, out.stdout[-2000:]
+        restarted = json.loads((tmp_path / "pool" / "pool" / "sweep.json").read_text())
+        assert restarted["runs"] == pooled["runs"]
+
     alone = json.loads((tmp_path / "serial" / "serial" / "sweep.json").read_text())
     assert [r["status"] for r in pooled["runs"]] == ["finished", "finished"]
     for key in ("final_objective", "rung_ranks", "samples_trained", "samples_planned"):
