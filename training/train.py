@@ -192,10 +192,12 @@ def chunked_cross_entropy(
 ) -> torch.Tensor:
     """Summed next-token cross-entropy of `head(hidden) * logit_scale`, `chunk_tokens` rows at a time.
 
-    Only the loss tokens are projected, and each chunk is checkpointed: its logits (and their
-    float32 copy) are freed after its forward and recomputed in backward, so at most one chunk's
-    logits exist at any time instead of the micro-batch's full-vocabulary logits. The head is
-    called as a module, so ZeRO-3 gathers its weight for each chunk.
+    Only the loss tokens are projected, and each chunk but the last is checkpointed: its logits
+    (and their float32 copy) are freed after its forward and recomputed in backward, so at most
+    one chunk's logits exist at any time instead of the micro-batch's full-vocabulary logits.
+    The last chunk's are kept: backward starts with them, so recomputing them would save no peak
+    memory (and a micro-batch of one chunk recomputes nothing). The head is called as a module,
+    so ZeRO-3 gathers its weight for each chunk.
     """
     targets = labels[:, 1:].flatten()
     keep = targets != IGNORE_INDEX
@@ -205,9 +207,13 @@ def chunked_cross_entropy(
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), chunk_tokens):
         end = start + chunk_tokens
-        total = total + torch.utils.checkpoint.checkpoint(
-            _chunk_loss, hidden[start:end], head, targets[start:end], logit_scale, use_reentrant=False
-        )
+        if end < len(targets):
+            chunk = torch.utils.checkpoint.checkpoint(
+                _chunk_loss, hidden[start:end], head, targets[start:end], logit_scale, use_reentrant=False
+            )
+        else:
+            chunk = _chunk_loss(hidden[start:end], head, targets[start:end], logit_scale)
+        total = total + chunk
     return total
 
 
