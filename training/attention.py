@@ -44,9 +44,10 @@ def sdpa_per_sample(
 
     A row's samples are grouped by length (short ones rounded up to a power of two) and each
     group runs as one causal sdpa call on a (samples, heads, length, dim) batch: a few calls per
-    row rather than one per short sample. A sample's padded tail comes after its tokens, so causal attention never
-    lets a real token see it. Sliding-window layers (Mistral, Gemma) get a banded mask; a row
-    without position_ids (a plain forward, e.g. the checkpoint probe) is one sample.
+    row rather than one per short sample. A sample's padded tail comes after its tokens, so
+    causal attention never lets a real token see it. Sliding-window layers (Mistral, Gemma) get
+    a banded mask; a row without position_ids (a plain forward, e.g. the checkpoint probe) is
+    one sample.
     """
     if softcap is not None:
         raise ValueError(f"{NAME} does not support attention softcapping (Gemma 2); set model.attn_implementation")
@@ -89,10 +90,9 @@ def length_groups(position_ids: torch.Tensor | None, width: int) -> list[tuple[t
     """A packed row's samples (cut where position_ids restart at 0) grouped by length (rounded up
     to a power of two up to EXACT_FROM tokens): per group, the token index of each sample's
     slots (samples, length) and which slots are real (the rest repeat the sample's first token)."""
-    if position_ids is None:
-        starts = torch.zeros(1, dtype=torch.long)
-    else:
-        starts = torch.nonzero(position_ids == 0).flatten().cpu()
+    starts = torch.zeros(1, dtype=torch.long)  # a row always starts a sample, whatever its first position
+    if position_ids is not None:
+        starts = torch.unique(torch.cat([starts, torch.nonzero(position_ids == 0).flatten().cpu()]))
     lengths = torch.diff(starts, append=torch.tensor([width]))
     # Short samples share a call at a power-of-two length: padding them costs less than a call
     # each. A long sample's attention dominates and padding it up to 2x would cost up to 4x, so
