@@ -615,18 +615,20 @@ def judge_answers(
     api_key = os.environ.get(config.judge_api_key_env) or None
 
     tallies = {checkpoint: _Tally() for checkpoint in answers_by_checkpoint}
-    pending = []
+    # Checkpoints that gave the same answers get the same judge prompt: it is asked once, and the
+    # reply serves the later ones as if from the cache (what judging them one by one would do).
+    pending: dict[str, list[JudgeRequest]] = defaultdict(list)
     for request in requests:
         tallies[request.checkpoint].total += 1
         if request.cache_key in cache:
             score, text = cache[request.cache_key]
             tallies[request.checkpoint].judgments.append(_judgment(request, text, score, None, cached=True))
         else:
-            pending.append(request)
+            pending[request.cache_key].append(request)
     log.info(
         "MT-Bench: %d judgments, %d from the cache, %d to ask %s at %s",
         len(requests),
-        len(requests) - len(pending),
+        len(requests) - sum(map(len, pending.values())),
         len(pending),
         config.judge_model,
         url,
@@ -638,29 +640,31 @@ def judge_answers(
     try:
         with open(cache_path, "a", encoding="utf-8") as cache_file:
             futures = {
-                pool.submit(client.complete, _request_body(request, config), stop): request for request in pending
+                pool.submit(client.complete, _request_body(same[0], config), stop): same for same in pending.values()
             }
             for done, future in enumerate(as_completed(futures), start=1):
                 if done % 50 == 0:
                     log.info("MT-Bench: %d of %d judge requests done", done, len(futures))
-                request, reply = futures[future], future.result()
+                same, reply = futures[future], future.result()
                 if reply.cancelled:  # another request is failing the run; its exception comes up next
                     continue
-                tally = tallies[request.checkpoint]
-                tally.calls += reply.attempts
-                tally.retries += reply.attempts - 1
+                asked = same[0]
+                tallies[asked.checkpoint].calls += reply.attempts
+                tallies[asked.checkpoint].retries += reply.attempts - 1
                 score = parse_score(reply.content) if reply.content is not None else -1.0
                 error = reply.error or (
                     None if score != -1 else f"no [[rating]] in the judgment: {reply.content[:200]!r}"
                 )
                 if error and api_key:  # in case an endpoint echoes the key back in an error body
                     error = error.replace(api_key, "<redacted>")
-                tally.judgments.append(_judgment(request, reply.content or "", score, error, cached=False))
+                for request in same:
+                    judgment = _judgment(request, reply.content or "", score, error, cached=request is not asked)
+                    tallies[request.checkpoint].judgments.append(judgment)
                 if error is None:
                     entry = {
-                        "key": request.cache_key,
-                        "question_id": request.question.question_id,
-                        "turn": request.turn,
+                        "key": asked.cache_key,
+                        "question_id": asked.question.question_id,
+                        "turn": asked.turn,
                         "judge_model": config.judge_model,
                         "score": score,
                         "judgment": reply.content,
@@ -668,14 +672,17 @@ def judge_answers(
                     cache_file.write(json.dumps(entry) + "\n")
                     cache_file.flush()  # a crash later keeps every judgment paid for so far
                     continue
-                tally.errors.append(f"question {request.question.question_id} turn {request.turn}: {error}")
-                # Failures only grow, so once over the limit the final rate is too: stop now.
-                if len(tally.errors) > config.max_error_rate * tally.total:
-                    raise MTBenchError(
-                        f"MT-Bench judging of checkpoint {request.checkpoint!r} failed: at least {len(tally.errors)} "
-                        f"of {tally.total} judgments failed (max_error_rate={config.max_error_rate}); judge "
-                        f"{config.judge_model!r} at {url}. First failures: " + " | ".join(tally.errors[:3])
-                    )
+                for request in same:
+                    tally = tallies[request.checkpoint]
+                    tally.errors.append(f"question {request.question.question_id} turn {request.turn}: {error}")
+                    # Failures only grow, so once over the limit the final rate is too: stop now.
+                    if len(tally.errors) > config.max_error_rate * tally.total:
+                        raise MTBenchError(
+                            f"MT-Bench judging of checkpoint {request.checkpoint!r} failed: at least "
+                            f"{len(tally.errors)} of {tally.total} judgments failed (max_error_rate="
+                            f"{config.max_error_rate}); judge {config.judge_model!r} at {url}. First failures: "
+                            + " | ".join(tally.errors[:3])
+                        )
     except BaseException:
         stop.set()  # requests not started yet are skipped; ones in flight end with the closed client
         pool.shutdown(wait=False, cancel_futures=True)

@@ -5,8 +5,9 @@
 runs each model's lm-eval tasks (one model load) and, when the recipe has MT-Bench, its answers,
 writing exactly the files the finetune flow's evaluation tasks write (<eval>/lm_eval.json,
 <eval>/mt_bench_answers.jsonl); a file already present is kept. Those tasks then reuse the
-files, so scores and files are those of sequential evaluation. Judging stays in the flow: it
-needs every model's answers and is network-bound.
+files, so scores and files are those of sequential evaluation. Judging is network-bound, not
+the worker's: the owner's `on_evaluated` callback hears of each finished model (the finetune
+task judges its answers there, on a thread).
 
 `BackgroundEvaluator` queues models as their checkpoints complete and feeds them, in order, to
 persistent worker processes (each imports its libraries once) in their own process groups on
@@ -110,9 +111,15 @@ class BackgroundEvaluator:
     queue; `wait` blocks until all submitted models are done.
     """
 
-    def __init__(self, work_dir: Path, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        log: Callable[[str], None],
+        on_evaluated: Callable[[EvalRequest], None] | None = None,
+    ) -> None:
         self.work_dir = work_dir
         self.log = log
+        self.on_evaluated = on_evaluated  # called on the serving thread: it must return quickly
         self.timeline = work_dir / TIMELINE_FILE
         self._queue: deque[EvalRequest] = deque()
         self._cond = threading.Condition()
@@ -207,6 +214,8 @@ class BackgroundEvaluator:
             with self._cond, open(self.timeline, "a") as f:
                 f.write(json.dumps(record) + "\n")
             self.log(f"{request.name}: evaluated beside training in {record['seconds']:.1f}s -> {request.eval_dir}")
+            if self.on_evaluated is not None:
+                self.on_evaluated(request)
         proc.stdin.close()
         proc.wait()
 

@@ -44,7 +44,7 @@ from training.launch import (
     training_slots,
     visible_gpus,
 )
-from training.recipe import PhaseConfig, Recipe
+from training.recipe import MTBenchConfig, PhaseConfig, Recipe
 from training.train import FINISHED, TrainJob
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,7 +189,27 @@ def train_phase(
     # that a slow upload never stalls the run's file watching and nothing is deleted mid-upload.
     uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
     uploads = []
-    evaluator = background_evaluator(recipe, phase.name, local, stop_after_samples, logger.info)
+    # MT-Bench judging of each model evaluated beside training, as its answers land: one model at
+    # a time (config.concurrency requests), so a remote judge's latency hides behind training.
+    judge_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mt-bench-judge-early")
+    judgings = []
+
+    def judge_early(request: EvalRequest) -> None:
+        answers = storage.join(request.eval_dir, worker.MT_BENCH_ANSWERS_FILE)
+        try:
+            judge_and_write(recipe, {request.name: answers}, {request.name: request.eval_dir})
+        except (mt_bench.MTBenchError, mt_bench.JudgeEndpointError) as error:  # the judge task retries it
+            logger.warning(f"{request.name}: judging beside training failed, left to judge-mt-bench: {error}")
+
+    def judge_when_evaluated(request: EvalRequest) -> None:
+        judgings.append(judge_pool.submit(judge_early, request))
+
+    judged_beside = recipe.evaluation.mt_bench is not None
+    if judged_beside:
+        expose_judge_key(recipe.evaluation.mt_bench)
+    evaluator = background_evaluator(
+        recipe, phase.name, local, stop_after_samples, logger.info, judge_when_evaluated if judged_beside else None
+    )
 
     def evaluate(model: ModelRef) -> None:
         if evaluator is not None:
@@ -241,6 +261,8 @@ def train_phase(
             for slot in training_slots(recipe.launch, recipe.evaluation.devices)[: max(0, evaluator.pending - 1)]:
                 evaluator.add_worker({**os.environ, **slot})
             evaluator.wait()  # selection needs every score
+            for judging in judgings:
+                judging.result()
     except TrainingFailed:
         if evaluator is not None:
             evaluator.kill()
@@ -252,6 +274,7 @@ def train_phase(
         raise
     finally:
         uploader.shutdown(wait=False, cancel_futures=True)
+        judge_pool.shutdown(wait=False, cancel_futures=True)
     if (local / FINISHED).exists():  # not a probe's pause, which keeps its state for the next call
         return record_trained(recipe, local, phase_uri)
     return publish_phase(local, phase_uri)
@@ -276,7 +299,12 @@ def record_trained(recipe: Recipe, local: Path, phase_uri: str) -> list[ModelRef
 
 
 def background_evaluator(
-    recipe: Recipe, phase: str, local: Path, stop_after_samples: int | None, log: Callable[[str], None]
+    recipe: Recipe,
+    phase: str,
+    local: Path,
+    stop_after_samples: int | None,
+    log: Callable[[str], None],
+    on_evaluated: Callable[[EvalRequest], None] | None,
 ) -> BackgroundEvaluator | None:
     """The evaluator beside this phase's training, or None (evaluation after training); logs the plan."""
     launch, devices = recipe.launch, recipe.evaluation.devices
@@ -296,7 +324,7 @@ def background_evaluator(
         f"process beside training on {devices} (evaluation.devices); once training ends, one more worker "
         "per training rank on its resources"
     )
-    evaluator = BackgroundEvaluator(local, log)
+    evaluator = BackgroundEvaluator(local, log, on_evaluated)
     evaluator.add_worker({**os.environ, **device_env(devices, visible_gpus())[1]})
     return evaluator
 
@@ -367,25 +395,49 @@ def generate_mt_bench_answers(recipe: Recipe, model: ModelRef, out: str) -> str:
 
 @task(name="judge-mt-bench", retries=1, retry_delay_seconds=30)
 def judge_mt_bench(recipe: Recipe, answers: dict[str, str], eval_dirs: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Judge every model's answers at once (after all were generated); judgments are cached, so
-    a retry or re-run only pays for what is missing. Returns mt_bench/* metrics per model."""
-    config = recipe.evaluation.mt_bench
-    if config.judge_api_key_secret:  # a Prefect Secret block; exposed to the client only via its env var
+    """Judge the answers of every model without an mt_bench.json (those evaluated beside training
+    were judged there) at once; judgments are cached, so a retry or re-run only pays for what is
+    missing. Returns mt_bench/* metrics per model."""
+    logger = get_run_logger()
+    metrics, todo = {}, {}
+    for name, uri in answers.items():
+        result_uri = storage.join(eval_dirs[name], mt_bench.RESULT_FILE)
+        if storage.exists(result_uri):
+            metrics[name] = storage.read_json(result_uri)["metrics"]
+            logger.info(f"{name}: reusing {result_uri}")
+        else:
+            todo[name] = uri
+    if todo:
+        expose_judge_key(recipe.evaluation.mt_bench)
+        for name, scores in judge_and_write(recipe, todo, eval_dirs).items():
+            logger.info(
+                f"{name}: MT-Bench overall {scores.overall} (errors {scores.error_rate:.1%}, judge calls {scores.judge_calls})"
+            )
+            metrics[name] = scores.metrics()
+    return metrics
+
+
+def expose_judge_key(config: MTBenchConfig) -> None:
+    """A Prefect Secret block's judge key goes to the client only via its env var (never a parameter or log)."""
+    if config.judge_api_key_secret:
         from prefect.blocks.system import Secret
 
         os.environ[config.judge_api_key_env] = Secret.load(config.judge_api_key_secret).get()
+
+
+def judge_and_write(
+    recipe: Recipe, answers: dict[str, str], eval_dirs: dict[str, str]
+) -> dict[str, mt_bench.CheckpointMTBench]:
+    """Judge these models' answers together and write each one's <eval>/mt_bench.json."""
+    config = recipe.evaluation.mt_bench
     result = mt_bench.judge_answers(
         {name: mt_bench.read_answers(uri) for name, uri in answers.items()},
         mt_bench.load_mt_bench(config),
         config,
         cache_dir=mt_bench_cache_dir(),
     )
-    mt_bench.write_results(result, eval_dirs)
-    for name, scores in result.checkpoints.items():
-        get_run_logger().info(
-            f"{name}: MT-Bench overall {scores.overall} (errors {scores.error_rate:.1%}, judge calls {scores.judge_calls})"
-        )
-    return {name: scores.metrics() for name, scores in result.checkpoints.items()}
+    mt_bench.write_results(result, {name: eval_dirs[name] for name in answers})
+    return result.checkpoints
 
 
 def mt_bench_cache_dir() -> Path:

@@ -230,8 +230,12 @@ def test_mt_bench_judges_every_checkpoint_inside_the_flow(tmp_path, prefect_serv
     run = tmp_path / "mt" / "phase00"
     models = ["base", *(c.name for c in (run / "eval").iterdir() if c.name != "base")]
     assert len(models) >= 3
-    # 2 questions x 2 turns per model, judged after every model's answers existed
-    assert len(judge.requests) == 4 * len(models)
+    # 2 questions x 2 turns per model (beside training as its answers land); a prompt is asked
+    # once, however many models gave the same answers
+    answers = [json.loads(line) for m in models for line in (run / "eval" / m / "mt_bench_answers.jsonl").open()]
+    assert len(answers) == 2 * len(models)
+    prompts = {(a["question_id"], turn, *a["turns"][:turn]) for a in answers for turn in (1, 2)}
+    assert len(judge.requests) == len(prompts)
     for name in models:
         result = json.loads((run / "eval" / name / "mt_bench.json").read_text())
         assert result["metrics"]["mt_bench/overall"] == 6.0 and result["error_rate"] == 0.0

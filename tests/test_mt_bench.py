@@ -245,6 +245,23 @@ def test_several_checkpoints_judged_concurrently_with_retries(tmp_path, judge_ke
     assert sum(expected[t]["judge_calls"] for t in tags) == len(judge.requests)
 
 
+def test_checkpoints_with_the_same_answers_are_judged_once(tmp_path, judge_key):
+    with JudgeServer(api_key=KEY, default=("rating", 7)) as judge:
+        config = make_config(judge.base_url, categories=["math", "writing"], question_limit=2)
+        data = mt_bench.load_mt_bench(config)
+        same, other = fake_answers(data, "ckpt-a"), fake_answers(data, "ckpt-b")
+        result = mt_bench.judge_answers({"a": same, "b": other, "a-again": same}, data, config, tmp_path / "cache")
+    judgments = 2 * len(data.questions)
+    assert len(judge.requests) == 2 * judgments  # a's and b's; a-again's prompts are a's
+    assert len({json.dumps(r.body, sort_keys=True) for r in judge.requests}) == len(judge.requests)
+    counts = {name: (c.n_judgments, c.judge_calls, c.n_cached, c.overall) for name, c in result.checkpoints.items()}
+    assert counts == {
+        "a": (judgments, judgments, 0, 7.0),
+        "b": (judgments, judgments, 0, 7.0),
+        "a-again": (judgments, 0, judgments, 7.0),
+    }
+
+
 def test_math_judge_prompts_carry_the_reference_and_both_turns(tmp_path, judge_key):
     raw_prompts = {
         p["name"]: p for p in map(json.loads, (MT_BENCH_DIR / "judge_prompts.jsonl").read_text().splitlines())
