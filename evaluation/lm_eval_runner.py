@@ -14,6 +14,7 @@ keeps it ("gsm8k/exact_match,strict-match").
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -129,8 +130,13 @@ def evaluate_model(
     """Run every configured task on one model directory with a single model load, batched
     (`evaluation.batch_size`), on `evaluation.device`."""
     import lm_eval
+    import torch.utils.collect_env as collect_env
     from lm_eval.tasks import TaskManager
 
+    # lm-eval attaches torch's environment report to every result (pip list, lscpu, nvidia-smi:
+    # ~0.7 s of subprocesses); we do not keep it, and it cannot change within a process.
+    if not hasattr(collect_env.get_pretty_env_info, "cache_info"):
+        collect_env.get_pretty_env_info = functools.cache(collect_env.get_pretty_env_info)
     include = [str(p) for p in (task_dir, config.include_path) if p]
     only_local = all(t in LAB_TASKS for t in config.tasks)
     # Indexing lm-eval's ~15k built-in tasks costs seconds; skip it when all tasks are local.

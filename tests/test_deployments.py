@@ -84,6 +84,10 @@ def test_phased_lab_runs_from_a_deployment_on_a_process_worker(tmp_path):
     keys = {a.key for a in artifacts}
     for phase in ("phase00", "phase05", "phase10"):
         assert {f"deployed-{phase}-scores", f"deployed-{phase}-gate"} <= keys
+    # training progress is updated per whole percent (not per step); each phase's bar reached its end
+    progress = {a.key: a.data for a in artifacts if a.type == "progress"}
+    assert set(progress) == {f"deployed-{phase}-training" for phase in ("phase00", "phase05", "phase10")}
+    assert all(value >= 99.0 for value in progress.values()), progress
     assert {"deployed-results", "deployed-report"} <= keys
     assert (tmp_path / "runs" / "deployed" / "report" / "summary.md").exists()
 
