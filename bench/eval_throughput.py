@@ -13,7 +13,8 @@ judgment cache.
               requests (FastChat's `gen_judgment.py --parallel 8`); evaluation.devices unset
   ours        evaluation.devices = cpu:1: each checkpoint is evaluated by a worker process on
               the second core as soon as its meta.json lands, a second worker joins when
-              training ends with more than one model queued; the same judging
+              training ends with more than one model queued; each model's answers are judged
+              (8 concurrent requests) as soon as they are written, while training goes on
 
 The scores of both sides are compared (they must be identical). The last line is one JSON
 object: both wall times and `speedup` (target >= 1.5 on 2 cores). Timings vary with the
