@@ -111,15 +111,12 @@ class BackgroundEvaluator:
     queue; `wait` blocks until all submitted models are done.
     """
 
-    def __init__(
-        self,
-        work_dir: Path,
-        log: Callable[[str], None],
-        on_evaluated: Callable[[EvalRequest], None] | None = None,
-    ) -> None:
+    def __init__(self, work_dir: Path, log: Callable[[str], None]) -> None:
         self.work_dir = work_dir
         self.log = log
-        self.on_evaluated = on_evaluated  # called on the serving thread: it must return quickly
+        # Set by the owner before submitting: hears of each evaluated model on a serving thread,
+        # so it must return quickly.
+        self.on_evaluated: Callable[[EvalRequest], None] | None = None
         self.timeline = work_dir / TIMELINE_FILE
         self._queue: deque[EvalRequest] = deque()
         self._cond = threading.Condition()

@@ -204,12 +204,10 @@ def train_phase(
     def judge_when_evaluated(request: EvalRequest) -> None:
         judgings.append(judge_pool.submit(judge_early, request))
 
-    judged_beside = recipe.evaluation.mt_bench is not None
-    if judged_beside:
+    evaluator = background_evaluator(recipe, phase.name, local, stop_after_samples, logger.info)
+    if evaluator is not None and recipe.evaluation.mt_bench is not None:
         expose_judge_key(recipe.evaluation.mt_bench)
-    evaluator = background_evaluator(
-        recipe, phase.name, local, stop_after_samples, logger.info, judge_when_evaluated if judged_beside else None
-    )
+        evaluator.on_evaluated = judge_when_evaluated
 
     def evaluate(model: ModelRef) -> None:
         if evaluator is not None:
@@ -304,12 +302,7 @@ def record_trained(recipe: Recipe, local: Path, phase_uri: str) -> list[ModelRef
 
 
 def background_evaluator(
-    recipe: Recipe,
-    phase: str,
-    local: Path,
-    stop_after_samples: int | None,
-    log: Callable[[str], None],
-    on_evaluated: Callable[[EvalRequest], None] | None,
+    recipe: Recipe, phase: str, local: Path, stop_after_samples: int | None, log: Callable[[str], None]
 ) -> BackgroundEvaluator | None:
     """The evaluator beside this phase's training, or None (evaluation after training); logs the plan."""
     launch, devices = recipe.launch, recipe.evaluation.devices
@@ -329,7 +322,7 @@ def background_evaluator(
         f"process beside training on {devices} (evaluation.devices); once training ends, one more worker "
         "per training rank on its resources"
     )
-    evaluator = BackgroundEvaluator(local, log, on_evaluated)
+    evaluator = BackgroundEvaluator(local, log)
     evaluator.add_worker({**os.environ, **device_env(devices, visible_gpus())[1]})
     return evaluator
 
