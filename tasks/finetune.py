@@ -226,12 +226,13 @@ def train_phase(
             storage.upload_tree(local / "checkpoints" / name, storage.join(phase_uri, "checkpoints", name))
         keep_last_n(recipe, local, phase_uri, logger)
 
-    shown = [0.0]  # the progress artifact's value: updated per whole percent, not per step (an API call each)
+    shown = 0.0  # the progress artifact's value: updated per whole percent, not per step (an API call each)
 
     def on_metrics(record: dict[str, Any]) -> None:
+        nonlocal shown
         percent = min(100.0, 100.0 * record["epoch"] / recipe.training.epochs)
-        if int(percent) > int(shown[0]):
-            shown[0] = percent
+        if int(percent) > int(shown):
+            shown = percent
             update_progress_artifact(progress, progress=percent)
         if evaluator is not None:
             evaluator.raise_if_failed()  # fails the phase (and stops the training) at once
