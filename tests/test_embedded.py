@@ -8,10 +8,11 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 import training.embedded as embedded
 from training.embedded import PHASES, EmbeddedAssets, build_assets
-from training.embedded.base_model import Pretraining, train_tokenizer
+from training.embedded.base_model import Pretraining, new_model, pretrain, train_tokenizer
 from training.embedded.curriculum import INSTRUCTION_KINDS, build_curriculum, check_rule, instruction_item, jsonl
 from training.embedded.world import encyclopedia, make_world
 
@@ -56,6 +57,29 @@ def test_tokenizer_training_is_deterministic():
         train_tokenizer(texts, size).backend_tokenizer.to_str()
         == train_tokenizer(texts, size).backend_tokenizer.to_str()
     )
+
+
+@pytest.mark.parametrize("caller_threads", [1, 3])
+def test_pretraining_runs_on_its_own_thread_count_whatever_the_caller_set(caller_threads):
+    """The model must not depend on the caller's torch threads (OMP_NUM_THREADS): pretraining
+    runs on Pretraining.threads, gives the caller its setting back, and repeats bit for bit."""
+    documents = encyclopedia(make_world(0, 8), 0, 2)
+    tokenizer = train_tokenizer(documents, embedded.MODEL)
+    plan = Pretraining(steps=3, batch_size=4)
+    seen: list[int] = []
+    weights = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(caller_threads)
+    try:
+        for _ in range(2):
+            model = new_model(tokenizer, embedded.MODEL, seed=0)
+            pretrain(model, tokenizer, documents, plan, 0, lambda _msg: seen.append(torch.get_num_threads()))
+            weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+            assert torch.get_num_threads() == caller_threads
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [plan.threads, plan.threads]  # the progress line of the last step, from inside the loop
+    assert torch.equal(weights[0], weights[1])
 
 
 def test_built_files_are_the_generator_output(assets):
