@@ -1,6 +1,6 @@
-"""Evaluate models beside training: a worker process per model, one model at a time.
+"""Evaluate models beside training: worker processes, each one model at a time.
 
-    python -m evaluation.worker <log file>      (EvalRequests on stdin, one JSON per line)
+    python -m evaluation.worker <log file>      (WorkItems on stdin, one JSON per line)
 
 runs each model's lm-eval tasks (one model load) and, when the recipe has MT-Bench, its answers,
 writing exactly the files the finetune flow's evaluation tasks write (<eval>/lm_eval.json,
@@ -13,7 +13,9 @@ task judges its answers there, on a thread).
 persistent worker processes (each imports its libraries once) in their own process groups on
 `evaluation.devices` (e.g. one CPU thread, one GPU), so that evaluation overlaps training; its
 owner adds workers on the training's resources once training ends, and kills them all with the
-training on any failure.
+training on any failure. The worker on `evaluation.devices` outlives its evaluator: it waits,
+idle, for the next evaluator with the same environment (the run's next phase), which then skips
+the worker's start (~6 CPU-s of imports on a CPU); idle workers exit with this process.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ from training.recipe import Recipe
 
 LM_EVAL_FILE = "lm_eval.json"
 MT_BENCH_ANSWERS_FILE = "mt_bench_answers.jsonl"
-TIMELINE_FILE = "evaluations.jsonl"  # <phase>/evaluations.jsonl: when each background evaluation ran
+TIMELINE_FILE = (
+    "evaluations.jsonl"  # <phase>/evaluations.jsonl: when (and by which worker) each background evaluation ran
+)
 
 
 class EvaluationFailed(RuntimeError):
@@ -55,6 +59,53 @@ class EvalRequest(BaseModel):
     uri: str
     samples: int
     eval_dir: str
+
+
+class WorkItem(BaseModel):
+    """One line of a worker's stdin: a request, and the log its output goes to (a reused worker
+    serves phase after phase, each with its own log)."""
+
+    request: EvalRequest
+    log: str
+
+
+Environment = tuple[tuple[str, str], ...]
+# Workers on evaluation.devices whose evaluator is done, by environment, waiting for the next
+# one (the run's next phase starts within seconds on the lab, minutes on a large dataset). An
+# idle worker is ended after IDLE_WORKER_SECONDS, or when this process exits (its stdin closes).
+IDLE_WORKER_SECONDS = 300.0
+_idle_workers: dict[Environment, list[tuple[subprocess.Popen, object]]] = {}
+_idle_lock = threading.Lock()
+
+
+def _reuse_idle_worker(environment: Environment) -> subprocess.Popen | None:
+    with _idle_lock:
+        waiting = _idle_workers.get(environment, [])
+        while waiting:
+            proc, _ = waiting.pop()
+            if proc.poll() is None:
+                return proc
+    return None
+
+
+def _keep_idle_worker(environment: Environment, proc: subprocess.Popen) -> None:
+    entry = (proc, object())  # this stay in the pool: a worker reused and kept again is a new entry
+    with _idle_lock:
+        _idle_workers.setdefault(environment, []).append(entry)
+    timer = threading.Timer(IDLE_WORKER_SECONDS, _end_idle_worker, args=(environment, entry))
+    timer.daemon = True
+    timer.start()
+
+
+def _end_idle_worker(environment: Environment, entry: tuple[subprocess.Popen, object]) -> None:
+    with _idle_lock:
+        if entry not in _idle_workers.get(environment, []):
+            return  # reused meanwhile
+        _idle_workers[environment].remove(entry)
+    proc = entry[0]
+    assert proc.stdin is not None
+    proc.stdin.close()  # the worker's loop ends on EOF
+    proc.wait()
 
 
 def run_lm_eval(recipe: Recipe, uri: str, samples: int, out: str) -> dict[str, Any]:
@@ -130,22 +181,27 @@ class BackgroundEvaluator:
         with self._cond:
             return len(self._queue)
 
-    def add_worker(self, env: dict[str, str]) -> None:
-        """Start one more worker process with this environment."""
+    def add_worker(self, env: dict[str, str], reusable: bool = False) -> None:
+        """One more worker process with this environment. A `reusable` one (give it evaluation.devices,
+        never the training's resources, which the next phase needs back) is an idle worker with the
+        same environment when there is one, and waits for the next evaluator when this one is done."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.work_dir / f"eval-worker-{len(self._workers)}.log"
+        environment = tuple(sorted(env.items())) if reusable else None
         with self._cond:
             if self._killed:
                 return
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "evaluation.worker", str(log_path)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                env=env,
-                start_new_session=True,  # its own group: killed with the training, never left behind
-            )
-            thread = threading.Thread(target=self._serve, args=(proc, log_path), daemon=True)
+            proc = _reuse_idle_worker(environment) if environment else None
+            if proc is None:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "evaluation.worker", str(log_path)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                    start_new_session=True,  # its own group: killed with the training, never left behind
+                )
+            thread = threading.Thread(target=self._serve, args=(proc, log_path, environment), daemon=True)
             self._workers.append((proc, thread))
         thread.start()
 
@@ -184,7 +240,7 @@ class BackgroundEvaluator:
         for _, thread in self._workers:
             thread.join(timeout=30)
 
-    def _serve(self, proc: subprocess.Popen, log_path: Path) -> None:
+    def _serve(self, proc: subprocess.Popen, log_path: Path, environment: Environment | None) -> None:
         assert proc.stdin is not None and proc.stdout is not None
         while True:
             with self._cond:
@@ -194,7 +250,7 @@ class BackgroundEvaluator:
                     break
                 request = self._queue.popleft()
             try:
-                proc.stdin.write(request.model_dump_json() + "\n")
+                proc.stdin.write(WorkItem(request=request, log=str(log_path)).model_dump_json() + "\n")
                 proc.stdin.flush()
                 line = proc.stdout.readline()
             except (BrokenPipeError, ValueError):  # the worker died (or was killed) meanwhile
@@ -213,23 +269,46 @@ class BackgroundEvaluator:
             self.log(f"{request.name}: evaluated beside training in {record['seconds']:.1f}s -> {request.eval_dir}")
             if self.on_evaluated is not None:
                 self.on_evaluated(request)
+        with self._cond:
+            if self._killed:  # kill() ends it
+                return
+            if environment is not None:
+                _keep_idle_worker(environment, proc)
+                return
         proc.stdin.close()
         proc.wait()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Serve EvalRequests from stdin, one per line; report each finished one on stdout. Every
-    other output (the libraries', a traceback) goes to the log file named by the argument."""
-    (log_path,) = sys.argv[1:] if argv is None else argv
-    protocol = os.fdopen(os.dup(1), "w")
+def redirect_output(log_path: str) -> None:
+    """Point this process's stdout and stderr (file descriptors 1 and 2) at `log_path`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
     with open(log_path, "a") as log_file:
         os.dup2(log_file.fileno(), 1)
         os.dup2(log_file.fileno(), 2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve WorkItems from stdin, one per line; report each finished one on stdout. Every other
+    output (the libraries', a traceback) goes to the log file named by the argument until a work
+    item names another."""
+    (log_path,) = sys.argv[1:] if argv is None else argv
+    protocol = os.fdopen(os.dup(1), "w")
+    redirect_output(log_path)
     for line in sys.stdin:
-        request = EvalRequest.model_validate_json(line)
+        item = WorkItem.model_validate_json(line)
+        if item.log != log_path:
+            log_path = item.log
+            redirect_output(log_path)
+        request = item.request
         started, t0 = datetime.now(UTC).isoformat(), time.perf_counter()
         evaluate(request)
-        record = {"model": request.name, "started": started, "finished": datetime.now(UTC).isoformat()}
+        record = {
+            "model": request.name,
+            "started": started,
+            "finished": datetime.now(UTC).isoformat(),
+            "pid": os.getpid(),
+        }
         protocol.write(json.dumps({**record, "seconds": round(time.perf_counter() - t0, 2)}) + "\n")
         protocol.flush()
 

@@ -320,11 +320,11 @@ def background_evaluator(
         return None
     log(
         f"{phase}: plan: {training}; evaluation of each checkpoint as its meta.json lands, in a worker "
-        f"process beside training on {devices} (evaluation.devices); once training ends, one more worker "
-        "per training rank on its resources"
+        f"process beside training on {devices} (evaluation.devices; the previous phase's when it is still "
+        "idle); once training ends, one more worker per training rank on its resources"
     )
     evaluator = BackgroundEvaluator(local, log)
-    evaluator.add_worker({**os.environ, **device_env(devices, visible_gpus())[1]})
+    evaluator.add_worker({**os.environ, **device_env(devices, visible_gpus())[1]}, reusable=True)
     return evaluator
 
 

@@ -103,7 +103,7 @@ def build_assets(
     with open(parent / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
         if (assets.root / MARKER).exists():
-            report(f"embedded assets built by another process: {assets.root}")
+            report(f"embedded assets built meanwhile by another builder: {assets.root}")
             return assets
         # Holding the lock, anything left under this key is debris of a killed build.
         for debris in parent.glob(f".{key}.tmp-*"):
