@@ -15,7 +15,8 @@ persistent worker processes (each imports its libraries once) in their own proce
 owner adds workers on the training's resources once training ends, and kills them all with the
 training on any failure. The worker on `evaluation.devices` outlives its evaluator: it waits,
 idle, for the next evaluator with the same environment (the run's next phase), which then skips
-the worker's start (~6 CPU-s of imports on a CPU); idle workers exit with this process.
+the worker's start (~6 CPU-s of imports on a CPU). An idle worker ends after
+IDLE_WORKER_SECONDS, or when this process exits.
 """
 
 from __future__ import annotations
@@ -44,9 +45,8 @@ from training.recipe import Recipe
 
 LM_EVAL_FILE = "lm_eval.json"
 MT_BENCH_ANSWERS_FILE = "mt_bench_answers.jsonl"
-TIMELINE_FILE = (
-    "evaluations.jsonl"  # <phase>/evaluations.jsonl: when (and by which worker) each background evaluation ran
-)
+# <phase>/evaluations.jsonl: when, and by which worker (pid), each background evaluation ran
+TIMELINE_FILE = "evaluations.jsonl"
 
 
 class EvaluationFailed(RuntimeError):
@@ -89,7 +89,7 @@ def _reuse_idle_worker(environment: Environment) -> subprocess.Popen | None:
 
 
 def _keep_idle_worker(environment: Environment, proc: subprocess.Popen) -> None:
-    entry = (proc, object())  # this stay in the pool: a worker reused and kept again is a new entry
+    entry = (proc, object())  # one stay in the pool: a worker reused and kept again is a new entry
     with _idle_lock:
         _idle_workers.setdefault(environment, []).append(entry)
     timer = threading.Timer(IDLE_WORKER_SECONDS, _end_idle_worker, args=(environment, entry))
@@ -174,6 +174,7 @@ class BackgroundEvaluator:
         self._closed = False
         self._killed = False
         self._workers: list[tuple[subprocess.Popen, threading.Thread]] = []
+        self._handed_on: list[subprocess.Popen] = []  # kept for the next evaluator: no longer ours to kill
         self.failure: EvaluationFailed | None = None
 
     @property
@@ -229,7 +230,7 @@ class BackgroundEvaluator:
             self._queue.clear()
             self._cond.notify_all()
         for proc, _ in self._workers:
-            if proc.poll() is None:
+            if proc.poll() is None and proc not in self._handed_on:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                     proc.wait(timeout=10)
@@ -273,6 +274,7 @@ class BackgroundEvaluator:
             if self._killed:  # kill() ends it
                 return
             if environment is not None:
+                self._handed_on.append(proc)
                 _keep_idle_worker(environment, proc)
                 return
         proc.stdin.close()

@@ -95,13 +95,14 @@ def test_a_failed_evaluation_fails_the_phase_with_its_own_error_and_stops_traini
 def test_the_evaluation_worker_serves_the_next_evaluator_with_the_same_environment(tmp_path, assets):
     """The worker on evaluation.devices outlives its phase's evaluator: the next phase's evaluator
     (same environment) gets the same process, whose output then goes to that phase's log; another
-    environment gets a worker of its own. Scores do not depend on which worker ran them."""
+    environment gets a worker of its own. Scores do not depend on which worker ran them, and a
+    done evaluator's kill (a later error in its phase) spares the worker it handed on."""
     from evaluation.worker import BackgroundEvaluator, EvalRequest
     from training.recipe import resolve
 
     recipe = resolve("demo", overrides={"evaluation.tasks": ["lab_instruction"], "evaluation.limit": 4})
 
-    def evaluate_base(phase: str, env: dict[str, str]) -> dict:
+    def evaluate_base(phase: str, env: dict[str, str]) -> tuple[BackgroundEvaluator, dict]:
         evaluator = BackgroundEvaluator(tmp_path / phase, log=lambda _line: None)
         evaluator.add_worker(env, reusable=True)
         eval_dir = tmp_path / phase / "eval" / "base"
@@ -110,11 +111,13 @@ def test_the_evaluation_worker_serves_the_next_evaluator_with_the_same_environme
         )
         evaluator.wait()
         (record,) = [json.loads(line) for line in (tmp_path / phase / "evaluations.jsonl").read_text().splitlines()]
-        return record | {"metrics": json.loads((eval_dir / "lm_eval.json").read_text())["metrics"]}
+        return evaluator, record | {"metrics": json.loads((eval_dir / "lm_eval.json").read_text())["metrics"]}
 
     env = {**os.environ, **device_env("cpu:1", [])[1]}
-    first, second = evaluate_base("phase00", env), evaluate_base("phase05", env)
-    other = evaluate_base("phase10", {**env, "RECIPE_LAB_OTHER_SLOT": "1"})
+    done, first = evaluate_base("phase00", env)
+    done.kill()
+    _, second = evaluate_base("phase05", env)
+    _, other = evaluate_base("phase10", {**env, "RECIPE_LAB_OTHER_SLOT": "1"})
     assert first["pid"] == second["pid"] != other["pid"]
     assert first["metrics"] == second["metrics"] == other["metrics"]
     for phase in ("phase00", "phase05", "phase10"):  # one model load each, logged where that phase's output goes
