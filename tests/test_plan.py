@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from flows.cli import main
@@ -53,6 +54,37 @@ def test_the_presets_fit_an_8b_llama_on_8_x_80gb(name, llama_8b, capsys):
     assert "8.03B params" in out and "-> fits" in out
     assert "samples unknown (data not reachable)" in out  # planned without the recipe's data
     assert "--num_processes 8" in out and "deepspeed.json" in out  # the launch and its generated files
+
+
+def test_plan_json_is_the_launch_as_written(llama_8b, tmp_path, capsys):
+    """The JSON's configs are those the launcher writes into a phase directory (read back here)."""
+    with pytest.raises(SystemExit):
+        main(["plan", "lab", "--gpus", "8", "--gpu-memory", "80", "--set", f"model.name_or_path={llama_8b}", "--json"])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["fits"] is True and record["world_size"] == 8
+    assert record["memory_gib"]["total"] == pytest.approx(
+        sum(v for k, v in record["memory_gib"].items() if k != "total"), abs=0.01
+    )
+    from training.launch import write_launch_files
+    from training.train import TrainJob
+
+    recipe = load_recipe("lab", {"model.name_or_path": str(llama_8b), "launch.num_processes": 8})
+    job = TrainJob(
+        run_id="r",
+        phase="phase00",
+        recipe=recipe,
+        model_path="m",
+        parent_checkpoint="m",
+        data_dir="d",
+        output_dir=str(tmp_path),
+    )
+    write_launch_files(job)
+    assert (
+        record["accelerate"]["num_processes"]
+        == yaml.safe_load((tmp_path / "accelerate.yaml").read_text())["num_processes"]
+        == 8
+    )
+    assert record["deepspeed"] == json.loads((tmp_path / "deepspeed.json").read_text())
 
 
 def test_a_misfit_is_refused_by_lab_run_before_anything_starts_naming_the_knob(llama_8b, tmp_path):

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from training.precision import is_mixed, weights_dtype
 from training.recipe import Recipe
 
@@ -224,10 +226,34 @@ class Plan:
     tokens_per_s_per_gpu: float
     throughput_source: str
     fix: dict[str, Any] | None = None
+    launch_command: list[str] = field(default_factory=list)
+    launch_files: dict[str, str] = field(default_factory=dict)  # file name -> text, as launch writes them
 
     @property
     def fits(self) -> bool:
         return self.device_bytes is None or self.memory.total <= self.device_bytes
+
+    def record(self) -> dict[str, Any]:
+        """`lab plan --json`: the plan as one JSON object. `accelerate` and `deepspeed` are the
+        configs exactly as the launch writes them (parsed), `memory_gib` the table `lab plan` prints."""
+        world = self.recipe.launch.world_size
+        return {
+            "recipe": self.recipe.name,
+            "model": self.recipe.model.name_or_path,
+            "params": self.shape.params,
+            "world_size": world,
+            "fits": self.fits,
+            "device_gib": None if self.device_bytes is None else round(self.device_bytes / GIB, 3),
+            "fix": self.fix,
+            "memory_gib": {name: round(value / GIB, 3) for name, value in self.memory.rows()},
+            "memory_notes": self.memory.notes,
+            "tokens_per_s_per_gpu": round(self.tokens_per_s_per_gpu, 1),
+            "launch_command": self.launch_command,
+            "accelerate": yaml.safe_load(self.launch_files["accelerate.yaml"]),
+            "deepspeed": json.loads(self.launch_files["deepspeed.json"])
+            if "deepspeed.json" in self.launch_files
+            else None,
+        }
 
     def refusal(self) -> str:
         """Why `lab run` will not launch this plan, naming the knob(s) that would make it fit."""
@@ -372,6 +398,7 @@ def plan_recipe(
         output_dir=f"{root}/RUN_ID/{phase}",
     )
     command, files = launch_files(job)
+    plan.launch_command, plan.launch_files = command, {path.name: text for path, text in files.items()}
     shown = {str(path): text for path, text in files.items() if path.suffix != ".json" or "deepspeed" in path.name}
     text = render(plan, command, shown)
     if recipe.launch.num_machines > 1 or recipe.launch.scheduler != "local":
