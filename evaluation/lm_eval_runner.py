@@ -9,7 +9,11 @@ resolves `data_files` against the working directory unless they are absolute (NO
     lab_skills        generate_until, exact_match (stripped answer)
 
 Results are flattened to {"task/metric": value}; a metric with a filter other than "none"
-keeps it ("gsm8k/exact_match,strict-match").
+keeps it ("gsm8k/exact_match,strict-match"). Beside each result file, `items.write_items` keeps
+the per-item outcomes (lm-eval's `log_samples`): one row per task, metric, item and value, the
+item id being the document's own `id` when it has one (the lab's items), else its index in the
+task; both are the same for every checkpoint of a run. Paired comparisons
+(evaluation/paired.py) read them.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from typing import Any
 import yaml
 
 from evaluation.device import load_causal_lm
-from training import storage
+from training import items, storage
 from training.chat import apply_template, configure_generation
 from training.recipe import EvaluationConfig
 
 LAB_TASKS = ("lab_instruction", "lab_knowledge", "lab_skills")
+# The same tasks on each phase's test split (test.jsonl): never in a recipe's selection, only for
+# measuring picks against held-out truth (bench/selection.py).
+LAB_TEST_TASKS = tuple(f"{task}_test" for task in LAB_TASKS)
 
 # Loaded by lm-eval from next to the YAMLs (`!function lab_results.instruction`).
 LAB_RESULTS_MODULE = """\
@@ -41,14 +48,17 @@ class FunctionTag(str):
 yaml.SafeDumper.add_representer(FunctionTag, lambda d, v: d.represent_scalar("!function", str(v)))
 
 
-def lab_task_configs(curriculum_dir: Path, max_gen_tokens: int) -> dict[str, dict[str, Any]]:
+def lab_task_configs(
+    curriculum_dir: Path, max_gen_tokens: int, split_file: str = "eval.jsonl", suffix: str = ""
+) -> dict[str, dict[str, Any]]:
+    """The lab tasks on one split of each phase: eval.jsonl (selection) or test.jsonl (suffix _test)."""
     generation = {"until": [], "do_sample": False, "max_gen_toks": max_gen_tokens}
 
     def data(phase: str) -> dict[str, Any]:
-        path = (curriculum_dir / phase / "eval.jsonl").resolve()
+        path = (curriculum_dir / phase / split_file).resolve()
         return {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(path)}}, "test_split": "test"}
 
-    return {
+    tasks = {
         "lab_instruction": {
             **data("phase00"),
             "output_type": "generate_until",
@@ -81,12 +91,16 @@ def lab_task_configs(curriculum_dir: Path, max_gen_tokens: int) -> dict[str, dic
             "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
         },
     }
+    return {f"{name}{suffix}": config for name, config in tasks.items()}
 
 
 def write_lab_tasks(task_dir: Path, curriculum_dir: Path, max_gen_tokens: int) -> Path:
     task_dir.mkdir(parents=True, exist_ok=True)
     (task_dir / "lab_results.py").write_text(LAB_RESULTS_MODULE)
-    for name, config in lab_task_configs(curriculum_dir, max_gen_tokens).items():
+    splits = lab_task_configs(curriculum_dir, max_gen_tokens) | lab_task_configs(
+        curriculum_dir, max_gen_tokens, "test.jsonl", "_test"
+    )
+    for name, config in splits.items():
         (task_dir / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **config}, sort_keys=False))
     return task_dir
 
@@ -138,7 +152,7 @@ def evaluate_model(
     if not hasattr(collect_env.get_pretty_env_info, "cache_info"):
         collect_env.get_pretty_env_info = functools.cache(collect_env.get_pretty_env_info)
     include = [str(p) for p in (task_dir, config.include_path) if p]
-    only_local = all(t in LAB_TASKS for t in config.tasks)
+    only_local = all(t in LAB_TASKS + LAB_TEST_TASKS for t in config.tasks)
     # Indexing lm-eval's ~15k built-in tasks costs seconds; skip it when all tasks are local.
     manager = TaskManager(include_path=include or None, include_defaults=not only_local)
     lm = load_lm(model_dir, config, chat_template)
@@ -149,7 +163,7 @@ def evaluate_model(
         limit=config.limit,
         apply_chat_template=config.apply_chat_template,
         task_manager=manager,
-        log_samples=False,
+        log_samples=True,  # per-item outcomes: selection compares checkpoints item by item
         bootstrap_iters=1000,
         random_seed=0,
         numpy_random_seed=0,
@@ -162,7 +176,24 @@ def evaluate_model(
         "stderr": stderr,
         "results": output["results"],
         "n_samples": output.get("n-samples", {}),
+        "items": per_item_outcomes(output["samples"]),
     }
+
+
+def per_item_outcomes(samples: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """lm-eval's logged samples -> rows (task, metric, item, value) of every numeric per-item metric,
+    keyed like `flatten_results` ("task/metric" or "task/metric,filter")."""
+    rows = []
+    for task, logged in samples.items():
+        for sample in logged:
+            doc = sample["doc"]
+            item = str(doc["id"]) if isinstance(doc, dict) and "id" in doc else str(sample["doc_id"])
+            suffix = "" if sample["filter"] == "none" else f",{sample['filter']}"
+            for metric in sample["metrics"]:
+                value = sample[metric]
+                if isinstance(value, (bool, int, float)):  # not the tuples that corpus-level metrics log
+                    rows.append({"task": task, "metric": f"{task}/{metric}{suffix}", "item": item, "value": value})
+    return rows
 
 
 def evaluate_checkpoint(
@@ -174,7 +205,10 @@ def evaluate_checkpoint(
     samples: int,
     chat_template: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate and write `<out_uri>` (lm_eval.json); return what was written."""
-    result = {"checkpoint": label, "samples": samples, **evaluate_model(model_dir, config, task_dir, chat_template)}
+    """Evaluate and write `<out_uri>` (lm_eval.json) and, first, its per-item records beside it
+    (`items.items_uri(out_uri)`); return what was written (without the per-item rows)."""
+    evaluated = evaluate_model(model_dir, config, task_dir, chat_template)
+    items.write_items(items.items_uri(out_uri), evaluated.pop("items"))
+    result = {"checkpoint": label, "samples": samples, **evaluated}
     storage.write_text(out_uri, json.dumps(result, indent=2, default=str) + "\n")
     return result

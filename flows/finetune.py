@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from prefect import flow
 
+from evaluation import mt_bench
 from evaluation.selection import CheckpointScore, Selection, best_reached
 from tasks.export import export_model
 from tasks.finetune import (
@@ -27,10 +28,12 @@ from tasks.finetune import (
     prune_phase_checkpoints,
     select_checkpoint,
     train_phase,
+    with_validation,
     write_report,
 )
 from tasks.tracking import track_phase_results
 from training import storage
+from training.items import items_uri
 from training.recipe import Recipe, resolve
 
 
@@ -52,7 +55,15 @@ def score_models(cfg: Recipe, models: list[ModelRef], run_uri: str, phase: str) 
         for m in models
     }
     judged = judge_mt_bench(cfg, answers, {m.name: eval_uri(run_uri, phase, m.name, "") for m in models})
-    return [s.model_copy(update={"metrics": {**s.metrics, **judged[s.name]}}) for s in scores]
+    return [
+        s.model_copy(
+            update={
+                "metrics": {**s.metrics, **judged[s.name]},
+                "items": [*s.items, items_uri(eval_uri(run_uri, phase, s.name, mt_bench.RESULT_FILE))],
+            }
+        )
+        for s in scores
+    ]
 
 
 @flow(name="finetune")
@@ -87,7 +98,7 @@ def finetune(
         if phase.name in manifest["phases"]:
             selection = Selection.model_validate(storage.read_json(storage.join(run_uri, phase.name, "selection.json")))
         else:
-            prepare_data(cfg, phase, run_uri)
+            stats = prepare_data(cfg, phase, run_uri)
             checkpoints = train_phase(cfg, phase, run_uri, run_id, start, evaluate_start=start_score is None)
             averaged = average_last_checkpoints(cfg, run_uri, phase.name, checkpoints)
             candidates = [*checkpoints, averaged] if averaged else checkpoints
@@ -95,13 +106,16 @@ def finetune(
                 start_score, *scores = score_models(cfg, [start, *candidates], run_uri, phase.name)
             else:
                 scores = score_models(cfg, candidates, run_uri, phase.name)
+            # validation/loss: the trainer's, on this phase's held-out slice (start and checkpoints)
+            start_score = with_validation(start_score, run_uri, phase.name, "start")
+            scores = [with_validation(s, run_uri, phase.name, s.name) for s in scores]
             reference = best_reached([key for earlier in cfg.phases[:i] for key in earlier.objective], carried)
             selection = select_checkpoint(cfg, phase, start_score, scores, reference, run_uri, run_id)
             track_phase_results(cfg, run_uri, run_id, selection)  # training.report_to: the phase's tracker runs
             if not selection.gate.passed:
                 write_report(run_uri, run_id, cfg, [p.name for p in cfg.phases[: i + 1]])  # what it reached
                 raise GateFailed(f"phase {phase.name}: gate failed\n" + "\n".join(selection.gate.reasons))
-            manifest = mark_phase_done(run_uri, manifest, selection)
+            manifest = mark_phase_done(run_uri, manifest, selection, stats["validation_ids"])
             # None: the start model or the average won; no checkpoint of this phase is needed
             kept = selection.winner.checkpoint if selection.winner.checkpoint in {c.uri for c in checkpoints} else None
             prune_phase_checkpoints(cfg, run_uri, phase.name, kept)

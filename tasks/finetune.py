@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from evaluation import mt_bench, report, worker
 from evaluation.selection import CheckpointScore, Selection, gate_markdown, select
 from evaluation.worker import BackgroundEvaluator, EvalRequest
-from training import storage
+from training import items, storage
 from training.averaging import average_checkpoints
 from training.chat import apply_template
 from training.data import PrepStats, phase_conversations, prepare
@@ -69,9 +69,10 @@ def code_version() -> str:
 class ModelRef(BaseModel):
     """A model to evaluate or start from: a checkpoint, or the recipe's base model."""
 
-    name: str  # samples_<N> or "base"
+    name: str  # samples_<N>, avg_last<k> or "base"
     uri: str
     samples: int
+    averaged: bool = False  # the weight average of the phase's last checkpoints
 
     @classmethod
     def checkpoint(cls, uri: str) -> ModelRef:
@@ -109,14 +110,17 @@ def init_run(run_uri: str, run_id: str, recipe: Recipe) -> dict[str, Any]:
 
 
 @task(name="mark-phase-done")
-def mark_phase_done(run_uri: str, manifest: dict[str, Any], selection: Selection) -> dict[str, Any]:
-    manifest = {
-        **manifest,
-        "phases": {
-            **manifest["phases"],
-            selection.phase: {"selected": selection.winner.checkpoint, "objective": selection.winner.objective},
-        },
+def mark_phase_done(
+    run_uri: str, manifest: dict[str, Any], selection: Selection, validation_ids: list[str]
+) -> dict[str, Any]:
+    """The phase's winner in the run journal, with the ids of its held-out validation slice."""
+    done = {
+        "selected": selection.winner.checkpoint,
+        "objective": selection.winner.objective,
+        "policy": selection.policy,
+        "validation_ids": validation_ids,
     }
+    manifest = {**manifest, "phases": {**manifest["phases"], selection.phase: done}}
     storage.write_json(storage.join(run_uri, "manifest.json"), manifest)
     return manifest
 
@@ -139,10 +143,12 @@ def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> dict[str, 
         seed=recipe.training.seed,
         files=files,
         system_message=recipe.model.system_message,
+        validation_samples=recipe.training.validation_samples,
     )
     get_run_logger().info(
         f"{phase.name}: {stats.samples} samples ({stats.replayed} replayed from earlier phases), {stats.tokens} tokens "
-        f"({stats.loss_tokens} with loss), dropped {stats.dropped_too_long} longer than {recipe.training.max_seq_len}"
+        f"({stats.loss_tokens} with loss), dropped {stats.dropped_too_long} longer than {recipe.training.max_seq_len}; "
+        f"{len(stats.validation_ids)} held out for validation/loss"
     )
     return stats.to_dict()
 
@@ -346,7 +352,7 @@ def average_last_checkpoints(recipe: Recipe, run_uri: str, phase: str, checkpoin
         get_run_logger().info(f"{phase}: {name} = uniform average of {[c.name for c in last]}")
     if not storage.is_local(uri):
         storage.upload_tree(local, uri)
-    return ModelRef(name=name, uri=uri, samples=last[-1].samples)
+    return ModelRef(name=name, uri=uri, samples=last[-1].samples, averaged=True)
 
 
 def checkpoint_refs(local: Path, phase_uri: str) -> list[ModelRef]:
@@ -378,8 +384,27 @@ def evaluate_model(recipe: Recipe, model: ModelRef, out: str) -> CheckpointScore
         result = worker.run_lm_eval(recipe, model.uri, model.samples, out)
         get_run_logger().info(f"{model.name}: {result['metrics']} ({time.perf_counter() - t0:.1f}s)")
     return CheckpointScore(
-        checkpoint=model.uri, name=model.name, samples=model.samples, metrics=result["metrics"], stderr=result["stderr"]
+        checkpoint=model.uri,
+        name=model.name,
+        samples=model.samples,
+        metrics=result["metrics"],
+        stderr=result["stderr"],
+        items=[items.items_uri(out)],
+        averaged=model.averaged,
     )
+
+
+def with_validation(score: CheckpointScore, run_uri: str, phase: str, model: str) -> CheckpointScore:
+    """`score` with this phase's validation/loss of the model (<phase>/validation/<model>.items.parquet,
+    written by the trainer; `model` is "start" for the phase's start), in place of an earlier phase's,
+    which was measured on another slice; without one, with none."""
+    uri = storage.join(run_uri, phase, "validation", model + items.SUFFIX)
+    kept = [u for u in score.items if "/validation/" not in u]
+    metrics = {k: v for k, v in score.metrics.items() if k != "validation/loss"}
+    if storage.exists(uri):
+        kept.append(uri)
+        metrics["validation/loss"] = float(items.read_items([uri])["value"].mean())
+    return score.model_copy(update={"items": kept, "metrics": metrics})
 
 
 @task(name="generate-mt-bench-answers")
@@ -451,12 +476,12 @@ def select_checkpoint(
     phase: PhaseConfig,
     start: CheckpointScore,
     candidates: list[CheckpointScore],
-    best_reached: dict[str, float],
+    best_reached: dict[str, CheckpointScore],
     run_uri: str,
     run_id: str,
 ) -> Selection:
     """Pick the phase's checkpoint (or keep its start), judge the gate, write selection.json and artifacts."""
-    selection = select(phase, start, candidates, best_reached, recipe.selection.confidence)
+    selection = select(phase, start, candidates, best_reached, recipe.selection)
     storage.write_json(storage.join(run_uri, phase.name, "selection.json"), selection.model_dump(mode="json"))
     create_table_artifact(
         key=artifact_key(run_id, phase.name, "scores"),
@@ -466,12 +491,15 @@ def select_checkpoint(
                 "samples": c.samples,
                 "objective": round(c.objective, 4),
                 "interval": f"[{c.interval[0]:.4f}, {c.interval[1]:.4f}]",
+                "minus_winner": "-" if c.vs_winner is None else str(c.vs_winner),
                 "winner": c.checkpoint == selection.winner.checkpoint,
+                "why_it_lost": c.lost or "-",
                 **{k: round(v, 4) for k, v in c.metrics.items()},
             }
             for c in [selection.start, *selection.candidates]
         ],
-        description=f"{phase.name}: score of every candidate, with its {selection.confidence:.0%} interval",
+        description=f"{phase.name}: every candidate's score with its {selection.confidence:.0%} interval, its paired "
+        f"difference to the winner and why it lost (policy {selection.policy})",
     )
     create_markdown_artifact(
         key=artifact_key(run_id, phase.name, "gate"),

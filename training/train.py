@@ -54,9 +54,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging as transformers_logging
 
-from training import attention, tracking
+from training import attention, items, storage, tracking
 from training.chat import apply_template, configure_generation
-from training.data import IGNORE_INDEX, TokenizedData, load_tokenized
+from training.data import IGNORE_INDEX, VALIDATION_FILE, TokenizedData, load_tokenized
 from training.precision import is_mixed, weights_dtype
 from training.recipe import Recipe, TrainingConfig, WatchdogConfig, warmup_steps
 from training.sampler import Step, pack_rows, padded_tokens, plan_steps, save_points
@@ -374,6 +374,33 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
+def score_validation(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    data: TokenizedData,
+    to_batch: Callable[[list[int]], dict[str, torch.Tensor]],
+    out: Path,
+    name: str,
+) -> float:
+    """validation/loss of the model as it is now: each held-out sample's mean next-token loss, one
+    forward per sample on every rank (under ZeRO-3 / FSDP a forward is collective), written per
+    sample by rank 0 to <out>/validation/<name>.items.parquet; returns the mean over the samples."""
+    model.eval()
+    with torch.no_grad():
+        losses = [
+            summed_token_loss(model, {k: v.to(accelerator.device) for k, v in to_batch([i]).items()}).item() / n
+            for i, n in enumerate(data.loss_tokens())
+        ]
+    model.train()
+    if accelerator.is_main_process:
+        rows = [
+            {"task": "validation", "metric": "validation/loss", "item": i, "value": v}
+            for i, v in zip(data.ids, losses, strict=True)
+        ]
+        items.write_items(str(out / "validation" / f"{name}{items.SUFFIX}"), rows)
+    return statistics.fmean(losses)
+
+
 # The step line, for people: `lab`'s console progress bars read it from the log. Programs read
 # progress from metrics.jsonl and complete checkpoints from their meta.json.
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) samples (\d+) loss (\S+)")
@@ -522,6 +549,9 @@ def train(job: TrainJob) -> None:
     to_batch = (
         (lambda mb: collate_packed(data, mb, row_tokens, pad_id)) if packed else (lambda mb: collate(data, mb, pad_id))
     )
+    validation = load_validation(job.data_dir)
+    if validation is not None and not done_steps:  # the start model: what the phase's checkpoints compete with
+        score_validation(accelerator, model, validation, to_batch, out, "start")
     started, cpu_started = time.perf_counter(), time.process_time()
     for step in steps[done_steps:]:
         t0 = time.perf_counter()
@@ -581,6 +611,11 @@ def train(job: TrainJob) -> None:
             "peak_memory_gb": round(peak_memory_bytes(accelerator.device) / 2**30, 4),
             "time": round(time.time(), 3),  # when the step ended (Unix time): concurrent runs can be told apart
         }
+        probe_done = job.stop_after_samples is not None and step.samples_seen >= job.stop_after_samples
+        saving = step.index in saves or probe_done
+        if saving and validation is not None:
+            name = f"samples_{step.samples_seen}"
+            record["validation/loss"] = score_validation(accelerator, model, validation, to_batch, out, name)
         ours = {i for mb in mine for i in mb}  # logged in data-stream order, so epochs can be told apart
         samples_log.write(
             json.dumps({"step": step.index, "ids": [data.ids[i] for i in step.samples if i in ours]}) + "\n"
@@ -597,8 +632,7 @@ def train(job: TrainJob) -> None:
 
         # Once in a while: checkpoint (for evaluation) and rolling state (for resume). A probe's
         # pause also saves a checkpoint: a sweep may rank its runs by evaluating it.
-        probe_done = job.stop_after_samples is not None and step.samples_seen >= job.stop_after_samples
-        if step.index in saves or probe_done:
+        if saving:
             save_checkpoint(accelerator, model, tokenizer, job, step, record, probe)
             log(accelerator, f"checkpoint samples_{step.samples_seen}")
         state_every = job.recipe.checkpointing.state_every_steps
@@ -617,6 +651,14 @@ def train(job: TrainJob) -> None:
     if metrics_log:
         metrics_log.close()
     accelerator.end_training()
+
+
+def load_validation(data_dir: str) -> TokenizedData | None:
+    """The phase's held-out slice (training.validation_samples), or None when there is none."""
+    if not storage.exists(storage.join(data_dir, VALIDATION_FILE)):
+        return None
+    data = load_tokenized(data_dir, VALIDATION_FILE)
+    return data if len(data) else None
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig, offload: bool) -> torch.optim.Optimizer:
