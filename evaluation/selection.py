@@ -49,7 +49,8 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from evaluation.paired import Difference, difference, per_metric, t_interval
-from training.items import read_items
+from training import storage
+from training.items import SUFFIX, read_items
 from training.recipe import PhaseConfig, SelectionConfig
 
 LOWER_IS_BETTER = frozenset({"validation/loss"})
@@ -119,6 +120,19 @@ def best_reached(keys: Sequence[str], scores: Sequence[CheckpointScore]) -> dict
     }
 
 
+def with_validation(score: CheckpointScore, run_uri: str, phase: str, model: str) -> CheckpointScore:
+    """`score` with this phase's validation/loss of the model (<phase>/validation/<model>.items.parquet,
+    written by the trainer; `model` is "start" for the phase's start), in place of an earlier phase's,
+    which was measured on another slice; without one, with none."""
+    uri = storage.join(run_uri, phase, "validation", model + SUFFIX)
+    kept = [u for u in score.items if u.rsplit("/", 2)[-2] != "validation"]  # <phase>/validation/<model>...
+    metrics = {k: v for k, v in score.metrics.items() if k != "validation/loss"}
+    if storage.exists(uri):
+        kept.append(uri)
+        metrics["validation/loss"] = float(read_items([uri])["value"].mean())
+    return score.model_copy(update={"items": kept, "metrics": metrics})
+
+
 class _Comparer:
     """Paired differences between models, from their per-item records (each file read once)."""
 
@@ -127,11 +141,12 @@ class _Comparer:
         self._records: dict[str, pd.DataFrame] = {}
 
     def records(self, score: CheckpointScore) -> pd.DataFrame:
-        if score.checkpoint not in self._records:
-            if not score.items:
-                raise SelectionError(f"{score.name}: no per-item records to compare it with ({score.checkpoint})")
-            self._records[score.checkpoint] = read_items(score.items)
-        return self._records[score.checkpoint]
+        if not score.items:
+            raise SelectionError(f"{score.name}: no per-item records to compare it with ({score.checkpoint})")
+        key = "\n".join(score.items)  # a phase's start is its predecessor's winner with another validation file
+        if key not in self._records:
+            self._records[key] = read_items(score.items)
+        return self._records[key]
 
     def difference(self, weights: dict[str, float], a: CheckpointScore, b: CheckpointScore) -> Difference:
         """a - b on `weights` (normalised, signed), paired on items."""

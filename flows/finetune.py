@@ -13,7 +13,7 @@ from typing import Any, Literal
 from prefect import flow
 
 from evaluation import mt_bench
-from evaluation.selection import CheckpointScore, Selection, best_reached
+from evaluation.selection import CheckpointScore, Selection, best_reached, with_validation
 from tasks.export import export_model
 from tasks.finetune import (
     ModelRef,
@@ -28,7 +28,6 @@ from tasks.finetune import (
     prune_phase_checkpoints,
     select_checkpoint,
     train_phase,
-    with_validation,
     write_report,
 )
 from tasks.tracking import track_phase_results

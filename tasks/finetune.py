@@ -394,19 +394,6 @@ def evaluate_model(recipe: Recipe, model: ModelRef, out: str) -> CheckpointScore
     )
 
 
-def with_validation(score: CheckpointScore, run_uri: str, phase: str, model: str) -> CheckpointScore:
-    """`score` with this phase's validation/loss of the model (<phase>/validation/<model>.items.parquet,
-    written by the trainer; `model` is "start" for the phase's start), in place of an earlier phase's,
-    which was measured on another slice; without one, with none."""
-    uri = storage.join(run_uri, phase, "validation", model + items.SUFFIX)
-    kept = [u for u in score.items if "/validation/" not in u]
-    metrics = {k: v for k, v in score.metrics.items() if k != "validation/loss"}
-    if storage.exists(uri):
-        kept.append(uri)
-        metrics["validation/loss"] = float(items.read_items([uri])["value"].mean())
-    return score.model_copy(update={"items": kept, "metrics": metrics})
-
-
 @task(name="generate-mt-bench-answers")
 def generate_mt_bench_answers(recipe: Recipe, model: ModelRef, out: str) -> str:
     """MT-Bench answers of one model (both turns) into `out` (JSONL); reused when present."""
