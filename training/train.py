@@ -550,8 +550,14 @@ def train(job: TrainJob) -> None:
         (lambda mb: collate_packed(data, mb, row_tokens, pad_id)) if packed else (lambda mb: collate(data, mb, pad_id))
     )
     validation = load_validation(job.data_dir)
+
+    def validation_batch(indices: list[int]) -> dict[str, torch.Tensor]:  # batched as training batches
+        return (
+            collate_packed(validation, indices, row_tokens, pad_id) if packed else collate(validation, indices, pad_id)
+        )
+
     if validation is not None and not done_steps:  # the start model: what the phase's checkpoints compete with
-        score_validation(accelerator, model, validation, to_batch, out, "start")
+        score_validation(accelerator, model, validation, validation_batch, out, "start")
     started, cpu_started = time.perf_counter(), time.process_time()
     for step in steps[done_steps:]:
         t0 = time.perf_counter()
@@ -615,7 +621,7 @@ def train(job: TrainJob) -> None:
         saving = step.index in saves or probe_done
         if saving and validation is not None:
             name = f"samples_{step.samples_seen}"
-            record["validation/loss"] = score_validation(accelerator, model, validation, to_batch, out, name)
+            record["validation/loss"] = score_validation(accelerator, model, validation, validation_batch, out, name)
         ours = {i for mb in mine for i in mb}  # logged in data-stream order, so epochs can be told apart
         samples_log.write(
             json.dumps({"step": step.index, "ids": [data.ids[i] for i in step.samples if i in ours]}) + "\n"
