@@ -255,7 +255,11 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {seed: pool.submit(run_seed, seed, root) for seed in seeds}
         for seed, future in futures.items():
-            results[seed] = future.result()
+            try:
+                results[seed] = future.result()
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)  # fail now, not after every queued seed
+                raise
             r = results[seed]
             print(
                 f"seed {seed}: {len(r['test'])} candidates, test oracle {max(r['test'].values()):.3f} ({r['seconds']} s)",
