@@ -60,6 +60,11 @@ def test_deleting_the_test_split_leaves_every_pick_unchanged(tmp_path, lab_copy)
         return json.loads((work / "picks.json").read_text())
 
     with_test = picks(tmp_path / "with")
+    # After the picks, the bench scores the test split (its own lm-eval task through the worker's path).
+    test_cfg = bench.recipe(0, ["lab_skills_test"]).model_copy(deep=True)
+    test_cfg.evaluation.limit = 40
+    tested = bench.score(test_cfg, "start", str(lab_copy / "base-model"), 0, tmp_path / "with" / "test.json")
+    assert "lab_skills_test/exact_match" in tested.metrics
     for phase in ("phase00", "phase05", "phase10"):
         (lab_copy / "curriculum" / phase / "test.jsonl").unlink()
     without_test = picks(tmp_path / "without")
