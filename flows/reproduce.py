@@ -2,8 +2,8 @@
 
 Each experiment is a `finetune` (or `sweep`) with a fixed run id under <root>/reproduce/, so
 a re-run resumes: finished runs are read back, not trained again. The hyperparameter
-experiments train one phase (the lab's knowledge phase, 1,624 samples, 2 epochs, scored by
-multiple-choice accuracy on 200 held-out questions) so that they fit a laptop CPU; stacked vs
+experiments train one phase (the lab's knowledge phase, 2,076 samples, 2 epochs, scored by
+multiple-choice accuracy on its 200-question selection split) so that they fit a laptop CPU; stacked vs
 phased uses the full `demo` recipe.
 
 Every arm runs with `seeds` seeds (training.seed = 0 .. K-1: data order and fine-tune
