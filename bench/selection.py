@@ -13,7 +13,7 @@ a policy). Per seed and policy:
     regret   = test score of the test-oracle candidate - test score of the pick
     optimism = the pick's selection-split score - its test score
 
-Seeds 0-4 fix each policy's parameter (earliest_within_noise's confidence, smoothed's window:
+Seeds 0-4 fix each policy's parameter (earliest_within_noise's within_noise_confidence, smoothed's window:
 the lowest mean regret) and the default (the policy with the lowest mean regret, ties in the
 order of POLICIES). The fresh seeds (5, 6, ...) then measure every policy with those settings,
 and for every other policy P the per-seed paired difference regret(default) - regret(P) with
@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 POLICIES = ("earliest_within_noise", "best", "smoothed", "last", "lowest_val_loss")
 PARAMETERS: dict[str, list[dict[str, Any]]] = {
-    "earliest_within_noise": [{"confidence": c} for c in (0.5, 0.8, 0.95)],
+    "earliest_within_noise": [{"within_noise_confidence": c} for c in (0.5, 0.8, 0.95)],
     "smoothed": [{"smoothing_window": w} for w in (3, 5)],
 }
 TUNING_SEEDS = range(5)

@@ -13,8 +13,9 @@ the paired interval is much narrower than two independent scores' errors combine
 Policies (`selection.policy`), among the eligible candidates:
 
     best                   the highest objective (ties: fewer samples)
-    earliest_within_noise  the fewest samples among candidates whose paired interval to the best
-                           one includes 0 (not significantly below it; ties: the higher objective)
+    earliest_within_noise  the fewest samples among candidates whose paired interval (at
+                           `within_noise_confidence`) to the best one includes 0 (not significantly
+                           below it; ties: the higher objective)
     smoothed               the highest objective averaged over `smoothing_window` neighbouring
                            candidates in samples order (start, checkpoints; truncated at the ends):
                            the top of a smoothed curve is less the luckiest draw of one noisy score
@@ -84,9 +85,10 @@ class Gate(BaseModel):
 class Selection(BaseModel):
     phase: str
     objective: dict[str, float]
-    policy: str = "earliest_within_noise"
+    policy: str = "lowest_val_loss"
     confidence: float = 0.95
-    smoothing_window: int = 3
+    within_noise_confidence: float = 0.5
+    smoothing_window: int = 5
     start: CheckpointScore
     candidates: list[CheckpointScore]
     winner: CheckpointScore
@@ -148,9 +150,12 @@ class _Comparer:
             self._records[key] = read_items(score.items)
         return self._records[key]
 
-    def difference(self, weights: dict[str, float], a: CheckpointScore, b: CheckpointScore) -> Difference:
-        """a - b on `weights` (normalised, signed), paired on items."""
-        return difference(weights, self.records(a), self.records(b), self.confidence, f"{a.name} vs {b.name}")
+    def difference(
+        self, weights: dict[str, float], a: CheckpointScore, b: CheckpointScore, confidence: float | None = None
+    ) -> Difference:
+        """a - b on `weights` (normalised, signed), paired on items, at `confidence` (default: the selection's)."""
+        level = confidence or self.confidence
+        return difference(weights, self.records(a), self.records(b), level, f"{a.name} vs {b.name}")
 
     def own_interval(self, weights: dict[str, float], score: CheckpointScore) -> tuple[float, tuple[float, float]]:
         """The candidate's objective stderr and interval, from the spread of its own items."""
@@ -228,7 +233,8 @@ def choose(
             lost.setdefault(c.checkpoint, f"objective {c.objective:.4f} below the winner's {winner.objective:.4f}")
     elif policy == "earliest_within_noise":
         best = _highest(eligible, lambda c: c.objective)
-        gaps = {c.checkpoint: compare.difference(weights, best, c) for c in eligible}
+        level = config.within_noise_confidence
+        gaps = {c.checkpoint: compare.difference(weights, best, c, level) for c in eligible}
         scored = [
             c.model_copy(update={"within_noise": gaps[c.checkpoint].low <= 0}) if c.checkpoint in gaps else c
             for c in scored
@@ -238,8 +244,7 @@ def choose(
         peers = [c.name for c in within if c.checkpoint != winner.checkpoint]
         why = (
             f"the fewest samples within noise of the best ({best.name} {best.objective:.4f}; paired "
-            f"{compare.confidence:.0%} interval of the difference includes 0)"
-            + (f"; also within noise: {peers}" if peers else "")
+            f"{level:.0%} interval of the difference includes 0)" + (f"; also within noise: {peers}" if peers else "")
         )
         for c in eligible:
             gap = gaps[c.checkpoint]
@@ -363,6 +368,7 @@ def select(
         objective=phase.objective,
         policy=config.policy,
         confidence=config.confidence,
+        within_noise_confidence=config.within_noise_confidence,
         smoothing_window=config.smoothing_window,
         start=start,
         candidates=candidates,

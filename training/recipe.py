@@ -334,22 +334,35 @@ SelectionPolicy = Literal["best", "earliest_within_noise", "smoothed", "last", "
 
 class SelectionConfig(Strict):
     policy: SelectionPolicy = Field(
-        "earliest_within_noise",
-        description="How a phase's model is chosen (evaluation/selection.py): best = highest objective; "
-        "earliest_within_noise = fewest samples among candidates not significantly below the best (paired "
-        "interval); smoothed = highest objective averaged over neighbouring checkpoints; last = the last "
-        "saved checkpoint (no selection); lowest_val_loss = lowest validation/loss. The default held up best "
-        "as regret on a held-out test split over fresh seeds (bench/selection.py).",
+        "lowest_val_loss",
+        description="How a phase's model is chosen (evaluation/selection.py): lowest_val_loss = the saved "
+        "checkpoint with the lowest validation/loss; best = highest objective; earliest_within_noise = fewest "
+        "samples among candidates not significantly below the best (paired interval); smoothed = highest "
+        "objective averaged over neighbouring candidates; last = the last saved checkpoint (no selection). "
+        "The default had the lowest regret on a held-out test split (bench/selection.py, seeds 0-4) and held "
+        "up on fresh seeds.",
     )
     confidence: float = Field(
         0.95,
         gt=0,
         lt=1,
-        description="Level of the paired intervals: earliest_within_noise's 'not significantly below the "
-        "best', the gate's min_gain (its lower end must reach it) and the forgetting guard.",
+        description="Level of the paired intervals that gate: the gate's min_gain (their lower end must reach "
+        "it) and the forgetting guard (a drop counts when its interval lies above max_forgetting); also the "
+        "intervals selection.json shows. Higher = a stricter gate and a laxer guard.",
+    )
+    within_noise_confidence: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Policy earliest_within_noise: the level of 'not significantly below the best'. Higher = "
+        "a wider band = earlier (cheaper, worse) picks; 0.5 had the lowest regret of 0.5 / 0.8 / 0.95 on "
+        "bench/selection.py's tuning seeds.",
     )
     smoothing_window: int = Field(
-        3, ge=1, description="Policy smoothed: how many neighbouring candidates (samples order) each average spans."
+        5,
+        ge=1,
+        description="Policy smoothed: how many neighbouring candidates (samples order) each average spans. "
+        "Wider = steadier against one lucky score, blunter at a short peak; 5 beat 3 on the bench's tuning seeds.",
     )
     average_last_k: int | None = Field(
         None,
