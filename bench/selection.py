@@ -1,6 +1,6 @@
 """Checkpoint selection policies measured as regret on held-out truth, over fresh seeds.
 
-    .venv/bin/python bench/selection.py [--fresh-seeds 10] [--jobs 2] [--root <cache>/bench-selection]
+    .venv/bin/python bench/selection.py [--fresh-seeds 5] [--jobs 2] [--root <cache>/bench-selection]
 
 Each seed trains the lab's skills phase (phase10's data, the demo recipe's schedule, from the
 base model; training.seed = the seed) with a checkpoint every 640 samples, the average of the
@@ -238,7 +238,7 @@ def t_upper(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fresh-seeds", type=int, default=10, help="seeds after the 5 tuning seeds (K >= 5)")
+    parser.add_argument("--fresh-seeds", type=int, default=5, help="seeds after the 5 tuning seeds (K >= 5)")
     parser.add_argument("--jobs", type=int, default=2, help="seeds run at once (one core each)")
     parser.add_argument("--root", type=Path, default=None, help="where seeds are kept (resumable)")
     args = parser.parse_args()
@@ -275,7 +275,7 @@ def main() -> None:
     for p in POLICIES:
         for params in settings(p):
             name = label(p, params)
-            print(f"  {name:<40} {mean_of(tuning, name, 'regret'):.4f}{'  <- chosen' if chosen[p] == name else ''}")
+            print(f"  {name:<52} {mean_of(tuning, name, 'regret'):.4f}{'  <- chosen' if chosen[p] == name else ''}")
     default = min(POLICIES, key=lambda p: mean_of(tuning, chosen[p], "regret"))
     print(f"default policy (lowest mean regret on seeds 0-4): {chosen[default]}")
     shipped = SelectionConfig()
@@ -285,7 +285,7 @@ def main() -> None:
     policies, versus = {}, {}
     print(f"\nfresh seeds {seeds[len(TUNING_SEEDS)]}-{seeds[-1]} (K = {len(fresh)})")
     print(
-        f"  {'policy':<40} {'mean regret':>11} {'stderr':>7} {'samples':>8} {'optimism':>9}   vs default: mean, upper95"
+        f"  {'policy':<52} {'mean regret':>11} {'stderr':>7} {'samples':>8} {'optimism':>9}   vs default: mean, upper95"
     )
     for p in POLICIES:
         per_seed = [regrets(r, chosen[p])["regret"] for r in fresh]
@@ -295,7 +295,7 @@ def main() -> None:
             "mean_samples": round(mean_of(fresh, chosen[p], "samples"), 1),
             "optimism": round(mean_of(fresh, chosen[p], "optimism"), 4),
         }
-        line = f"  {chosen[p]:<40} {policies[p]['mean_regret']:>11.4f} {policies[p]['regret_stderr']:>7.4f} "
+        line = f"  {chosen[p]:<52} {policies[p]['mean_regret']:>11.4f} {policies[p]['regret_stderr']:>7.4f} "
         line += f"{policies[p]['mean_samples']:>8.0f} {policies[p]['optimism']:>9.4f}"
         if p != default:
             diffs = [regrets(r, chosen[default])["regret"] - regrets(r, chosen[p])["regret"] for r in fresh]
