@@ -101,7 +101,9 @@ def test_a_higher_mean_on_shared_items_whose_paired_interval_excludes_0_is_not_w
     unpaired = 1.959964 * math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
     assert d.mean() > 0 and low > 0  # the premise: paired, the gap excludes 0 ...
     assert d.mean() < unpaired  # ... though the unpaired band would call it noise
-    selection = select(phase(), start, [early, late], config=policy("earliest_within_noise", within_noise_confidence=0.95))
+    selection = select(
+        phase(), start, [early, late], config=policy("earliest_within_noise", within_noise_confidence=0.95)
+    )
     flags = {c.name: c.within_noise for c in [selection.start, *selection.candidates]}
     assert flags == {"start": False, "samples_100": False, "samples_200": True}
     assert selection.winner.name == "samples_200"
@@ -112,7 +114,9 @@ def test_earliest_within_noise_keeps_the_cheaper_checkpoint_when_the_gap_is_nois
     start = model("start", 0, {METRIC: flips(BASE, down=40)})
     early = model("samples_100", 100, {METRIC: BASE})
     late = model("samples_200", 200, {METRIC: flips(BASE, up=8, down=5)})  # +0.015 over 13 discordant items
-    selection = select(phase(), start, [early, late], config=policy("earliest_within_noise", within_noise_confidence=0.95))
+    selection = select(
+        phase(), start, [early, late], config=policy("earliest_within_noise", within_noise_confidence=0.95)
+    )
     assert selection.winner.name == "samples_100"
     assert "within noise of the best, but 200 samples" in selection.candidates[1].lost
     assert select(phase(), start, [early, late], config=policy("best")).winner.name == "samples_200"
@@ -170,7 +174,9 @@ def test_the_gates_min_gain_uses_the_paired_interval(model):
     clear = model("samples_200", 200, {METRIC: flips(BASE, up=30)})  # +0.15, every flip its way
     assert select(phase(min_gain=0.02), start, [clear], config=policy("best")).gate.passed
     # A kept start gains exactly 0: it passes min_gain 0, fails any positive minimum.
-    kept = select(phase(min_gain=0.0), start, [slight], config=policy("earliest_within_noise", within_noise_confidence=0.95))
+    kept = select(
+        phase(min_gain=0.0), start, [slight], config=policy("earliest_within_noise", within_noise_confidence=0.95)
+    )
     assert kept.winner.name == "start" and kept.gate.passed and kept.gate.reasons[0].startswith("NOTE start model kept")
 
 
