@@ -526,7 +526,9 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: dict[str, Any] |
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise RecipeError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
     try:

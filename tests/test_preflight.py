@@ -1,0 +1,109 @@
+"""What `lab` checks before anything starts: one line naming the file, field or knob, exit code 2,
+no traceback (unless --debug), no server; and what a model family needs, decided from its config
+and the training device."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoConfig
+
+from tests.conftest import REPO
+from tests.zoo import FAMILIES
+from training.preflight import PreflightError, family_settings
+from training.recipe import load_recipe
+
+
+def family_config(name: str):
+    family = FAMILIES[name]
+    return AutoConfig.for_model(family.model_type, **dict(family.config))
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_recipe("demo")
+
+
+def test_a_softcapping_family_gets_eager_padded_on_cpu_and_flex_attention_on_cuda(demo):
+    gemma2 = family_config("gemma2")
+    on_cpu, cpu_lines = family_settings(gemma2, demo, "cpu")
+    assert (on_cpu.model.attn_implementation, on_cpu.training.packing) == ("eager", False)
+    on_cuda, cuda_lines = family_settings(gemma2, demo, "cuda")
+    assert (on_cuda.model.attn_implementation, on_cuda.training.packing) == ("flex_attention", True)
+    for lines in (cpu_lines, cuda_lines):
+        assert lines[0].startswith("model.attn_implementation: sdpa -> ") and "attn_logit_softcapping 50" in lines[0]
+        assert lines[-1].endswith("final-logit softcapping (30) applied inside the chunked loss")
+    assert len(cpu_lines) == 3 and "training.packing: true -> false" in cpu_lines[1]
+    assert len(cuda_lines) == 2
+    # Everything else is the recipe as it was.
+    assert on_cpu.model_dump(exclude={"model", "training"}) == demo.model_dump(exclude={"model", "training"})
+    # A kernel that can cap, chosen explicitly, is kept (eager trains padded).
+    eager = demo.model_copy(update={"model": demo.model.model_copy(update={"attn_implementation": "eager"})})
+    kept, _ = family_settings(gemma2, eager, "cuda")
+    assert (kept.model.attn_implementation, kept.training.packing) == ("eager", False)
+
+
+@pytest.mark.parametrize("family", [name for name in FAMILIES if name != "gemma2"])
+def test_families_without_softcapping_train_as_configured(demo, family):
+    for device in ("cpu", "cuda"):
+        assert family_settings(family_config(family), demo, device) == (demo, [])
+
+
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flex_attention"])
+def test_a_kernel_that_cannot_train_on_cpu_is_refused_naming_the_knob(demo, attn):
+    chosen = demo.model_copy(update={"model": demo.model.model_copy(update={"attn_implementation": attn})})
+    with pytest.raises(PreflightError, match=rf"^model\.attn_implementation: {attn} cannot train on CPU"):
+        family_settings(family_config("llama3"), chosen, "cpu")
+    assert family_settings(family_config("llama3"), chosen, "cuda") == (chosen, [])
+
+
+def lab(args: list[str], tmp_path, **env) -> subprocess.CompletedProcess:
+    """`lab ARGS` as a user runs it: its own Prefect home, no Prefect API configured."""
+    environment = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    environment |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(REPO), **env}
+    command = [sys.executable, "-m", "flows.cli", *args]
+    return subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line(done: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert all(fragment in done.stderr for fragment in fragments), done.stderr
+
+
+def test_plan_offline_names_the_unreadable_hub_id_and_the_knob(tmp_path):
+    (tmp_path / "hf-home").mkdir()
+    done = lab(
+        ["plan", "lab", "--gpus", "8", "--gpu-memory", "80"],
+        tmp_path,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf-home"),
+    )
+    assert_one_line(done, "model.name_or_path", "'ibm-granite/granite-3.0-8b-base'", "HF_HUB_OFFLINE=1")
+
+
+def test_run_with_a_missing_data_file_names_it_before_any_server_starts(tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    done = lab(["run", "demo", "--set", f'phases.0.data=["{missing}"]'], tmp_path)
+    assert_one_line(done, f"phases.0.data: {missing}: no such file")
+    assert not (tmp_path / "prefect-home").exists()  # no Prefect server ever opened its database
+    debug = lab(["run", "demo", "--set", f'phases.0.data=["{missing}"]', "--debug"], tmp_path)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "PreflightError" in debug.stderr
+
+
+def test_bad_yaml_and_a_missing_extra_are_one_line_each(tmp_path, capsys):
+    from flows.cli import main
+
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("name: broken\nmodel: {name_or_path: x\n")
+    flash = "model.attn_implementation=flash_attention_2"
+    for args, expected in [
+        (["run", str(recipe)], f"{recipe}:3:1: not valid YAML"),
+        (["plan", str(recipe)], f"{recipe}:3:1: not valid YAML"),
+        (["run", "demo", "--set", flash], "flash_attention_2 needs flash-attn, not installed"),
+    ]:
+        with pytest.raises(SystemExit) as done:
+            main(args)
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and err.count("\n") == 1 and expected in err, err
