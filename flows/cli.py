@@ -125,10 +125,15 @@ def checked(recipe: Recipe) -> Recipe:
 
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
-    recipe = checked(resolve(args.recipe, args.strategy, overrides, args.smoke))
+    recipe = resolve(args.recipe, args.strategy, overrides, args.smoke)
     if refusal := check_memory(recipe, args.gpu_memory):
         print(refusal, file=sys.stderr)
         return 2
+    recipe = checked(recipe)
+    if recipe.export.to:
+        from evaluation.export import check_replaceable
+
+        check_replaceable(recipe.export.to)  # refused now, not after the training
     from flows.finetune import finetune
     from flows.serve import temporary_api
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
+from evaluation.export import check_replaceable
 from evaluation.selection import CheckpointScore, Selection, best_reached
 from tasks.export import export_model
 from tasks.finetune import (
@@ -79,6 +80,8 @@ def finetune(
     cfg, settings = preflight.check(resolve(recipe, strategy, overrides, smoke))
     for line in settings:
         get_run_logger().info(line)
+    if cfg.export.to:
+        check_replaceable(cfg.export.to)  # refused now, not after the training
     run_id = run_id or default_run_id(cfg)
     root = os.path.abspath(storage_root) if storage.is_local(storage_root) else storage_root
     run_uri = storage.join(root, run_id)

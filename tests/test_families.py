@@ -27,6 +27,7 @@ EXPECTED_TRAINED = {
     "qwen3": ["Blue.<|im_end|>", "<think>\n\n</think>\n\nRed, of course.<|im_end|>"],
     "mistral": [" Blue.</s>", " Red, of course.</s>"],
     "gemma": ["Blue.<end_of_turn>", "Red, of course.<end_of_turn>"],
+    "gemma2": ["Blue.<end_of_turn>", "Red, of course.<end_of_turn>"],
     "granite": ["Blue.<|end_of_text|>", "Red, of course.<|end_of_text|>"],
     "phi3": ["Blue.<|end|>", "Red, of course.<|end|>"],
 }
@@ -252,7 +253,12 @@ def test_answers_stop_at_the_family_end_of_turn_in_lm_eval_and_mt_bench(zoo, fam
     assert [a.turns for a in answers] == [[expected.strip()] * 2] * 2
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+# Gemma 2 trains padded on CPU (eager: sdpa cannot cap its attention scores); its run is
+# tests/test_lifetime.py's `lab run`.
+PACKING_FAMILIES = [name for name in FAMILIES if name != "gemma2"]
+
+
+@pytest.fixture(scope="module", params=PACKING_FAMILIES)
 def family_run(request, tmp_path_factory, prefect_server, assets, zoo):
     """One real finetune flow per family (prep -> train -> checkpoints -> lm-eval on the lab
     tasks -> MT-Bench answers for two questions, judged by a local double), shared by the
@@ -365,7 +371,7 @@ def test_the_export_stops_at_every_end_token_and_pads_whether_a_checkpoint_or_th
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "sdpa_per_sample"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", PACKING_FAMILIES)
 def test_a_packed_row_gives_each_family_the_padded_loss(zoo, family, attn):
     """Samples packed into one row (position_ids restart per sample) are scored exactly as in a
     padded batch by every family's attention, sliding windows (Mistral, Gemma: 16 tokens)

@@ -7,6 +7,7 @@ test come from the plain template (training.chat). One stated difference: a toke
 the header and ends in the answer is the prompt's (not trained); transformers trains it.
 """
 
+import json
 import random
 import unicodedata
 
@@ -137,3 +138,38 @@ def test_masks_train_exactly_what_the_annotated_template_marks_on_adversarial_co
     # The header/answer straddle happens where the header ends in a newline and the template
     # keeps an answer's leading newlines (ChatML, Phi-3, Granite's role tag does not end in one).
     assert (straddling > 0) == (family in ("qwen2.5", "qwen3", "phi3"))
+
+
+def test_data_prep_counts_the_samples_whose_answer_starts_inside_a_header_token(tmp_path, family_tokenizers):
+    """Qwen's header ends in a newline and "\\n\\n" is one token: an answer that starts with
+    newlines shares its first token with the header. That token is the prompt's; stats.json
+    counts the samples that have one."""
+    from training.data import load_phase, load_tokenized, prepare
+
+    tokenizer = family_tokenizers["qwen2.5"]
+    rows = [
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}]
+        for answer in ("\n\nA", "A", "\n\nB")
+    ]
+    source = tmp_path / "chat.jsonl"
+    source.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    stats = prepare(load_phase([str(source)])[0], tokenizer, str(tmp_path / "out"), 256)
+    assert stats.straddling_header == 2
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["straddling_header"] == 2
+    data = load_tokenized(str(tmp_path / "out"))
+    trained = tokenizer.decode([t for t in data.labels[0].tolist() if t != IGNORE_INDEX])
+    assert trained == "\nA<|im_end|>"  # the answer's first newline went with the header's ("\n\n", not trained)
+
+
+def test_a_template_that_rewrites_texts_otherwise_is_refused_naming_the_row(tmp_path, family_tokenizers):
+    from training.data import DataError, load_phase, prepare
+
+    tokenizer = family_tokenizers["qwen2.5"]
+    tokenizer.chat_template = tokenizer.chat_template.replace("message.content", "message.content | upper")
+    source = tmp_path / "chat.jsonl"
+    source.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n"
+    )
+    with pytest.raises(DataError, match=rf"^{source}:1: the chat template changes a message's text"):
+        prepare(load_phase([str(source)])[0], tokenizer, str(tmp_path / "out"), 256)
+    assert not (tmp_path / "out").exists()
