@@ -33,6 +33,10 @@ from training.lifetime import own_children
 from training.recipe import Recipe, RecipeError, load_recipe, resolve
 
 
+class UsageError(ValueError):
+    """A command line that cannot work; the message names the option."""
+
+
 def parse_value(raw: str) -> Any:
     """JSON when it parses (numbers, lists, booleans), else the string itself."""
     try:
@@ -205,6 +209,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    if args.seeds < 1:
+        raise UsageError(f"--seeds {args.seeds}: at least 1 seed per arm")
     from flows.reproduce import reproduce
     from flows.serve import temporary_api
 
@@ -218,6 +224,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly_spread(args: argparse.Namespace) -> int:
+    if args.seeds < 2:
+        raise UsageError(f"--seeds {args.seeds}: a seed spread needs at least 2 seeds")
     checked(resolve(args.recipe))
     from flows.nightly import nightly_seed_spread
     from flows.serve import temporary_api
@@ -293,10 +301,6 @@ def print_summary(rows: list[dict[str, Any]], title: str) -> None:
     columns = [c for c in rows[0] if c not in ("start_objective", "run_samples")] if rows else []
     print(f"\n== {title}")
     print(pd.DataFrame(rows)[columns].to_string(index=False))
-
-
-class UsageError(ValueError):
-    """A command line that cannot work; the message names the option."""
 
 
 def expected_failures() -> tuple[type[Exception], ...]:

@@ -407,6 +407,7 @@ def test_an_export_replaces_its_own_earlier_export_and_refuses_a_foreign_directo
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
+    capsys.readouterr()  # the exports' progress bars
     with pytest.raises(SystemExit) as done:
         main(["export", str(run), "--to", str(foreign)])
     err = capsys.readouterr().err

@@ -107,3 +107,33 @@ def test_bad_yaml_and_a_missing_extra_are_one_line_each(tmp_path, capsys):
             main(args)
         err = capsys.readouterr().err
         assert done.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+def test_every_entry_point_turns_what_a_user_can_fix_into_one_line(tmp_path, capsys):
+    """Each command's typical mistake: exit code 2 and one line on stderr naming it, before any
+    server or process starts (none of these start one)."""
+    import socket
+
+    from flows.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        nowhere = str(tmp_path / "nowhere")
+        for args, expected in [
+            (["plan", "demo", "--set", "training.learning_rate=-1"], "training.learning_rate"),
+            (["run", "demo", "--set", f'phases.0.data=["{nowhere}"]'], f"phases.0.data: {nowhere}: no such file"),
+            (["eval", nowhere], f"target {nowhere}: cannot read the config of '{nowhere}'"),
+            (["sweep", "demo", "--grid", "training.no_such_knob=1,2"], "training.no_such_knob"),
+            (["reproduce", "--seeds", "0"], "--seeds 0: at least 1"),
+            (["nightly-spread", "no-such-recipe"], "recipe 'no-such-recipe': no such file"),
+            (["demo", "--recipe", "no-such-recipe"], "recipe 'no-such-recipe': no such file"),
+            (["export", nowhere, "--to", str(tmp_path / "out")], f"{nowhere}: no manifest.json there"),
+            (["serve", "--port", port], f"--port {port}: cannot serve there"),
+        ]:
+            with pytest.raises(SystemExit) as done:
+                main(args)
+            err = capsys.readouterr().err
+            assert done.value.code == 2 and expected in err and "Traceback" not in err, (args, err)
+            assert err.count("\n") == 1 or err.startswith("<recipe>") or ": invalid recipe" in err, (args, err)
