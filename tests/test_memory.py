@@ -88,26 +88,16 @@ def test_the_chunked_loss_caps_final_logits_as_the_models_own_loss_does():
     """Gemma 2's final_logit_softcapping inside the chunked loss: the same summed loss and
     gradients as the model's own forward (a mean over the loss tokens). The cap is set low, so
     that it matters: without it the loss is far from what it is with it."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from transformers import Gemma2ForCausalLM
+
+    from tests.zoo import FAMILIES, tiny_config
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 300, (2, 40), generator=g)
     labels = torch.where(torch.rand(ids.shape, generator=g) < 0.3, -100, ids)
 
     def loss_and_grads(chunk: int | None, cap: float | None) -> tuple[float, torch.Tensor]:
-        config = Gemma2Config(
-            vocab_size=300,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            query_pre_attn_scalar=8,
-            sliding_window=16,
-            attn_logit_softcapping=50.0,
-            final_logit_softcapping=cap,
-        )
+        config = tiny_config(FAMILIES["gemma2"], vocab_size=300, final_logit_softcapping=cap)
         torch.manual_seed(0)
         model = Gemma2ForCausalLM._from_config(config, attn_implementation="eager")
         with torch.no_grad():

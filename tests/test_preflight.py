@@ -7,17 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from transformers import AutoConfig
 
 from tests.conftest import REPO
-from tests.zoo import FAMILIES
+from tests.zoo import FAMILIES, tiny_config
 from training.preflight import PreflightError, family_settings
 from training.recipe import load_recipe
-
-
-def family_config(name: str):
-    family = FAMILIES[name]
-    return AutoConfig.for_model(family.model_type, **dict(family.config))
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +20,7 @@ def demo():
 
 
 def test_a_softcapping_family_gets_eager_padded_on_cpu_and_flex_attention_on_cuda(demo):
-    gemma2 = family_config("gemma2")
+    gemma2 = tiny_config(FAMILIES["gemma2"])
     on_cpu, cpu_lines = family_settings(gemma2, demo, "cpu")
     assert (on_cpu.model.attn_implementation, on_cpu.training.packing) == ("eager", False)
     on_cuda, cuda_lines = family_settings(gemma2, demo, "cuda")
@@ -47,15 +41,15 @@ def test_a_softcapping_family_gets_eager_padded_on_cpu_and_flex_attention_on_cud
 @pytest.mark.parametrize("family", [name for name in FAMILIES if name != "gemma2"])
 def test_families_without_softcapping_train_as_configured(demo, family):
     for device in ("cpu", "cuda"):
-        assert family_settings(family_config(family), demo, device) == (demo, [])
+        assert family_settings(tiny_config(FAMILIES[family]), demo, device) == (demo, [])
 
 
 @pytest.mark.parametrize("attn", ["flash_attention_2", "flex_attention"])
 def test_a_kernel_that_cannot_train_on_cpu_is_refused_naming_the_knob(demo, attn):
     chosen = demo.model_copy(update={"model": demo.model.model_copy(update={"attn_implementation": attn})})
     with pytest.raises(PreflightError, match=rf"^model\.attn_implementation: {attn} cannot train on CPU"):
-        family_settings(family_config("llama3"), chosen, "cpu")
-    assert family_settings(family_config("llama3"), chosen, "cuda") == (chosen, [])
+        family_settings(tiny_config(FAMILIES["llama3"]), chosen, "cpu")
+    assert family_settings(tiny_config(FAMILIES["llama3"]), chosen, "cuda") == (chosen, [])
 
 
 def lab(args: list[str], tmp_path, **env) -> subprocess.CompletedProcess:

@@ -31,6 +31,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     GenerationConfig,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
 )
 
@@ -51,6 +52,17 @@ class Family:
     add_bos: bool = True  # plain `encode` starts with BOS (Granite's GPT-2 tokenizer adds none)
     config: tuple[tuple[str, object], ...] = ()
 
+
+# Gemma 2 and 3 share their tokens and turn conventions (and reject the system role).
+GEMMA_TOKENS = dict(
+    specials=("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"),
+    bos="<bos>",
+    eos="<eos>",
+    pad="<pad>",
+    end_of_turn="<end_of_turn>",
+    system_role=False,
+)
+GEMMA_SHAPE = (("head_dim", 8), ("query_pre_attn_scalar", 8), ("sliding_window", 16))
 
 FAMILIES = {
     f.name: f
@@ -96,35 +108,13 @@ FAMILIES = {
             end_of_turn="</s>",
             config=(("sliding_window", 16),),
         ),
-        Family(
-            "gemma",
-            "gemma3_text",
-            "gemma",
-            ("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"),
-            bos="<bos>",
-            eos="<eos>",
-            pad="<pad>",
-            end_of_turn="<end_of_turn>",
-            system_role=False,
-            config=(("head_dim", 8), ("query_pre_attn_scalar", 8), ("sliding_window", 16)),
-        ),
+        Family("gemma", "gemma3_text", "gemma", **GEMMA_TOKENS, config=GEMMA_SHAPE),
         Family(
             "gemma2",
             "gemma2",
             "gemma2",
-            ("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"),
-            bos="<bos>",
-            eos="<eos>",
-            pad="<pad>",
-            end_of_turn="<end_of_turn>",
-            system_role=False,
-            config=(
-                ("head_dim", 8),
-                ("query_pre_attn_scalar", 8),
-                ("sliding_window", 16),
-                ("attn_logit_softcapping", 50.0),
-                ("final_logit_softcapping", 30.0),
-            ),
+            **GEMMA_TOKENS,
+            config=(*GEMMA_SHAPE, ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)),
         ),
         Family(
             "granite",
@@ -186,6 +176,20 @@ def family_tokenizer(base_tokenizer_dir: Path, family: Family) -> PreTrainedToke
     )
 
 
+def tiny_config(family: Family, **settings: object) -> PretrainedConfig:
+    """The config of a tiny model of `family` (2 layers, hidden 32), `settings` on top."""
+    shape = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    return AutoConfig.for_model(family.model_type, **(shape | dict(family.config) | settings))
+
+
 def build_family(base_tokenizer_dir: Path, family: Family, out_dir: Path, seed: int = 0) -> Path:
     """save_pretrained a tiny random model of `family` with its tokenizer into `out_dir`.
 
@@ -195,20 +199,12 @@ def build_family(base_tokenizer_dir: Path, family: Family, out_dir: Path, seed: 
     import torch
 
     tokenizer = family_tokenizer(base_tokenizer_dir, family)
-    config = AutoConfig.for_model(
-        family.model_type,
+    config = tiny_config(
+        family,
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **dict(family.config),
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
