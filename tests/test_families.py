@@ -330,7 +330,7 @@ def test_finetune_flow_runs_for_every_family(family_run):
         assert (checkpoint / "meta.json").exists()
         assert AutoConfig.from_pretrained(checkpoint).model_type == spec.model_type
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        stops = tokenizer.convert_tokens_to_ids([spec.end_of_turn, spec.eos])
+        stops = tokenizer.convert_tokens_to_ids([spec.eos, spec.end_of_turn])  # the base's EOS, then end of turn
         generation = GenerationConfig.from_pretrained(checkpoint)
         assert generation.eos_token_id == list(dict.fromkeys(stops)) and generation.pad_token_id is not None
         assert tokenizer.chat_template == chat.template_text(spec.template)

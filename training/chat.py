@@ -170,6 +170,7 @@ def configure_generation(model: Any, tokenizer: Any) -> None:
 _MARKER_BASE = 0xF0000  # Supplementary Private Use Area-A
 _MARKERS = re.compile("[\U000f0000-\U000ffffd]")
 _KEPT = re.compile(r"\A\s+|\s+\Z|\s*</?think>\s*")
+_MAX_SKELETONS = 65536  # cached conversation structures per tokenizer (each a few hundred characters)
 
 
 class Labelled(NamedTuple):
@@ -261,6 +262,8 @@ def _skeleton(tokenizer: Any, sentinels: tuple[tuple[str, str], ...], owned: lis
             )
         turns.append((start, end))
     skeleton = _Skeleton(text, markers, tuple(turns))
+    if len(measured.skeletons) >= _MAX_SKELETONS:  # a bound, not an LRU: structures repeat
+        measured.skeletons.clear()
     measured.skeletons[sentinels] = skeleton
     return skeleton
 
