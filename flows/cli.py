@@ -27,6 +27,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from training.lifetime import own_children
@@ -120,6 +122,18 @@ def check_memory(recipe: Recipe, gpu_memory_gib: float | None) -> str | None:
     return None if plan.fits else plan.refusal()
 
 
+@contextmanager
+def running_flows() -> Iterator[None]:
+    """What a command needs to run flows, once its checks passed: a Prefect API (a temporary one
+    when none is configured) and, on a terminal, each phase's training as a progress bar."""
+    from flows.progress import show_training_bars
+    from flows.serve import temporary_api
+
+    show_training_bars()
+    with temporary_api():
+        yield
+
+
 def checked(recipe: Recipe) -> Recipe:
     """The recipe as it will run (training.preflight), or the one-line failure, before Prefect starts."""
     from training.preflight import check
@@ -139,9 +153,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         check_replaceable(recipe.export.to)  # refused now, not after the training
     from flows.finetune import finetune
-    from flows.serve import temporary_api
 
-    with temporary_api():
+    with running_flows():
         result = finetune(
             recipe=args.recipe,
             strategy=args.strategy,
@@ -168,22 +181,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
             resolve(args.recipe or "demo", overrides=overrides)
             model_config(target, field=f"target {target}")
     from flows.evaluate import evaluate
-    from flows.serve import temporary_api
 
-    with temporary_api():
+    with running_flows():
         rows = evaluate(targets=args.targets, recipe=args.recipe, overrides=overrides, storage_root=args.storage_root)
     print_summary(rows, "evaluation")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from flows.serve import temporary_api
     from flows.sweep import expand_grid, resolve_run, sweep
 
     grid = parse_grid(args.grid) or None
     for overrides in expand_grid(grid) if grid else [{}]:
         checked(resolve_run(args.recipe, overrides, args.smoke))
-    with temporary_api():
+    with running_flows():
         summary = sweep(
             recipe=args.recipe,
             grid=grid,
@@ -212,10 +223,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise UsageError(f"--seeds {args.seeds}: at least 1 seed per arm")
     from flows.reproduce import reproduce
-    from flows.serve import temporary_api
 
     started = time.perf_counter()
-    with temporary_api():
+    with running_flows():
         result = reproduce(storage_root=args.storage_root, seeds=args.seeds)
     print_summary(result["findings"], f"paper findings on the embedded lab ({args.seeds} seeds)")
     print_summary(result["pruners"], "pruners validated on the LR sweep")
@@ -228,9 +238,8 @@ def cmd_nightly_spread(args: argparse.Namespace) -> int:
         raise UsageError(f"--seeds {args.seeds}: a seed spread needs at least 2 seeds")
     checked(resolve(args.recipe))
     from flows.nightly import nightly_seed_spread
-    from flows.serve import temporary_api
 
-    with temporary_api():
+    with running_flows():
         spread = nightly_seed_spread(recipe=args.recipe, seeds=args.seeds, storage_root=args.storage_root)
     rows = [{"metric": m, "per seed": v["values"], "tolerance": v["tolerance"]} for m, v in spread["metrics"].items()]
     print_summary(rows, f"seed spread of the nightly {spread['recipe']} ({spread['seeds']} seeds)")
@@ -256,11 +265,10 @@ def build_assets_meanwhile() -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     checked(resolve(args.recipe))
     from flows.demo import demo
-    from flows.serve import temporary_api
 
     started = time.perf_counter()
     build_assets_meanwhile()
-    with temporary_api():
+    with running_flows():
         result = demo(recipe=args.recipe, storage_root=args.storage_root)
     print_summary(result["comparison"], "phased vs stacked on the embedded lab")
     print(f"\nreport: {result['report']}  (comparison.md, comparison.csv, comparison.png)")
@@ -446,10 +454,6 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
-    if args.command in ("run", "sweep", "reproduce", "demo"):
-        from flows.progress import show_training_bars
-
-        show_training_bars()
     try:
         code = args.func(args)
     except Exception as exc:
