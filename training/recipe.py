@@ -38,7 +38,8 @@ class ModelConfig(Strict):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         "sdpa",
         description="sdpa, flash_attention_2 (gpu extra) and flex_attention keep packed samples apart "
-        "(training.packing); eager trains padded.",
+        "(training.packing); eager trains padded. sdpa cannot cap attention scores: a softcapping family "
+        "(Gemma 2) gets eager on CPU and flex_attention on CUDA instead, said in the run's log.",
     )
     chat_template: str | None = Field(
         None,
