@@ -64,6 +64,10 @@ def export_run(
     if not to and not push_to_hub:
         raise ExportError("export needs a destination: a directory or s3://... , and/or a Hub repo")
     manifest, recipe, selection = selected(run_uri, phase)
+    if to and storage.is_local(to) and storage.is_local(run_uri):
+        target, run = Path(to).resolve(), Path(run_uri).resolve()
+        if target == run or target in run.parents:  # replacing it would delete the run, --force or not
+            raise ExportError(f"--to {to}: holds the run being exported; choose a directory outside it")
     if to and not force:
         check_replaceable(to)
     local = Path(to) if to and storage.is_local(to) else None

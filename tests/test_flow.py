@@ -345,7 +345,7 @@ def test_export_arguments_are_checked_and_push_to_hub_goes_through_huggingface_h
         ([str(run)], "needs a destination"),
         ([str(tmp_path / "nothing"), "--to", str(tmp_path / "x")], "no manifest.json"),
         ([str(run), "--phase", "phase99", "--to", str(tmp_path / "x")], "no phase 'phase99'"),
-        ([str(run), "--to", str(run)], "not empty and holds no earlier recipe-lab export"),
+        ([str(run), "--to", str(run)], "holds the run being exported"),
     ]:
         with pytest.raises(SystemExit) as done:
             main(["export", *args])
@@ -411,8 +411,14 @@ def test_an_export_replaces_its_own_earlier_export_and_refuses_a_foreign_directo
     with pytest.raises(SystemExit) as done:
         main(["export", str(run), "--to", str(foreign)])
     err = capsys.readouterr().err
-    assert done.value.code == 2 and err.count("\n") == 1 and "--force" in err and "Traceback" not in err
+    assert done.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "not empty and holds no earlier recipe-lab export" in err and "--force" in err
     assert (foreign / "notes.txt").read_text() == "mine"  # untouched
+    for inside in (run, run.parent):  # --force never replaces the run itself
+        with pytest.raises(SystemExit) as done:
+            main(["export", str(run), "--to", str(inside), "--force"])
+        assert done.value.code == 2 and "holds the run being exported" in capsys.readouterr().err
+    assert (run / "manifest.json").exists()
     with pytest.raises(SystemExit) as done:
         main(["export", str(run), "--to", str(foreign), "--force"])
     assert done.value.code == 0 and not (foreign / "notes.txt").exists() and (foreign / "model.safetensors").exists()

@@ -133,8 +133,6 @@ def test_masks_train_exactly_what_the_annotated_template_marks_on_adversarial_co
         assert [label != IGNORE_INDEX for label in labels.tolist()] == trained, messages
         assert all(label == token for label, token in zip(labels, ids, strict=True) if label != IGNORE_INDEX)
         straddling += straddles
-    # Each template's answers are located by one skeleton per conversation structure.
-    assert 0 < len(chat._measured(tokenizer).skeletons) <= CONVERSATIONS
     # The header/answer straddle happens where the header ends in a newline and the template
     # keeps an answer's leading newlines (ChatML, Phi-3, Granite's role tag does not end in one).
     assert (straddling > 0) == (family in ("qwen2.5", "qwen3", "phi3"))
