@@ -812,8 +812,8 @@ def recorded_save(saves_log: TextIO, step: int, what: str, reason: str) -> Itera
     """One line per save in this rank's saves log: what, why, how long, and how much the
     process's peak host memory rose above its memory at the start (None where Linux's peak
     reset is unavailable): a save must not copy the model into every rank's memory."""
-    before = host_memory_bytes("VmRSS")
     measured = reset_host_peak()
+    before = host_memory_bytes("VmHWM")  # the memory at the reset
     started = time.perf_counter()
     yield
     growth = host_memory_bytes("VmHWM") - before if measured else None
