@@ -1,7 +1,7 @@
 """`lab`: the command line of recipe-lab.
 
 lab validate RECIPE...           check recipes, errors by field
-lab plan RECIPE [--gpus N] [--gpu-memory GiB] [--nodes M] [--samples S] [--write-gib-per-s B] [--json] [--set k=v]...
+lab plan RECIPE [--gpus N] [--gpu-memory GiB] [--nodes M] [--samples S] [--json] [--set key=value]...
                                  batch arithmetic, memory per GPU, wall time, attention kernel, rolling-state
                                  cost, launch files (no data needed)
 lab run RECIPE [--strategy phased|stacked] [--storage-root DIR] [--smoke] [--set key=value]...
@@ -91,9 +91,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except RecipeError as exc:
         print(exc, file=sys.stderr)
         return 2
-    plan, text = plan_recipe(
-        recipe, args.gpu_memory, args.samples, args.mean_tokens, args.tokens_per_s, args.write_gib_per_s
-    )
+    plan, text = plan_recipe(recipe, args.gpu_memory, args.samples, args.mean_tokens, args.tokens_per_s)
     print(text)
     if args.json:
         print(json.dumps(plan.record()))  # the last line: one JSON object
@@ -280,9 +278,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--mean-tokens", type=float, default=1024, help="mean tokens per sample (default 1024)")
     p.add_argument("--tokens-per-s", type=float, default=None, help="measured tokens/s per GPU for the wall time")
-    p.add_argument(
-        "--write-gib-per-s", type=float, default=1.0, help="assumed write bandwidth of a node (rolling-state saves)"
-    )
     p.add_argument("--json", action="store_true", help="end with the plan as one JSON object on its own line")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.learning_rate=1e-5"

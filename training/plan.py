@@ -55,7 +55,6 @@ GIB = 2**30
 CUDA_RUNTIME_BYTES = 2 * GIB  # CUDA context, cuBLAS / NCCL workspaces, allocator slack
 OVERLAP_COMM_BUFFERS = 4.5  # DeepSpeed: overlap_comm holds ~4.5x the bucket sizes
 H100_BF16_FLOPS = 989e12
-WRITE_GIB_PER_S = 1.0  # assumed write bandwidth of one node to the storage root (lab plan --write-gib-per-s)
 GRACE_MARGIN_S = 60  # process exit, collective teardown, a slow file system's tail
 DEFAULT_GRACE_S = 600  # a run whose model config cannot be read (a scheduler's job rendered elsewhere)
 ASSUMED_MFU = 0.4
@@ -320,23 +319,18 @@ def assumed_tokens_per_s(shape: ModelShape, checkpointing: bool, mean_tokens: fl
 
 def preemption_grace_seconds(recipe: Recipe, model_path: str) -> int:
     """The grace period a preempted run of `recipe` on the model at `model_path` needs (see
-    RollingStateCost.grace_seconds), at the plan's assumed throughput (checkpointing counted
-    unless off); DEFAULT_GRACE_S when the model's config.json cannot be read."""
+    rolling_state_cost); DEFAULT_GRACE_S when the model's config.json cannot be read."""
     try:
         shape = ModelShape.from_config(read_model_config(model_path))
     except (OSError, ValueError, KeyError):
         return DEFAULT_GRACE_S
-    tokens_per_s = assumed_tokens_per_s(shape, recipe.training.gradient_checkpointing is not False)
-    return rolling_state_cost(recipe, shape, tokens_per_s).grace_seconds
+    return rolling_state_cost(recipe, shape).grace_seconds
 
 
-def rolling_state_cost(
-    recipe: Recipe,
-    shape: ModelShape,
-    tokens_per_s_per_gpu: float,
-    mean_tokens: float = 1024,
-    write_gib_per_s: float = WRITE_GIB_PER_S,
-) -> RollingStateCost:
+def rolling_state_cost(recipe: Recipe, shape: ModelShape) -> RollingStateCost:
+    """What a save costs and how long a preempted run needs. Launch-time figures only (what the
+    schedulers are given must not depend on `lab plan`'s flags): the recipe's write bandwidth, the
+    assumed throughput with activation recomputation unless it is off, 1,024 tokens per sample."""
     launch, p = recipe.launch, shape.params
     if launch.backend == "deepspeed":  # the engine's module in the compute dtype, its fp32 master + AdamW m, v
         weights, optimizer = p * DTYPE_BYTES[recipe.model.dtype], 12 * p
@@ -345,13 +339,13 @@ def rolling_state_cost(
         optimizer = 2 * weights
     sharded_optimizer = launch.backend in ("deepspeed", "fsdp")
     node_optimizer = optimizer * launch.num_processes // launch.world_size if sharded_optimizer else optimizer
-    step_tokens = recipe.training.effective_batch_size * mean_tokens
+    tokens_per_s = assumed_tokens_per_s(shape, recipe.training.gradient_checkpointing is not False)
     return RollingStateCost(
         every_minutes=recipe.checkpointing.rolling_state_minutes,
         bytes_per_save=weights + optimizer,
         node_bytes_per_save=weights + node_optimizer,  # rank 0 writes the weights
-        write_gib_per_s=write_gib_per_s,
-        seconds_per_step=step_tokens / (tokens_per_s_per_gpu * launch.world_size),
+        write_gib_per_s=recipe.checkpointing.write_gib_per_s,
+        seconds_per_step=recipe.training.effective_batch_size * 1024 / (tokens_per_s * launch.world_size),
     )
 
 
@@ -417,7 +411,6 @@ def make_plan(
     samples: int | None = None,
     mean_tokens: float = 1024,
     tokens_per_s_per_gpu: float | None = None,
-    write_gib_per_s: float = WRITE_GIB_PER_S,
 ) -> Plan:
     from training.attention import training_kernel
 
@@ -438,7 +431,7 @@ def make_plan(
         mean_tokens,
         tokens_per_s_per_gpu,
         source,
-        rolling_state_cost(recipe, shape, tokens_per_s_per_gpu, mean_tokens, write_gib_per_s),
+        rolling_state_cost(recipe, shape),
         training_kernel(requested, "cuda", model_config) if recipe.training.packing else requested,
     )
     timeout_s = recipe.launch.collective_timeout_minutes * 60
@@ -498,8 +491,8 @@ def render(plan: Plan, launch_command: list[str], files: dict[str, str]) -> str:
     every = f"every {cost.every_minutes:g} min and on SIGTERM" if cost.every_minutes else "on SIGTERM only"
     lines.append(
         f"rolling state: {every}; {cost.bytes_per_save / GIB:.1f} GiB per save, ~{cost.seconds_per_save:.0f} s at "
-        f"{cost.write_gib_per_s:g} GiB/s per node (--write-gib-per-s); preemption grace {cost.grace_seconds} s "
-        f"(a ~{cost.seconds_per_step:.0f} s step + the save + {GRACE_MARGIN_S} s)"
+        f"{cost.write_gib_per_s:g} GiB/s per node (checkpointing.write_gib_per_s); preemption grace "
+        f"{cost.grace_seconds} s (a ~{cost.seconds_per_step:.0f} s step at the assumed MFU + the save + {GRACE_MARGIN_S} s)"
     )
     if plan.device_bytes is not None:
         verdict = "fits" if plan.fits else plan.refusal()
@@ -546,7 +539,6 @@ def plan_recipe(
     samples: int | None = None,
     mean_tokens: float = 1024,
     tokens_per_s_per_gpu: float | None = None,
-    write_gib_per_s: float = WRITE_GIB_PER_S,
 ) -> tuple[Plan, str]:
     """The plan of a resolved recipe and its rendering (what `lab plan` prints)."""
     from training.launch import launch_files
@@ -561,7 +553,6 @@ def plan_recipe(
         samples if samples is not None else count_samples(recipe),
         mean_tokens,
         tokens_per_s_per_gpu,
-        write_gib_per_s,
     )
     phase = recipe.phases[0].name
     k8s = recipe.launch.kubernetes if recipe.launch.scheduler == "kubernetes" else None

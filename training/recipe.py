@@ -37,8 +37,9 @@ class ModelConfig(Strict):
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         "sdpa",
-        description="sdpa, flash_attention_2 (gpu extra) and flex_attention keep packed samples apart "
-        "(training.packing); eager trains padded.",
+        description="sdpa (default), flash_attention_2 (the flash-attn extra) and flex_attention keep packed samples "
+        "apart (training.packing); eager trains padded. Packed rows train on a varlen kernel on CUDA (sdpa: "
+        "flash-attn when it imports, else flex_attention) and on sdpa per sample on CPU; checkpoints keep this value.",
     )
     chat_template: str | None = Field(
         None,
@@ -213,6 +214,12 @@ class CheckpointConfig(Strict):
         "resume, every this many minutes of rank 0's clock (all ranks at the same step), and at once on "
         "SIGTERM (preemption). ~7x the bf16 model size per save (`lab plan` shows GiB and seconds): more "
         "often loses less work to a crash and spends more time writing. None: only on SIGTERM.",
+    )
+    write_gib_per_s: float = Field(
+        1.0,
+        gt=0,
+        description="Assumed write bandwidth of one node to the storage root (GiB/s): sets `lab plan`'s save-time "
+        "estimate and from it the grace period schedulers give a preempted run to save.",
     )
     state_every_steps: int | None = Field(
         None,
