@@ -38,6 +38,20 @@ def llama_8b(tmp_path_factory) -> Path:
     return path
 
 
+def job_for(recipe, model_path: str, output_dir: str):
+    from training.train import TrainJob
+
+    return TrainJob(
+        run_id="r",
+        phase="phase00",
+        recipe=recipe,
+        model_path=model_path,
+        parent_checkpoint=model_path,
+        data_dir="d",
+        output_dir=output_dir,
+    )
+
+
 def test_parameter_count_matches_the_real_model():
     for config in (LLAMA_8B, {**LLAMA_8B, "num_hidden_layers": 2, "tie_word_embeddings": True}):
         with torch.device("meta"):
@@ -66,19 +80,9 @@ def test_plan_json_is_the_launch_as_written(llama_8b, tmp_path, capsys):
         sum(v for k, v in record["memory_gib"].items() if k != "total"), abs=0.01
     )
     from training.launch import write_launch_files
-    from training.train import TrainJob
 
     recipe = load_recipe("lab", {"model.name_or_path": str(llama_8b), "launch.num_processes": 8})
-    job = TrainJob(
-        run_id="r",
-        phase="phase00",
-        recipe=recipe,
-        model_path="m",
-        parent_checkpoint="m",
-        data_dir="d",
-        output_dir=str(tmp_path),
-    )
-    write_launch_files(job)
+    write_launch_files(job_for(recipe, "m", str(tmp_path)))
     assert (
         record["accelerate"]["num_processes"]
         == yaml.safe_load((tmp_path / "accelerate.yaml").read_text())["num_processes"]
@@ -109,20 +113,11 @@ def test_plan_json_names_the_cuda_kernel_the_zero2_knobs_and_what_the_rolling_st
 def test_the_schedulers_grace_period_is_the_plans(llama_8b):
     from training.launch import node_env
     from training.scheduler import render_sbatch
-    from training.train import TrainJob
 
     recipe = load_recipe("lab", {"model.name_or_path": str(llama_8b), "launch.scheduler": "slurm"})
     plan, _ = plan_recipe(recipe)
     grace = plan.rolling_state.grace_seconds
-    job = TrainJob(
-        run_id="r",
-        phase="p",
-        recipe=recipe,
-        model_path=str(llama_8b),
-        parent_checkpoint="m",
-        data_dir="d",
-        output_dir="/o",
-    )
+    job = job_for(recipe, str(llama_8b), "/o")
     script = render_sbatch(job)
     assert f"#SBATCH --signal=TERM@{grace}" in script  # SIGTERM before the time limit, time to save
     assert f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={grace}" in script  # torchrun's SIGKILL waits as long

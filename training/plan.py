@@ -229,10 +229,9 @@ def estimate_memory(
     )
     if cfg.gradient_checkpointing == "auto":
         estimate.checkpointing = device_bytes is not None and estimate.total > device_bytes
-        notes.append(
-            f"gradient_checkpointing auto: {'on' if estimate.checkpointing else 'off'} (without it: "
-            f"{estimate.total / GIB:.1f} GiB{'' if device_bytes is None else f' vs {device_bytes / GIB:.0f} GiB'})"
-        )
+        against = "no GPU memory known (--gpu-memory)" if device_bytes is None else f"{device_bytes / GIB:.0f} GiB"
+        verdict = "on" if estimate.checkpointing else "off"
+        notes.append(f"gradient_checkpointing auto: {verdict} ({estimate.total / GIB:.1f} GiB without it vs {against})")
     else:
         estimate.checkpointing = cfg.gradient_checkpointing
     if estimate.checkpointing:
