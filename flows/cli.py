@@ -2,7 +2,8 @@
 
 lab validate RECIPE...           check recipes, errors by field
 lab plan RECIPE [--gpus N] [--gpu-memory GiB] [--nodes M] [--samples S] [--json] [--set key=value]...
-                                 batch arithmetic, memory per GPU, wall time, launch files (no data needed)
+                                 batch arithmetic, memory per GPU, wall time, attention kernel, rolling-state
+                                 cost, launch files (no data needed)
 lab run RECIPE [--strategy phased|stacked] [--storage-root DIR] [--smoke] [--set key=value]...
 lab eval TARGET... [--recipe R] [--set key=value]...   runs or models, outside training
 lab sweep RECIPE --grid key=v1,v2 [--rungs N1,N2 --eta 2 --pruner eval] [--validate]   successive halving

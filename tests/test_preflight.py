@@ -19,23 +19,27 @@ def demo():
     return load_recipe("demo")
 
 
-def test_a_softcapping_family_gets_eager_padded_on_cpu_and_flex_attention_on_cuda(demo):
+def test_a_softcapping_family_trains_eager_padded_on_cpu_and_flex_attention_on_cuda_one_line_each(demo):
+    """The kernel is training.attention.training_kernel's (the trainer's own choice), said here;
+    only an unpacked recipe names it, the trainer loading what an unpacked recipe names."""
     gemma2 = tiny_config(FAMILIES["gemma2"])
     on_cpu, cpu_lines = family_settings(gemma2, demo, "cpu")
-    assert (on_cpu.model.attn_implementation, on_cpu.training.packing) == ("eager", False)
     on_cuda, cuda_lines = family_settings(gemma2, demo, "cuda")
-    assert (on_cuda.model.attn_implementation, on_cuda.training.packing) == ("flex_attention", True)
+    assert on_cpu == on_cuda == demo  # packed: the trainer picks the kernel itself
+    assert cpu_lines[0].startswith("model.attn_implementation: sdpa -> eager on cpu: gemma2 caps attention scores")
+    assert "padded" in cpu_lines[0]
+    assert cuda_lines[0].startswith("model.attn_implementation: sdpa -> flex_attention on cuda: gemma2 caps")
     for lines in (cpu_lines, cuda_lines):
-        assert lines[0].startswith("model.attn_implementation: sdpa -> ") and "attn_logit_softcapping 50" in lines[0]
-        assert lines[-1].endswith("final-logit softcapping (30) applied inside the chunked loss")
-    assert len(cpu_lines) == 3 and "training.packing: true -> false" in cpu_lines[1]
-    assert len(cuda_lines) == 2
-    # Everything else is the recipe as it was.
-    assert on_cpu.model_dump(exclude={"model", "training"}) == demo.model_dump(exclude={"model", "training"})
-    # A kernel that can cap, chosen explicitly, is kept (eager trains padded).
+        assert "(attn_logit_softcapping 50), which sdpa cannot" in lines[0] and len(lines) == 2
+        assert lines[1].endswith("final-logit softcapping (30) applied inside the chunked loss")
+    unpacked = demo.model_copy(update={"training": demo.training.model_copy(update={"packing": False})})
+    for device, kernel in [("cpu", "eager"), ("cuda", "flex_attention")]:
+        named, _ = family_settings(gemma2, unpacked, device)
+        assert named.model.attn_implementation == kernel
+        assert named.model_dump(exclude={"model"}) == unpacked.model_dump(exclude={"model"})
+    # eager, chosen explicitly, caps already: only the chunked loss's line.
     eager = demo.model_copy(update={"model": demo.model.model_copy(update={"attn_implementation": "eager"})})
-    kept, _ = family_settings(gemma2, eager, "cuda")
-    assert (kept.model.attn_implementation, kept.training.packing) == ("eager", False)
+    assert family_settings(gemma2, eager, "cpu") == (eager, cpu_lines[1:])
 
 
 @pytest.mark.parametrize("family", [name for name in FAMILIES if name != "gemma2"])
@@ -44,10 +48,11 @@ def test_families_without_softcapping_train_as_configured(demo, family):
         assert family_settings(tiny_config(FAMILIES[family]), demo, device) == (demo, [])
 
 
-@pytest.mark.parametrize("attn", ["flash_attention_2", "flex_attention"])
-def test_a_kernel_that_cannot_train_on_cpu_is_refused_naming_the_knob(demo, attn):
-    chosen = demo.model_copy(update={"model": demo.model.model_copy(update={"attn_implementation": attn})})
-    with pytest.raises(PreflightError, match=rf"^model\.attn_implementation: {attn} cannot train on CPU"):
+def test_flash_attention_on_cpu_has_no_way_to_train_and_is_refused_naming_the_knob(demo):
+    chosen = demo.model_copy(
+        update={"model": demo.model.model_copy(update={"attn_implementation": "flash_attention_2"})}
+    )
+    with pytest.raises(PreflightError, match=r"^model\.attn_implementation: flash_attention_2 cannot train on CPU"):
         family_settings(tiny_config(FAMILIES["llama3"]), chosen, "cpu")
     assert family_settings(tiny_config(FAMILIES["llama3"]), chosen, "cuda") == (chosen, [])
 
@@ -91,11 +96,19 @@ def test_bad_yaml_and_a_missing_extra_are_one_line_each(tmp_path, capsys):
 
     recipe = tmp_path / "broken.yaml"
     recipe.write_text("name: broken\nmodel: {name_or_path: x\n")
-    flash = "model.attn_implementation=flash_attention_2"
+    gpu_flash = ["--set", "model.attn_implementation=flash_attention_2", "--set", "launch.backend=ddp"]
+    gpu_flash += ["--set", "launch.scheduler=slurm"]  # its nodes have the GPUs
     for args, expected in [
         (["run", str(recipe)], f"{recipe}:3:1: not valid YAML"),
         (["plan", str(recipe)], f"{recipe}:3:1: not valid YAML"),
-        (["run", "demo", "--set", flash], "flash_attention_2 needs flash-attn, not installed"),
+        (
+            ["run", "demo", *gpu_flash],
+            "flash_attention_2 needs flash-attn, not installed: pip install 'recipe-lab[gpu]'",
+        ),
+        (
+            ["run", "demo", "--set", "model.attn_implementation=flash_attention_2"],
+            "flash_attention_2 cannot train on CPU",
+        ),
     ]:
         with pytest.raises(SystemExit) as done:
             main(args)

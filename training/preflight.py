@@ -5,13 +5,13 @@ config, the optional packages its settings name, and what its model family needs
 knob, in seconds); the finetune flow calls it again in its own process before data prep and
 logs each setting it changed, one line each.
 
-Families: Gemma 2 caps attention scores (attn_logit_softcapping: cap * tanh(score / cap)) and
-its final logits (final_logit_softcapping). sdpa cannot cap scores (transformers refuses it, and
-packed rows run on sdpa), so a softcapping model trains on CPU with eager attention, padded
-(eager cannot keep packed samples apart), and on CUDA with flex_attention, to whose score_mod
-transformers hands the cap, packed. Final logits are capped inside the chunked loss
-(training.train). Only a combination with no way to train is refused: an attention kernel
-chosen explicitly that cannot run on the training device.
+Families: what trains a model's attention on each device is training.attention.training_kernel
+(the trainer's own choice); here it is said, one line per setting a family changes. Gemma 2 caps
+attention scores (attn_logit_softcapping: cap * tanh(score / cap)) and its final logits
+(final_logit_softcapping). sdpa cannot cap scores, so it trains on CPU with eager attention,
+padded (eager cannot keep packed samples apart), and on CUDA with flex_attention, to whose
+score_mod transformers hands the cap, packed; final logits are capped inside the chunked loss
+(training.train). Only a combination with no way to train is refused: flash_attention_2 on CPU.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Any, Literal
 from training.recipe import EMBEDDED, Recipe
 
 Device = Literal["cpu", "cuda"]
-GPU_KERNELS = ("flash_attention_2", "flex_attention")  # no training on CPU: flash needs CUDA, flex has no CPU backward
 
 
 class PreflightError(ValueError):
@@ -61,52 +60,39 @@ def training_device(recipe: Recipe) -> Device:
 
 
 def family_settings(config: Any, recipe: Recipe, device: Device) -> tuple[Recipe, list[str]]:
-    """The recipe with what the family of `config` (a transformers config, or None for none to
-    honour) needs on `device`, and one line per change or fact the run depends on; refuses a
-    kernel chosen explicitly that cannot train on `device`."""
-    attn = recipe.model.attn_implementation
-    if device == "cpu" and attn in GPU_KERNELS:
+    """The recipe to run with the model of `config` (a transformers config, or None for none to
+    honour) on `device`, and one line per setting its family changes; refuses a kernel chosen
+    explicitly that cannot train on `device`."""
+    requested = recipe.model.attn_implementation
+    if device == "cpu" and requested == "flash_attention_2":
         raise PreflightError(
-            f"model.attn_implementation: {attn} cannot train on CPU (this run's training device); "
+            "model.attn_implementation: flash_attention_2 cannot train on CPU (this run's training device); "
             "use sdpa or eager, or launch on GPUs"
         )
-    model, training, lines = {}, {}, []
+    lines, model = [], {}
     cap = getattr(config, "attn_logit_softcapping", None)
-    if cap and attn == "sdpa":
-        if device == "cuda" and _supports(config, "flex_attn"):
-            model["attn_implementation"] = "flex_attention"
-            why = "flex_attention applies the cap in its score_mod (transformers), and keeps packed samples apart"
-        else:
-            model["attn_implementation"] = "eager"
-            why = "eager applies the cap; it trains padded (it cannot keep packed samples apart)"
-        lines.append(
-            f"model.attn_implementation: sdpa -> {model['attn_implementation']}: {config.model_type} caps attention "
-            f"scores (attn_logit_softcapping {cap:g}), which sdpa cannot; {why}"
+    if cap and requested != "eager":
+        from training.attention import training_kernel  # torch: only for a family that needs it
+
+        kernel = training_kernel(requested, device, config)
+        how = (
+            "eager applies the cap, padded (it cannot keep packed samples apart)"
+            if kernel == "eager"
+            else f"{kernel} applies the cap (transformers' score_mod) and keeps packed samples apart"
         )
-    if model.get("attn_implementation", attn) == "eager" and recipe.training.packing:
-        training["packing"] = False
-        lines.append("training.packing: true -> false: eager attention cannot keep packed samples apart")
+        lines.append(
+            f"model.attn_implementation: {requested} -> {kernel} on {device}: {config.model_type} caps attention "
+            f"scores (attn_logit_softcapping {cap:g}), which {requested} cannot; {how}"
+        )
+        if not recipe.training.packing:  # unpacked, the trainer loads the kernel the recipe names
+            model["attn_implementation"] = kernel
     final_cap = getattr(config, "final_logit_softcapping", None)
     if final_cap and recipe.training.loss_chunk_tokens:
         lines.append(
             f"training.loss_chunk_tokens: {recipe.training.loss_chunk_tokens}, with {config.model_type}'s final-logit "
             f"softcapping ({final_cap:g}) applied inside the chunked loss"
         )
-    updated = recipe.model_copy(
-        update={
-            "model": recipe.model.model_copy(update=model),
-            "training": recipe.training.model_copy(update=training),
-        }
-    )
-    return updated, lines
-
-
-def _supports(config: Any, feature: str) -> bool:
-    """Whether transformers' causal-LM class of `config` declares `_supports_<feature>`."""
-    from transformers import AutoModelForCausalLM
-
-    model_class = AutoModelForCausalLM._model_mapping[type(config)]
-    return bool(getattr(model_class, f"_supports_{feature}", False))
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update=model)}), lines
 
 
 def missing_files(recipe: Recipe) -> list[str]:
@@ -124,9 +110,13 @@ def missing_files(recipe: Recipe) -> list[str]:
 
 def check(recipe: Recipe) -> tuple[Recipe, list[str]]:
     """The recipe to run and its lines (see family_settings), or a PreflightError naming the
-    first thing missing: a data file, a package a setting needs, the model's config."""
+    first thing missing: a data file, the model's config, a way to train it here, a package a
+    setting needs."""
     if missing := missing_files(recipe):
         raise PreflightError(f"{missing[0]}: no such file" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""))
+    # The lab's own model (a Llama built here) needs nothing of its family.
+    config = None if recipe.model.name_or_path.startswith(EMBEDDED) else model_config(recipe.model.name_or_path)
+    recipe, lines = family_settings(config, recipe, training_device(recipe))
     from training.tracking import missing_trackers
 
     if missing := missing_trackers(recipe):
@@ -137,6 +127,4 @@ def check(recipe: Recipe) -> tuple[Recipe, list[str]]:
         raise PreflightError(
             "model.attn_implementation: flash_attention_2 needs flash-attn, not installed: pip install 'recipe-lab[gpu]'"
         )
-    # The lab's own model (a Llama built here) needs nothing of its family.
-    config = None if recipe.model.name_or_path.startswith(EMBEDDED) else model_config(recipe.model.name_or_path)
-    return family_settings(config, recipe, training_device(recipe))
+    return recipe, lines
