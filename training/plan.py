@@ -122,9 +122,9 @@ def read_model_config(name_or_path: str) -> dict[str, Any]:
     local = Path(name_or_path) / "config.json"
     if local.is_file():
         return json.loads(local.read_text())
-    from transformers import AutoConfig
+    from training.preflight import model_config
 
-    return AutoConfig.from_pretrained(name_or_path).to_dict()
+    return model_config(name_or_path).to_dict()
 
 
 @dataclass

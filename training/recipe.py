@@ -39,7 +39,9 @@ class ModelConfig(Strict):
         "sdpa",
         description="sdpa (default), flash_attention_2 (the flash-attn extra) and flex_attention keep packed samples "
         "apart (training.packing); eager trains padded. Packed rows train on a varlen kernel on CUDA (sdpa: "
-        "flash-attn when it imports, else flex_attention) and on sdpa per sample on CPU; checkpoints keep this value.",
+        "flash-attn when it imports, else flex_attention) and on sdpa per sample on CPU; checkpoints keep this value. "
+        "sdpa cannot cap attention scores: a softcapping family (Gemma 2) gets eager on CPU and flex_attention on "
+        "CUDA instead, said in the run's log.",
     )
     chat_template: str | None = Field(
         None,
@@ -559,7 +561,9 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: dict[str, Any] |
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise RecipeError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
     try:

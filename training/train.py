@@ -62,6 +62,7 @@ from transformers.utils import logging as transformers_logging
 from training import attention, tracking
 from training.chat import apply_template, configure_generation
 from training.data import IGNORE_INDEX, TokenizedData, load_tokenized
+from training.lifetime import end_with_owner
 from training.plan import ModelShape, estimate_memory
 from training.precision import is_mixed, weights_dtype
 from training.recipe import CheckpointConfig, Recipe, TrainingConfig, WatchdogConfig, warmup_steps
@@ -198,9 +199,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk_tokens: int, logit_scale: float = 1.0
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    labels: torch.Tensor,
+    chunk_tokens: int,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Summed next-token cross-entropy of `head(hidden) * logit_scale`, `chunk_tokens` rows at a time.
+    """Summed next-token cross-entropy of `head(hidden) * logit_scale`, `chunk_tokens` rows at a time;
+    with `softcap` (Gemma 2's final_logit_softcapping) the logits are capped first, as the model's
+    own forward does: softcap * tanh(logits / softcap).
 
     Only the loss tokens are projected, and each chunk but the last is checkpointed: its logits
     (and their float32 copy) are freed after its forward and recomputed in backward, so at most
@@ -212,25 +220,30 @@ def chunked_cross_entropy(
     targets = labels[:, 1:].flatten()
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[:, :-1].flatten(0, 1)[keep], targets[keep]
-    if hidden.is_cuda and LIGER_CE is not None and logit_scale == 1.0 and not hasattr(head.weight, "ds_id"):
+    plain = logit_scale == 1.0 and softcap is None
+    if hidden.is_cuda and LIGER_CE is not None and plain and not hasattr(head.weight, "ds_id"):
         return LIGER_CE(reduction="sum")(head.weight, hidden, targets)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), chunk_tokens):
         end = start + chunk_tokens
         if end < len(targets):
             chunk = torch.utils.checkpoint.checkpoint(
-                _chunk_loss, hidden[start:end], head, targets[start:end], logit_scale, use_reentrant=False
+                _chunk_loss, hidden[start:end], head, targets[start:end], logit_scale, softcap, use_reentrant=False
             )
         else:
-            chunk = _chunk_loss(hidden[start:end], head, targets[start:end], logit_scale)
+            chunk = _chunk_loss(hidden[start:end], head, targets[start:end], logit_scale, softcap)
         total = total + chunk
     return total
 
 
-def _chunk_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, scale: float) -> torch.Tensor:
+def _chunk_loss(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, scale: float, softcap: float | None
+) -> torch.Tensor:
     logits = head(hidden).float()
     if scale != 1.0:  # Granite's logits_scaling, in place: no second float32 copy of the chunk's logits
         logits.mul_(scale)
+    if softcap is not None:  # Gemma 2's final-logit softcapping (tanh keeps its output for backward)
+        logits = torch.tanh(logits.div_(softcap)) * softcap
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
@@ -251,13 +264,12 @@ def use_chunked_loss(model: torch.nn.Module, chunk_tokens: int) -> None:
 
     The forward itself is replaced (before accelerate / DeepSpeed / FSDP wrap it), so the loss
     runs inside the wrapped forward, under its autocast, with the output weight gathered.
-    The decoder (`model.model`) is unchanged; Granite's logits_scaling is kept. Called without
-    labels (the checkpoint probe) it returns logits as before.
+    The decoder (`model.model`) is unchanged; Granite's logits_scaling and Gemma 2's final-logit
+    softcapping are kept. Called without labels (the checkpoint probe) it returns logits as before.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     logit_scale = 1.0 / getattr(model.config, "logits_scaling", 1.0)
-    if getattr(model.config, "final_logit_softcapping", None):
-        raise ValueError("training.loss_chunk_tokens does not support final_logit_softcapping models; set it to null")
+    softcap = getattr(model.config, "final_logit_softcapping", None)
 
     logits_forward = model.forward  # without labels (the checkpoint probe): the usual logits
 
@@ -269,7 +281,7 @@ def use_chunked_loss(model: torch.nn.Module, chunk_tokens: int) -> None:
         if labels is None:
             return logits_forward(**inputs, **attention_kwargs)
         out = decoder(**inputs, **attention_kwargs)
-        loss = chunked_cross_entropy(out.last_hidden_state, head, labels, chunk_tokens, logit_scale)
+        loss = chunked_cross_entropy(out.last_hidden_state, head, labels, chunk_tokens, logit_scale, softcap)
         return CausalLMOutputWithPast(loss=loss)
 
     model.forward = forward
@@ -903,6 +915,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="Path to the TrainJob JSON.")
     args = parser.parse_args(argv)
+    end_with_owner()  # a rank outlives no killed run (training.lifetime)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers_logging.disable_progress_bar()  # load/save bars would reach the run log as lines; steps are logged
     train(TrainJob.model_validate_json(Path(args.config).read_text()))
