@@ -10,9 +10,10 @@ import os
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from evaluation import mt_bench
+from evaluation.export import check_replaceable
 from evaluation.selection import CheckpointScore, Selection, best_reached, with_validation
 from tasks.export import export_model
 from tasks.finetune import (
@@ -31,7 +32,7 @@ from tasks.finetune import (
     write_report,
 )
 from tasks.tracking import track_phase_results
-from training import storage
+from training import preflight, storage
 from training.items import items_uri
 from training.recipe import Recipe, resolve
 
@@ -84,7 +85,13 @@ def finetune(
         smoke: shrink the recipe to a few CPU minutes on the embedded lab.
         run_id: reuse to resume a run: phases its manifest marks done are skipped.
     """
-    cfg = resolve(recipe, strategy, overrides, smoke)
+    # What the model's family needs on this run's device (training.preflight), one line per
+    # setting changed, before any data is prepared; what cannot run at all fails here.
+    cfg, settings = preflight.check(resolve(recipe, strategy, overrides, smoke))
+    for line in settings:
+        get_run_logger().info(line)
+    if cfg.export.to:
+        check_replaceable(cfg.export.to)  # refused now, not after the training
     run_id = run_id or default_run_id(cfg)
     root = os.path.abspath(storage_root) if storage.is_local(storage_root) else storage_root
     run_uri = storage.join(root, run_id)

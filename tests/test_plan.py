@@ -38,6 +38,20 @@ def llama_8b(tmp_path_factory) -> Path:
     return path
 
 
+def job_for(recipe, model_path: str, output_dir: str):
+    from training.train import TrainJob
+
+    return TrainJob(
+        run_id="r",
+        phase="phase00",
+        recipe=recipe,
+        model_path=model_path,
+        parent_checkpoint=model_path,
+        data_dir="d",
+        output_dir=output_dir,
+    )
+
+
 def test_parameter_count_matches_the_real_model():
     for config in (LLAMA_8B, {**LLAMA_8B, "num_hidden_layers": 2, "tie_word_embeddings": True}):
         with torch.device("meta"):
@@ -66,25 +80,95 @@ def test_plan_json_is_the_launch_as_written(llama_8b, tmp_path, capsys):
         sum(v for k, v in record["memory_gib"].items() if k != "total"), abs=0.01
     )
     from training.launch import write_launch_files
-    from training.train import TrainJob
 
     recipe = load_recipe("lab", {"model.name_or_path": str(llama_8b), "launch.num_processes": 8})
-    job = TrainJob(
-        run_id="r",
-        phase="phase00",
-        recipe=recipe,
-        model_path="m",
-        parent_checkpoint="m",
-        data_dir="d",
-        output_dir=str(tmp_path),
-    )
-    write_launch_files(job)
+    write_launch_files(job_for(recipe, "m", str(tmp_path)))
     assert (
         record["accelerate"]["num_processes"]
         == yaml.safe_load((tmp_path / "accelerate.yaml").read_text())["num_processes"]
         == 8
     )
     assert record["deepspeed"] == json.loads((tmp_path / "deepspeed.json").read_text())
+
+
+def test_plan_json_names_the_cuda_kernel_the_zero2_knobs_and_what_the_rolling_state_costs(llama_8b, capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "lab", "--gpus", "8", "--gpu-memory", "80", "--set", f"model.name_or_path={llama_8b}", "--json"])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["fits"] is True and record["attention_kernel"] in ("flash_attention_2", "flex_attention")
+    zero = record["deepspeed"]["zero_optimization"]
+    assert zero["stage"] == 2 and zero["overlap_comm"] is True
+    # DeepSpeed's own figure: overlap_comm holds 4.5x the reduce + allgather buckets (bf16 elements)
+    buffers = 4.5 * (zero["reduce_bucket_size"] + zero["allgather_bucket_size"]) * 2
+    assert record["memory_gib"]["communication buffers (ZeRO)"] == pytest.approx(buffers / GIB, abs=1e-3)
+    assert record["gradient_checkpointing"] is True  # auto: 254 GiB of activations without it
+    state = record["rolling_state"]
+    assert state["every_minutes"] == 30
+    # ZeRO-2 state: bf16 weights (2 bytes) + fp32 master, AdamW m and v (12 bytes) per parameter, all on one node
+    assert state["gib_per_save"] == pytest.approx(14 * record["params"] / GIB, abs=0.01)
+    assert state["seconds_per_save"] == pytest.approx(state["gib_per_save"] / state["write_gib_per_s"], abs=0.1)
+    assert state["grace_seconds"] >= state["seconds_per_save"] + state["seconds_per_step"]
+
+
+def test_the_schedulers_grace_period_is_the_plans(llama_8b):
+    from training.launch import node_env
+    from training.scheduler import render_sbatch
+
+    recipe = load_recipe("lab", {"model.name_or_path": str(llama_8b), "launch.scheduler": "slurm"})
+    plan, _ = plan_recipe(recipe)
+    grace = plan.rolling_state.grace_seconds
+    job = job_for(recipe, str(llama_8b), "/o")
+    script = render_sbatch(job)
+    assert f"#SBATCH --signal=TERM@{grace}" in script  # SIGTERM before the time limit, time to save
+    assert f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={grace}" in script  # torchrun's SIGKILL waits as long
+    env = node_env(recipe.launch, grace)
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in node_env(load_recipe("demo").launch, grace)  # CPU: no CUDA allocator
+
+
+def test_checkpointing_auto_is_on_only_when_the_run_would_not_fit_without_it():
+    llama_1b = {**LLAMA_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16}
+    shape = ModelShape.from_config(llama_1b)
+    for tokens in (4096, 32768):
+        recipe = load_recipe(
+            "lab",
+            {
+                "training.gradient_checkpointing": "auto",
+                "training.max_tokens_per_micro_batch": tokens,
+                "launch.backend": "ddp",
+                "launch.num_processes": 1,
+            },
+        )
+        without = estimate_memory(
+            load_recipe(recipe.model_dump(mode="json"), {"training.gradient_checkpointing": False}), shape
+        )
+        for gib in (40, 80):
+            auto = estimate_memory(recipe, shape, device_bytes=gib * GIB)
+            assert auto.checkpointing == (without.total > gib * GIB)
+            assert auto.activations == (
+                auto.activations_with_checkpointing if auto.checkpointing else without.activations
+            )
+    assert not estimate_memory(recipe, shape).checkpointing  # no GPU to fit: off
+
+
+def test_mfu_flops_count_every_matmul_but_the_embedding_lookup_and_attention_per_sample():
+    """FLOPs per step from an independent count: the real model's parameters (the tied head's
+    matmul counted once more, the embedding lookup not) and causal attention from each sample's
+    own length, never the packed row's."""
+    config = {**LLAMA_8B, "num_hidden_layers": 2, "tie_word_embeddings": True}
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**config))
+    embedding = model.get_input_embeddings().weight.numel()
+    matmul = sum(p.numel() for p in model.parameters()) - embedding + model.get_output_embeddings().weight.numel()
+    lengths = [100, 7, 1500]
+    width = config["num_attention_heads"] * config["hidden_size"] // config["num_attention_heads"]
+    attention = (
+        sum(3 * 2 * 2 * n * n * width / 2 for n in lengths) * config["num_hidden_layers"]
+    )  # QK, AV; fwd+bwd; causal
+    expected = 6 * matmul * sum(lengths) + attention
+    assert ModelShape.from_config(config).training_flops(lengths) == pytest.approx(expected, rel=1e-6)
+    row = sum(lengths)
+    assert ModelShape.from_config(config).training_flops(lengths) < ModelShape.from_config(config).training_flops([row])
 
 
 def test_a_misfit_is_refused_by_lab_run_before_anything_starts_naming_the_knob(llama_8b, tmp_path):
