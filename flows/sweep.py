@@ -39,7 +39,7 @@ from evaluation.selection import objective_value
 from flows.finetune import finetune
 from tasks.finetune import ModelRef, artifact_key, eval_uri, evaluate_model, init_run, prepare_data, train_phase
 from training import storage
-from training.data import phase_conversations
+from training.data import phase_conversations, validation_slice
 from training.recipe import Recipe, resolve
 
 PROBE_DEPLOYMENT = "sweep-probe/sweep-probe"
@@ -81,11 +81,13 @@ def rung_uri(run_uri: str, rung: int) -> str:
 
 @task(name="planned-samples")
 def planned_samples(cfg: Recipe) -> int:
-    """Samples a full run of the recipe trains: every phase's rows (and replay) x epochs."""
+    """Samples a full run of the recipe trains: every phase's rows but its held-out validation slice
+    (and replay) x epochs."""
     total = 0
     for i, phase in enumerate(cfg.phases):
         conversations, replay_pool, _ = phase_conversations(cfg.phases, i)
-        total += round((len(conversations) + round(phase.replay * len(replay_pool))) * cfg.training.epochs)
+        trained, _ = validation_slice(conversations, cfg.training.validation_samples)
+        total += round((len(trained) + round(phase.replay * len(replay_pool))) * cfg.training.epochs)
     return total
 
 

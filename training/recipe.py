@@ -190,7 +190,7 @@ class TrainingConfig(Strict):
         128,
         ge=0,
         description="Hold out this many of each phase's own samples (a fixed slice chosen by id, at most a "
-        "tenth of the phase; never trained on, listed in the manifest); the trainer scores their loss at the "
+        "tenth of the phase; never trained on in it, listed in the manifest); the trainer scores their loss at the "
         "start and at every checkpoint as `validation/loss` (a metric objectives and policy lowest_val_loss "
         "use; lower is better). More = a steadier loss, fewer samples to train on. 0 = none.",
     )
