@@ -169,9 +169,9 @@ def memory_plan(recipe, config: dict, on_gpu: bool):
 
 def ours(kernel: str, work: Path, model_dir: Path, config: dict, samples: list, args: argparse.Namespace, cap: float):
     """Our trainer through the real launch, stopped at `cap` seconds if not done."""
-    from training.launch import run_training
+    from training.job import TrainJob
+    from training.launch.local import run_training
     from training.plan import GIB
-    from training.train import TrainJob
 
     on_gpu = not args.dry_run
     recipe = run_recipe(str(model_dir), kernel, args.ebs, args.budget, args.dry_run)
@@ -323,7 +323,7 @@ def peer_worker(spec_file: Path, result: Path) -> None:
 
 
 def peak_flops() -> float | None:
-    from training.train import peak_bf16_flops
+    from training.logs import peak_bf16_flops
 
     return peak_bf16_flops(torch.device("cuda")) if torch.cuda.is_available() else None
 

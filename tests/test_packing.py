@@ -15,10 +15,11 @@ import torch
 from tests.test_step_equivalence import B, random_data, tiny_model
 from training import attention
 from training.data import IGNORE_INDEX, TokenizedData
-from training.launch import run_training
+from training.job import TrainJob
+from training.launch.local import run_training
 from training.recipe import load_recipe
 from training.sampler import equalise_counts, micro_batches, padded_tokens, plan_steps
-from training.train import TrainJob, collate, collate_packed, summed_token_loss
+from training.step import collate, collate_packed, summed_token_loss
 
 
 def test_packed_row_restarts_positions_and_masks_the_label_across_each_boundary():

@@ -20,9 +20,11 @@ import psutil
 import pytest
 import torch
 
-from training.launch import TrainingFailed, run_training
+from core.records import PREEMPTED
+from training.job import TrainJob
+from training.launch.files import TrainingFailed
+from training.launch.local import run_training
 from training.recipe import load_recipe
-from training.train import PREEMPTED, TrainJob
 
 pytestmark = pytest.mark.slow
 

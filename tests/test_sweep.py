@@ -102,8 +102,8 @@ def test_halving_stops_the_diverging_run_at_the_first_rung_and_resumes_the_other
     tmp_path, prefect_server, assets
 ):
     from flows.sweep import sweep
-    from training.launch import run_training
-    from training.train import TrainJob
+    from training.job import TrainJob
+    from training.launch.local import run_training
 
     data = tmp_path / "phase05-320.jsonl"
     with open(assets.train_file("phase05")) as f:

@@ -6,10 +6,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import get_scheduler
 
-from training.launch import TrainingFailed, run_training
+from core.records import FINISHED
+from training.job import TrainJob
+from training.launch.files import TrainingFailed
+from training.launch.local import run_training
 from training.recipe import load_recipe
-from training.train import FINISHED, TrainJob
 
 pytestmark = pytest.mark.slow
 
@@ -99,19 +103,20 @@ def test_logged_lr_follows_the_schedule(tmp_path, assets, small_data, schedule, 
     lrs = [m["lr"] for m in read_metrics(job)]
     peak, total = job.recipe.training.learning_rate, math.ceil(200 / job.recipe.training.effective_batch_size)
 
-    # The schedules' formulas, written out here (step s is 0-based; warmup reaches the peak on its last step).
-    def expected(s: int) -> float:
-        if s < warmup:
-            return peak * (s + 1) / warmup
-        progress = (s - warmup) / (total - warmup)
-        return {
-            "constant": peak,
-            "linear": peak * (1 - progress),
-            "cosine": peak * (1 + math.cos(math.pi * progress)) / 2,
-        }[schedule]
+    # The reference: transformers' own schedules. Their warmup runs step k of W at k/W (step 0 at
+    # rate 0); ours at (k+1)/W, reaching the peak on its last step: those steps are written out.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[schedule]
+    reference = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    expected = []
+    for _ in range(total):
+        expected.append(reference.get_last_lr()[0])
+        optimizer.step()
+        reference.step()
+    expected[:warmup] = [peak / 3, 2 * peak / 3, peak][:warmup]
 
     assert len(lrs) == total
-    assert lrs == pytest.approx([expected(s) for s in range(total)], rel=1e-9)
+    assert lrs == pytest.approx(expected, rel=1e-9)
 
 
 def test_a_failing_subprocess_raises_with_its_own_error_and_leaves_no_incomplete_checkpoint(
@@ -165,7 +170,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, assets, small_
     import signal
     import time
 
-    from training.launch import start_training
+    from training.launch.local import start_training
 
     settings = {
         "training.epochs": 2,

@@ -27,6 +27,7 @@ from typing import Any
 
 from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker
 
+from core.records import StepMetrics
 from training.recipe import Recipe
 
 TRACKERS_FILE = "trackers.json"  # the phase's tracker run ids, to reopen the same runs
@@ -107,10 +108,10 @@ def recipe_params(recipe: Recipe, run_id: str, phase: str) -> dict[str, str | in
     return params
 
 
-def step_metrics(record: dict[str, Any]) -> dict[str, float]:
+def step_metrics(record: StepMetrics) -> dict[str, float]:
     """One metrics.jsonl line as tracker scalars: every number but the step itself (the x axis)."""
     return {
         f"train/{key}": value
-        for key, value in record.items()
+        for key, value in record.model_dump().items()
         if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)
     }
