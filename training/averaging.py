@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from core import records
 from core.records import AveragedMeta, CheckpointMeta
 
@@ -21,6 +19,7 @@ def average_checkpoints(sources: list[Path], out: Path) -> Path:
     Summed in float32 and saved in the first source's dtype. Parameters are read through the
     model (tied weights counted once); buffers are the first source's (they are not trained).
     """
+    import torch  # here: the phase task imports this module, and only averaging touches a model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if len(sources) < 2:

@@ -23,12 +23,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
-
-from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker
+from typing import TYPE_CHECKING, Any
 
 from core.records import StepMetrics
 from training.recipe import Recipe
+
+if TYPE_CHECKING:
+    from accelerate.tracking import GeneralTracker
 
 TRACKERS_FILE = "trackers.json"  # the phase's tracker run ids, to reopen the same runs
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
@@ -52,6 +53,8 @@ def phase_trackers(recipe: Recipe, run_id: str, phase: str, phase_dir: Path) -> 
             f"training.report_to names {missing}, not installed here: pip install {' '.join(missing)} "
             "(or the project's `trackers` extra)"
         )
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker  # torch: only where trackers run
+
     trackers: list[GeneralTracker] = []
     for name in recipe.training.report_to:
         if name == "tensorboard":
