@@ -135,14 +135,16 @@ def run_seed(seed: int, root: Path) -> dict[str, Any]:
     test split; returns (and keeps in <root>/seed<k>/result.json) what the report needs."""
     from transformers import AutoTokenizer
 
+    from core.records import FINISHED
     from evaluation import paired
     from training import storage
     from training.averaging import average_checkpoints
     from training.chat import apply_template
     from training.data import phase_conversations, prepare
     from training.items import read_items
-    from training.launch import complete_checkpoints, run_training
-    from training.train import FINISHED, TrainJob
+    from training.job import TrainJob
+    from training.launch.checkpoints import complete_checkpoints
+    from training.launch.local import run_training
 
     work = root / f"seed{seed}"
     if (work / "result.json").exists():

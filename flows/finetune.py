@@ -121,7 +121,7 @@ def finetune(
             if not selection.gate.passed:
                 write_report(run_uri, run_id, cfg, [p.name for p in cfg.phases[: i + 1]])  # what it reached
                 raise GateFailed(f"phase {phase.name}: gate failed\n" + "\n".join(selection.gate.reasons))
-            manifest = mark_phase_done(run_uri, manifest, selection, stats["validation_ids"])
+            manifest = mark_phase_done(run_uri, manifest, selection, stats.validation_ids)
             # None: the start model or the average won; no checkpoint of this phase is needed
             kept = selection.winner.checkpoint if selection.winner.checkpoint in {c.uri for c in checkpoints} else None
             prune_phase_checkpoints(cfg, run_uri, phase.name, kept)

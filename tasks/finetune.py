@@ -25,30 +25,25 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from pydantic import BaseModel
 
+from core import records
+from core.records import FINISHED, TRAINED, ModelRef, PrepStats, ProgressEvent
 from evaluation import mt_bench, report, worker
 from evaluation.selection import CheckpointScore, Selection, gate_markdown, select
 from evaluation.worker import BackgroundEvaluator, EvalRequest
 from training import items, storage
 from training.averaging import average_checkpoints
 from training.chat import apply_template
-from training.data import PrepStats, phase_conversations, prepare
-from training.launch import (
-    TrainingFailed,
-    complete_checkpoints,
-    device_env,
-    keep_last_checkpoints,
-    prune_checkpoints,
-    run_training,
-    training_slots,
-    visible_gpus,
-)
+from training.data import phase_conversations, prepare
+from training.job import TrainJob
+from training.launch.checkpoints import complete_checkpoints, keep_last_checkpoints, prune_checkpoints
+from training.launch.devices import device_env, training_slots, visible_gpus
+from training.launch.files import TrainingFailed
+from training.launch.local import run_training
 from training.recipe import MTBenchConfig, PhaseConfig, Recipe
-from training.train import FINISHED, TrainJob
+from training.scheduler import run_scheduled
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINED = "trained.json"  # a phase's training finished: its checkpoints, written after everything else
 
 
 def artifact_key(*parts: str) -> str:
@@ -64,21 +59,6 @@ def code_version() -> str:
         return sha.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-class ModelRef(BaseModel):
-    """A model to evaluate or start from: a checkpoint, or the recipe's base model."""
-
-    name: str  # samples_<N>, avg_last<k> or "base"
-    uri: str
-    samples: int
-    averaged: bool = False  # the weight average of the phase's last checkpoints
-
-    @classmethod
-    def checkpoint(cls, uri: str) -> ModelRef:
-        """The checkpoint at `uri` (.../checkpoints/samples_<N>)."""
-        name = uri.rstrip("/").rsplit("/", 1)[-1]
-        return cls(name=name, uri=uri, samples=int(name.removeprefix("samples_")))
 
 
 def eval_uri(run_uri: str, phase: str, model_name: str, file: str = "lm_eval.json") -> str:
@@ -126,13 +106,13 @@ def mark_phase_done(
 
 
 @task(name="prepare-data")
-def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> dict[str, Any]:
+def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> PrepStats:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(storage.resolve_embedded(recipe.model.name_or_path))
     apply_template(tokenizer, recipe.model.chat_template, recipe.model.name_or_path)
     conversations, replay_pool, files = phase_conversations(recipe.phases, recipe.phases.index(phase))
-    stats: PrepStats = prepare(
+    stats = prepare(
         conversations,
         tokenizer,
         storage.join(run_uri, "data", phase.name),
@@ -150,7 +130,7 @@ def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> dict[str, 
         f"({stats.loss_tokens} with loss), dropped {stats.dropped_too_long} longer than {recipe.training.max_seq_len}; "
         f"{len(stats.validation_ids)} held out for validation/loss"
     )
-    return stats.to_dict()
+    return stats
 
 
 @task(name="train-phase", task_run_name="train-{run_id}-{phase.name}")
@@ -168,7 +148,7 @@ def train_phase(
     With `stop_after_samples` the run pauses there (a sweep's probe); the next call resumes it.
     Training writes into the phase's local directory (for a remote root, its mirror in the
     staging directory, which also keeps the rolling state for resume). Progress comes from
-    metrics.jsonl and each checkpoint from its meta.json (the run's files, not its output): with
+    progress.jsonl and each checkpoint from its meta.json (the run's files, not its output): with
     a remote root it is uploaded as soon as it is complete, and with `evaluation.devices` its
     evaluation starts in a worker process beside training (the start model's too, at launch,
     with `evaluate_start`); the task then returns when every evaluation is done, and fails with
@@ -176,8 +156,9 @@ def train_phase(
     re-run only uploads what is missing.
     """
     phase_uri = storage.join(run_uri, phase.name)
-    if storage.exists(storage.join(phase_uri, TRAINED)):
-        return [ModelRef.model_validate(m) for m in storage.read_json(storage.join(phase_uri, TRAINED))]
+    trained_uri = storage.join(phase_uri, TRAINED)
+    if storage.exists(trained_uri):
+        return records.parse(list[ModelRef], storage.read_text(trained_uri), trained_uri)
     logger = get_run_logger()
     local = storage.local_path(phase_uri)
     if (local / TRAINED).exists():
@@ -234,9 +215,10 @@ def train_phase(
 
     shown = 0.0  # the progress artifact's value: updated per whole percent, not per step (an API call each)
 
-    def on_metrics(record: dict[str, Any]) -> None:
+    def on_progress(event: ProgressEvent) -> None:
         nonlocal shown
-        percent = min(100.0, 100.0 * record["epoch"] / recipe.training.epochs)
+        logger.info(event.line(), extra={"progress": event})  # `lab` on a terminal draws it as a bar (flows.progress)
+        percent = min(100.0, 100.0 * event.epoch / recipe.training.epochs)
         if int(percent) > int(shown):
             shown = percent
             update_progress_artifact(progress, progress=percent)
@@ -261,7 +243,8 @@ def train_phase(
     if evaluate_start:
         evaluate(start)
     try:
-        run_training(job, on_line=logger.info, on_metrics=on_metrics, on_checkpoint=on_checkpoint)
+        launch = run_training if recipe.launch.scheduler == "local" else run_scheduled
+        launch(job, on_line=logger.info, on_progress=on_progress, on_checkpoint=on_checkpoint)
         for upload in uploads:
             upload.result()  # an upload error fails the task (a retry resumes the upload)
         if evaluator is not None:

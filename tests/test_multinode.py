@@ -14,10 +14,11 @@ import yaml
 
 from tests.k8s_double import KubernetesDouble
 from tests.stack import free_port
-from training.launch import launch_command, launch_env, run_training, write_launch_files
+from training.job import TrainJob
+from training.launch.config import launch_command, write_launch_files
+from training.launch.local import launch_env, run_training
 from training.recipe import RecipeError, load_recipe
 from training.scheduler import render_sbatch, render_trainjob, run_on_kubernetes
-from training.train import TrainJob
 
 
 def cluster(scheduler: str, mount_path: str = "/shared", **launch) -> dict:

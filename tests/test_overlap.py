@@ -6,12 +6,15 @@ started) against the mtime of the last checkpoint's meta.json (written at the la
 
 import json
 import os
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from training.launch import RunFiles, device_env
+from core.records import ProgressEvent, RecordError
+from training.launch.devices import device_env
+from training.launch.files import RunFiles
 
 PHASE = {
     "name": "phase00",
@@ -135,34 +138,46 @@ def test_device_split_gives_evaluation_its_own_share():
         device_env("cuda:0", ["0"])
 
 
-def test_run_files_report_whole_metric_lines_and_each_complete_checkpoint_once(tmp_path):
+def progress_line(step: int) -> str:
+    event = ProgressEvent(
+        step=step, total_steps=9, samples_seen=32 * step, epoch=0.1 * step, loss=1.0, grad_norm=1.0, lr=0.1
+    )
+    return event.model_dump_json() + "\n"
+
+
+def test_run_files_report_whole_progress_lines_and_each_complete_checkpoint_once(tmp_path):
     files = RunFiles(tmp_path)
-    assert files.new_metrics() == [] and files.new_checkpoints() == []
-    metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text('{"step": 1}\n{"step": 2}\n{"ste')  # the last line is being written
-    assert files.new_metrics() == [{"step": 1}, {"step": 2}]
-    with open(metrics, "a") as f:
-        f.write('p": 3}\n')
-    assert files.new_metrics() == [{"step": 3}]
+    assert files.new_progress() == [] and files.new_checkpoints() == []
+    progress = tmp_path / "progress.jsonl"
+    third = progress_line(3)
+    progress.write_text(progress_line(1) + progress_line(2) + third[:10])  # the last line is being written
+    assert [e.step for e in files.new_progress()] == [1, 2]
+    with open(progress, "a") as f:
+        f.write(third[10:])
+    assert [e.step for e in files.new_progress()] == [3]
     (tmp_path / "checkpoints" / "samples_64").mkdir(parents=True)
     assert files.new_checkpoints() == []  # no meta.json yet: incomplete
     (tmp_path / "checkpoints" / "samples_64" / "meta.json").write_text("{}")
     assert [p.name for p in files.new_checkpoints()] == ["samples_64"]
     assert files.new_checkpoints() == []
-    metrics.write_text('{"step": 1}\n')  # a resumed launch rewrote it
-    assert files.new_metrics() == [{"step": 1}]
+    progress.write_text(progress_line(1))  # a resumed launch rewrote it
+    assert [e.step for e in files.new_progress()] == [1]
+    with open(progress, "a") as f:
+        f.write('{"step": 2}\n')  # not a ProgressEvent: named by its line in the file
+    with pytest.raises(RecordError, match=re.escape(f"{progress}:2: total_steps: Field required")):
+        files.new_progress()
 
 
 def test_run_files_read_a_resumed_log_from_its_start_even_when_it_grew_past_the_old_offset(tmp_path):
     """A resumed launch keeps steps 1-2 and redoes 3 onwards; by the next poll its log can be
     longer than the one already read (seen in CI: a mid-line offset gave 'Extra data')."""
-    from training.train import open_jsonl
+    from training.logs import open_jsonl
 
     files = RunFiles(tmp_path)
-    metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(f'{{"step": {i}}}\n' for i in range(1, 5)))
-    assert [m["step"] for m in files.new_metrics()] == [1, 2, 3, 4]
-    with open_jsonl(metrics, keep_through_step=2) as log:
-        log.write("".join(f'{{"step": {i}, "loss": {i / 10}}}\n' for i in range(3, 6)))
-    assert [m["step"] for m in files.new_metrics()] == [1, 2, 3, 4, 5]
-    assert files.new_metrics() == []
+    progress = tmp_path / "progress.jsonl"
+    progress.write_text("".join(progress_line(i) for i in range(1, 5)))
+    assert [e.step for e in files.new_progress()] == [1, 2, 3, 4]
+    with open_jsonl(progress, ProgressEvent, keep_through_step=2) as log:
+        log.write("".join(progress_line(i) for i in range(3, 6)))
+    assert [e.step for e in files.new_progress()] == [1, 2, 3, 4, 5]
+    assert files.new_progress() == []

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from bench import selection as bench
+from core import records
+from tests.test_averaging import checkpoint_meta
 from training.averaging import average_checkpoints
 from training.items import write_items
 
@@ -37,8 +39,8 @@ def checkpoints(base, out):
         path = out / f"samples_{samples}"
         model.save_pretrained(path)
         AutoTokenizer.from_pretrained(base).save_pretrained(path)
-        meta = {"phase": "phase", "samples_seen": samples, "parent_checkpoint": str(base)}
-        (path / "meta.json").write_text(json.dumps(meta))  # written last: a complete checkpoint
+        meta = checkpoint_meta(samples)
+        (path / records.META).write_text(records.dumps(meta))  # written last: a complete checkpoint
         models.append((path.name, str(path), samples, False))
     averaged = average_checkpoints([out / f"samples_{s}" for s in (100, 200, 300)], out / "avg_last3")
     return [*models, ("avg_last3", str(averaged), 300, True)]

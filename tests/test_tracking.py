@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 
 from flows import serve
@@ -92,6 +93,14 @@ def test_report_to_tensorboard_mlflow_and_wandb(tmp_path, prefect_server, assets
     for key in logged:
         points = [(s.step, s.value) for s in events.Scalars(f"train/{key}")]
         assert points == [(m["step"], np.float32(m[key])) for m in metrics], key
+    # validation/loss at each checkpoint's step: the mean of its per-sample file
+    validation = {
+        step_of[int(f.name.removeprefix("samples_").removesuffix(".items.parquet"))]: pd.read_parquet(f)["value"].mean()
+        for f in (phase / "validation").glob("samples_*.items.parquet")
+    }
+    assert len(validation) == 3
+    points = [(s.step, s.value) for s in events.Scalars("validation/loss")]
+    assert points == [(step, pytest.approx(np.float32(loss))) for step, loss in sorted(validation.items())]
     objective = [(s.step, s.value) for s in events.Scalars("eval/objective")]
     assert sorted(objective) == sorted((step_of[c["samples"]], np.float32(c["objective"])) for c in scored.values())
 

@@ -527,9 +527,13 @@ def device_memory_bytes(gpu_memory_gib: float | None) -> int | None:
     """The stated GPU memory, else the memory of this machine's first GPU, else None (unknown)."""
     if gpu_memory_gib is not None:
         return int(gpu_memory_gib * GIB)
+    from training.launch.devices import cuda_device_count
+
+    if not cuda_device_count():
+        return None
     import torch
 
-    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    return torch.cuda.get_device_properties(0).total_memory
 
 
 def plan_recipe(
@@ -540,9 +544,9 @@ def plan_recipe(
     tokens_per_s_per_gpu: float | None = None,
 ) -> tuple[Plan, str]:
     """The plan of a resolved recipe and its rendering (what `lab plan` prints)."""
-    from training.launch import launch_files
+    from training.job import TrainJob
+    from training.launch.config import launch_files
     from training.storage import resolve_embedded
-    from training.train import TrainJob
 
     model_config = read_model_config(resolve_embedded(recipe.model.name_or_path))
     plan = make_plan(
