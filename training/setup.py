@@ -50,7 +50,7 @@ class Run:
     saves: set[int]  # steps after which a checkpoint is saved
     warmup: int
     to_batch: Callable[[list[int]], dict[str, torch.Tensor | int]]  # sample indices -> a micro-batch
-    validation: TokenizedData | None  # the held-out slice (training.validation)
+    validation: TokenizedData | None  # the held-out slice (training.validation_samples); None without one
     to_validation_batch: Callable[[list[int]], dict[str, torch.Tensor | int]]  # built like a training micro-batch
     sharded: bool  # ZeRO / FSDP: collectives in every forward and backward
     packed: bool  # one row per micro-batch
