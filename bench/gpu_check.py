@@ -138,7 +138,7 @@ def throughput(step_lengths: list[list[int]], step_seconds: list[float], config:
 
 def run_recipe(model_dir: str, kernel: str, ebs: int, budget: int, dry_run: bool):
     """The recipe of the runs: bf16 over float32 masters, packed, checkpointing as the plan says."""
-    from training.recipe import load_recipe
+    from core.recipe import load_recipe
 
     overrides = {
         "model.name_or_path": model_dir,

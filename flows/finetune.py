@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
+from core import storage
+from core.recipe import Recipe, resolve
 from evaluation.export import check_replaceable
 from evaluation.selection import CheckpointScore, Selection, best_reached
 from tasks.export import export_model
@@ -31,8 +33,7 @@ from tasks.finetune import (
     write_report,
 )
 from tasks.tracking import track_phase_results
-from training import preflight, storage
-from training.recipe import Recipe, resolve
+from training import preflight
 
 
 class GateFailed(RuntimeError):

@@ -145,7 +145,7 @@ def test_generated_answers_judged_scored_and_cached(tmp_path, assets, judge_key)
     assert all(len(a.turns) == 2 and all(isinstance(t, str) for t in a.turns) for a in answers)
 
     answer_by_id = {a.question_id: a for a in answers}
-    # Only the questions' renders (training.chat also renders a probe to find the end-of-turn token).
+    # Only the questions' renders (core.chat also renders a probe to find the end-of-turn token).
     conversations = [c for c in conversations if c[0]["content"] in {q.turns[0] for q in data.questions}]
     turn_2 = [c for c in conversations if len(c) == 3]
     assert len(turn_2) == len(data.questions) and len(conversations) == 2 * len(data.questions)

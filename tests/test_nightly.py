@@ -95,9 +95,9 @@ def test_nightly_passes_within_tolerance_and_fails_with_an_event_beyond_it(tmp_p
 
     # Tolerances from the recipe's measured seed spread: the same 0.2 drop is seed noise for a
     # recipe whose selected metric moved 0.2 .. 0.8 across seeds (tolerance 1.645 x sqrt2 x 0.3).
+    from core.recipe import resolve
     from evaluation.findings import regression_tolerance
     from tasks.nightly import fingerprint
-    from training.recipe import resolve
 
     spread = history.parent / "seed_spread.json"
     wide = regression_tolerance([0.2, 0.5, 0.8])

@@ -12,12 +12,12 @@ import random
 import pytest
 import torch
 
+from core.recipe import load_recipe
 from tests.test_step_equivalence import B, random_data, tiny_model
 from training import attention
 from training.data import IGNORE_INDEX, TokenizedData
 from training.job import TrainJob
 from training.launch.local import run_training
-from training.recipe import load_recipe
 from training.sampler import equalise_counts, micro_batches, padded_tokens, plan_steps
 from training.step import collate, collate_packed, summed_token_loss
 

@@ -11,9 +11,9 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from core.recipe import load_recipe
 from flows.cli import main
 from training.plan import GIB, ModelShape, estimate_memory, plan_recipe
-from training.recipe import load_recipe
 
 # Llama 3 8B's config.json (architecture only: no weights are needed to plan).
 LLAMA_8B = {

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
+from core.recipe import load_recipe
 from tests.conftest import REPO
 from tests.zoo import FAMILIES, tiny_config
 from training.preflight import PreflightError, family_settings
-from training.recipe import load_recipe
 
 
 @pytest.fixture(scope="module")

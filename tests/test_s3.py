@@ -176,7 +176,7 @@ def test_s3_run_killed_mid_upload_then_rerun_loses_and_duplicates_nothing(s3, tm
 def test_checkpoints_download_for_evaluation_refuse_when_incomplete_and_prune_meta_first(s3, tmp_path, monkeypatch):
     import fsspec
 
-    from training import storage
+    from core import storage
 
     monkeypatch.setenv("RECIPE_LAB_STAGING", str(tmp_path / "staging"))
     source = tmp_path / "ckpt"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from training.recipe import Recipe
+from core.recipe import Recipe
 
 
 class TrainJob(BaseModel):

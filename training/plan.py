@@ -48,8 +48,8 @@ from typing import Any
 
 import yaml
 
+from core.recipe import Recipe
 from training.precision import is_mixed, weights_dtype
-from training.recipe import Recipe
 
 GIB = 2**30
 CUDA_RUNTIME_BYTES = 2 * GIB  # CUDA context, cuBLAS / NCCL workspaces, allocator slack
@@ -252,7 +252,7 @@ KNOBS: list[tuple[str, Any]] = [
 
 def knobs_to_fit(recipe: Recipe, shape: ModelShape, device_bytes: int) -> dict[str, Any] | None:
     """Overrides (cumulative, in KNOBS order) that make the estimate fit; None if none do."""
-    from training.recipe import load_recipe
+    from core.recipe import load_recipe
 
     data = recipe.model_dump(mode="json")
     changes: dict[str, Any] = {}
@@ -506,7 +506,7 @@ def render(plan: Plan, launch_command: list[str], files: dict[str, str]) -> str:
 def count_samples(recipe: Recipe) -> int | None:
     """Samples in the recipe's data (all phases) when every file is reachable here as a local or
     embedded JSONL / Parquet file; None otherwise (the presets point at the user's own files)."""
-    from training.storage import resolve_embedded
+    from core.storage import resolve_embedded
 
     total = 0
     for phase in recipe.phases:
@@ -544,9 +544,9 @@ def plan_recipe(
     tokens_per_s_per_gpu: float | None = None,
 ) -> tuple[Plan, str]:
     """The plan of a resolved recipe and its rendering (what `lab plan` prints)."""
+    from core.storage import resolve_embedded
     from training.job import TrainJob
     from training.launch.config import launch_files
-    from training.storage import resolve_embedded
 
     model_config = read_model_config(resolve_embedded(recipe.model.name_or_path))
     plan = make_plan(

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from training.recipe import EMBEDDED, Recipe
+from core.recipe import EMBEDDED, Recipe
 
 Device = Literal["cpu", "cuda"]
 

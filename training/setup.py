@@ -21,15 +21,15 @@ from accelerate import Accelerator, FullyShardedDataParallelPlugin, InitProcessG
 from accelerate.tracking import GeneralTracker
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from core.chat import apply_template, configure_generation
+from core.recipe import Recipe, TrainingConfig, warmup_steps
 from training import attention, tracking
-from training.chat import apply_template, configure_generation
 from training.checkpoint import PROBE_TOKENS
 from training.data import TokenizedData, load_tokenized
 from training.job import TrainJob
 from training.logs import peak_bf16_flops
 from training.plan import ModelShape, estimate_memory
 from training.precision import is_mixed, weights_dtype
-from training.recipe import Recipe, TrainingConfig, warmup_steps
 from training.sampler import Step, plan_steps, save_points
 from training.step import collate, collate_packed, use_chunked_loss
 

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from core.recipe import LaunchConfig
 from core.records import ProgressEvent
 from training.job import TrainJob
 from training.launch.checkpoints import complete_checkpoints, remove_incomplete_checkpoints
@@ -24,7 +25,6 @@ from training.launch.config import node_env, write_launch_files
 from training.launch.devices import cuda_device_count, device_env, visible_gpus
 from training.launch.files import RunFiles, TrainingFailed, ended_how, forget_early_end
 from training.plan import preemption_grace_seconds
-from training.recipe import LaunchConfig
 
 
 def launch_env(launch: LaunchConfig, grace_s: int) -> dict[str, str]:
