@@ -40,6 +40,7 @@ from training.launch.checkpoints import complete_checkpoints, keep_last_checkpoi
 from training.launch.devices import device_env, training_slots, visible_gpus
 from training.launch.files import TrainingFailed
 from training.launch.local import run_training
+from training.plan import preemption_grace_seconds
 from training.scheduler import run_scheduled
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,16 +224,18 @@ def train_phase(
         uploads.append(uploader.submit(checkpoint_written, path.name))
         evaluate(ModelRef.checkpoint(storage.join(phase_uri, "checkpoints", path.name)))
 
+    model_path = storage.local_checkpoint(start.uri)
     job = TrainJob(
         run_id=run_id,
         phase=phase.name,
         recipe=recipe,
-        model_path=storage.local_checkpoint(start.uri),
+        model_path=model_path,
         parent_checkpoint=start.uri,
         data_dir=storage.join(run_uri, "data", phase.name),
         output_dir=str(local),
         code_version=code_version(),
         stop_after_samples=stop_after_samples,
+        grace_s=preemption_grace_seconds(recipe, model_path),
     )
     if evaluate_start:
         evaluate(start)

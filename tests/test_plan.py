@@ -111,16 +111,22 @@ def test_plan_json_names_the_cuda_kernel_the_zero2_knobs_and_what_the_rolling_st
 
 
 def test_the_schedulers_grace_period_is_the_plans(llama_8b):
+    from training.job import DEFAULT_GRACE_S
     from training.launch.config import node_env
+    from training.plan import preemption_grace_seconds
     from training.scheduler import render_sbatch
 
     recipe = load_recipe("lab", {"model.name_or_path": str(llama_8b), "launch.scheduler": "slurm"})
-    plan, _ = plan_recipe(recipe)
+    plan, text = plan_recipe(recipe)
     grace = plan.rolling_state.grace_seconds
-    job = job_for(recipe, str(llama_8b), "/o")
-    script = render_sbatch(job)
-    assert f"#SBATCH --signal=TERM@{grace}" in script  # SIGTERM before the time limit, time to save
-    assert f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={grace}" in script  # torchrun's SIGKILL waits as long
+    assert grace != DEFAULT_GRACE_S  # the model's own figure, not what a job without a model config gets
+    # The phase task's job gets its grace from the model at its path, as the plan does.
+    job = job_for(recipe, str(llama_8b), "/o").model_copy(
+        update={"grace_s": preemption_grace_seconds(recipe, str(llama_8b))}
+    )
+    for script in (render_sbatch(job), text):  # what the phase submits; what `lab plan` prints
+        assert f"#SBATCH --signal=TERM@{grace}" in script  # SIGTERM before the time limit, time to save
+        assert f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={grace}" in script  # torchrun's SIGKILL waits as long
     env = node_env(recipe.launch, grace)
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     assert "PYTORCH_CUDA_ALLOC_CONF" not in node_env(load_recipe("demo").launch, grace)  # CPU: no CUDA allocator

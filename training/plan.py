@@ -49,6 +49,7 @@ from typing import Any
 import yaml
 
 from core.recipe import Recipe
+from training.job import DEFAULT_GRACE_S, TrainJob
 from training.precision import is_mixed, weights_dtype
 
 GIB = 2**30
@@ -56,7 +57,6 @@ CUDA_RUNTIME_BYTES = 2 * GIB  # CUDA context, cuBLAS / NCCL workspaces, allocato
 OVERLAP_COMM_BUFFERS = 4.5  # DeepSpeed: overlap_comm holds ~4.5x the bucket sizes
 H100_BF16_FLOPS = 989e12
 GRACE_MARGIN_S = 60  # process exit, collective teardown, a slow file system's tail
-DEFAULT_GRACE_S = 600  # a run whose model config cannot be read (a scheduler's job rendered elsewhere)
 ASSUMED_MFU = 0.4
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -545,7 +545,6 @@ def plan_recipe(
 ) -> tuple[Plan, str]:
     """The plan of a resolved recipe and its rendering (what `lab plan` prints)."""
     from core.storage import resolve_embedded
-    from training.job import TrainJob
     from training.launch.config import launch_files
 
     model_config = read_model_config(resolve_embedded(recipe.model.name_or_path))
@@ -568,6 +567,7 @@ def plan_recipe(
         parent_checkpoint=recipe.model.name_or_path,
         data_dir=f"{root}/RUN_ID/data/{phase}",
         output_dir=f"{root}/RUN_ID/{phase}",
+        grace_s=plan.rolling_state.grace_seconds,
     )
     command, files = launch_files(job)
     plan.launch_command, plan.launch_files = command, {path.name: text for path, text in files.items()}
