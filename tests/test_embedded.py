@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import embedded
-from embedded import PHASES, EmbeddedAssets, build_assets
-from embedded.base_model import Pretraining, new_model, pretrain, train_tokenizer
+from embedded import PHASES, EmbeddedAssets, Pretraining, build_assets
+from embedded.base_model import new_model, pretrain, train_tokenizer
 from embedded.curriculum import INSTRUCTION_KINDS, build_curriculum, check_rule, instruction_item, jsonl
 from embedded.world import encyclopedia, make_world
 

@@ -132,6 +132,33 @@ def test_the_schedulers_grace_period_is_the_plans(llama_8b):
     assert "PYTORCH_CUDA_ALLOC_CONF" not in node_env(load_recipe("demo").launch, grace)  # CPU: no CUDA allocator
 
 
+# What a flow process and `lab plan` import, in a fresh interpreter: whether torch came along.
+TORCH_FREE = """
+import json, sys
+import flows.finetune, flows.sweep, flows.nightly
+flows_torch = "torch" in sys.modules
+from flows.cli import main
+try:
+    main(["plan", "demo", "--set", "launch.backend=ddp", "--gpus", "2", "--gpu-memory", "80", "--json"])
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({"flows": flows_torch, "plan": "torch" in sys.modules, "exit": code}))
+"""
+
+
+def test_the_flows_and_lab_plan_of_the_embedded_recipe_leave_torch_unimported(assets):
+    """torch is imported only where a model is touched: not by the flows' orchestration modules,
+    not by a plan of the embedded recipe on a described GPU node (assets built: a cache hit)."""
+    done = subprocess.run([sys.executable, "-c", TORCH_FREE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    *plan_output, last = done.stdout.strip().splitlines()
+    plan = json.loads(plan_output[-1])
+    assert (
+        plan["fits"] and plan["world_size"] == 2 and plan["attention_kernel"] in ("flash_attention_2", "flex_attention")
+    )
+    assert json.loads(last) == {"flows": False, "plan": False, "exit": 0}
+
+
 def test_checkpointing_auto_is_on_only_when_the_run_would_not_fit_without_it():
     llama_1b = {**LLAMA_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16}
     shape = ModelShape.from_config(llama_1b)

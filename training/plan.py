@@ -50,6 +50,7 @@ import yaml
 
 from core.recipe import Recipe
 from training.job import DEFAULT_GRACE_S, TrainJob
+from training.kernels import training_kernel
 from training.precision import is_mixed, weights_dtype
 
 GIB = 2**30
@@ -411,8 +412,6 @@ def make_plan(
     mean_tokens: float = 1024,
     tokens_per_s_per_gpu: float | None = None,
 ) -> Plan:
-    from training.attention import training_kernel
-
     shape = ModelShape.from_config(model_config)
     memory = estimate_memory(recipe, shape, device_bytes=device_bytes)
     if tokens_per_s_per_gpu is None:
@@ -484,7 +483,7 @@ def render(plan: Plan, launch_command: list[str], files: dict[str, str]) -> str:
     lines += [f"note: {note}" for note in m.notes]
     lines.append(
         f"attention on CUDA: {plan.attention_kernel} (model.attn_implementation {r.model.attn_implementation}; "
-        "training.attention.training_kernel)"
+        "training.kernels.training_kernel)"
     )
     cost = plan.rolling_state
     every = f"every {cost.every_minutes:g} min and on SIGTERM" if cost.every_minutes else "on SIGTERM only"
