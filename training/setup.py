@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from core.chat import apply_template, configure_generation
 from core.recipe import Recipe, TrainingConfig, warmup_steps
-from training import kernels, tracking
+from training import attention, kernels, tracking  # noqa: F401 (attention: registers sdpa_per_sample)
 from training.checkpoint import PROBE_TOKENS
 from training.data import TokenizedData, load_tokenized
 from training.job import TrainJob
