@@ -39,8 +39,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tasks.finetune  # noqa: E402
+from embedded import build_assets  # noqa: E402
 from tests.judge_server import JudgeServer  # noqa: E402
-from training.embedded import build_assets  # noqa: E402
 
 MT_BENCH_DATA = Path(__file__).resolve().parents[2] / "shared" / "mt_bench"
 

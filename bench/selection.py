@@ -78,7 +78,7 @@ def label(policy: str, params: dict[str, Any]) -> str:
 
 
 def recipe(seed: int, tasks: list[str]) -> Any:
-    from training.recipe import resolve
+    from core.recipe import resolve
 
     overrides = {
         "phases": [PHASE],
@@ -94,10 +94,10 @@ def recipe(seed: int, tasks: list[str]) -> Any:
 
 def score(cfg: Any, name: str, uri: str, samples: int, out: Path, averaged: bool = False) -> Any:
     """The model's scores on cfg's tasks, from <out> (lm-eval run once, then read back)."""
+    from core import storage
+    from core.items import items_uri
     from evaluation.selection import CheckpointScore
     from evaluation.worker import run_lm_eval
-    from training import storage
-    from training.items import items_uri
 
     result = storage.read_json(str(out)) if out.exists() else run_lm_eval(cfg, uri, samples, str(out))
     return CheckpointScore(
@@ -114,9 +114,9 @@ def score(cfg: Any, name: str, uri: str, samples: int, out: Path, averaged: bool
 def scores_and_picks(cfg: Any, models: list[tuple[str, str, int, bool]], work: Path) -> list[Any]:
     """Score (name, uri, samples, averaged) models on the selection split into <work>/eval/, write
     every policy's pick to <work>/picks.json, return the scores. Nothing here reads a test split."""
+    from core import storage
+    from core.recipe import SelectionConfig
     from evaluation.selection import select, with_validation
-    from training import storage
-    from training.recipe import SelectionConfig
 
     scores = [score(cfg, n, u, s, work / "eval" / n / "lm_eval.json", a) for n, u, s, a in models]
     scores = [with_validation(s, str(work), "phase", s.name) for s in scores]  # the trainer's validation/loss
@@ -135,13 +135,13 @@ def run_seed(seed: int, root: Path) -> dict[str, Any]:
     test split; returns (and keeps in <root>/seed<k>/result.json) what the report needs."""
     from transformers import AutoTokenizer
 
+    from core import storage
+    from core.chat import apply_template
+    from core.items import read_items
     from core.records import FINISHED
     from evaluation import paired
-    from training import storage
     from training.averaging import average_checkpoints
-    from training.chat import apply_template
     from training.data import phase_conversations, prepare
-    from training.items import read_items
     from training.job import TrainJob
     from training.launch.checkpoints import complete_checkpoints
     from training.launch.local import run_training
@@ -246,8 +246,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.fresh_seeds < 2:
         parser.error("--fresh-seeds must be at least 2 (a paired interval needs a spread)")
-    from training.embedded import build_assets, default_cache_dir
-    from training.recipe import SelectionConfig
+    from core.recipe import SelectionConfig
+    from embedded import build_assets, default_cache_dir
 
     started = time.perf_counter()
     build_assets(progress=print)
@@ -282,7 +282,7 @@ def main() -> None:
     print(f"default policy (lowest mean regret on seeds 0-4): {chosen[default]}")
     shipped = SelectionConfig()
     if label(shipped.policy, {k: getattr(shipped, k) for k in settings(shipped.policy)[0]}) != chosen[default]:
-        print(f"WARNING: selection.policy's default in training/recipe.py differs: {shipped.policy}")
+        print(f"WARNING: selection.policy's default in core/recipe.py differs: {shipped.policy}")
 
     policies, versus = {}, {}
     print(f"\nfresh seeds {seeds[len(TUNING_SEEDS)]}-{seeds[-1]} (K = {len(fresh)})")

@@ -25,10 +25,10 @@ from typing import Any
 
 import yaml
 
+from core import items, storage
+from core.chat import apply_template, configure_generation
+from core.recipe import EvaluationConfig
 from evaluation.device import load_causal_lm
-from training import items, storage
-from training.chat import apply_template, configure_generation
-from training.recipe import EvaluationConfig
 
 LAB_TASKS = ("lab_instruction", "lab_knowledge", "lab_skills")
 # The same tasks on each phase's test split (test.jsonl): never in a recipe's selection, only for

@@ -4,7 +4,7 @@ Two checkpoints of one run answer the same evaluation items, and most items they
 right or both wrong. Their scores' difference is therefore far less noisy than two independent
 scores' errors suggest: the paired difference keeps only the items where they differ.
 
-Per metric k (the per-item records of training/items.py), on the items both models have:
+Per metric k (the per-item records of core/items.py), on the items both models have:
 
     d_i = a_i - b_i,     mean(d_k),     var(d_k) = sample variance (ddof 1),     n_k = shared items
 

@@ -49,10 +49,10 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 from pydantic import BaseModel, Field
 
+from core import storage
+from core.items import SUFFIX, read_items
+from core.recipe import PhaseConfig, SelectionConfig
 from evaluation.paired import Difference, difference, per_metric, t_interval
-from training import storage
-from training.items import SUFFIX, read_items
-from training.recipe import PhaseConfig, SelectionConfig
 
 LOWER_IS_BETTER = frozenset({"validation/loss"})
 
@@ -63,7 +63,7 @@ class CheckpointScore(BaseModel):
     samples: int = Field(description="Samples seen in this phase when it was saved (0 for the start).")
     metrics: dict[str, float]
     stderr: dict[str, float] = Field(default_factory=dict)
-    items: list[str] = Field(default_factory=list, description="URIs of its per-item records (training/items.py).")
+    items: list[str] = Field(default_factory=list, description="URIs of its per-item records (core/items.py).")
     averaged: bool = Field(False, description="The weight average of the phase's last checkpoints.")
     objective: float | None = None
     objective_stderr: float | None = Field(None, description="From its per-item records: sqrt(sum w^2 var/n).")

@@ -14,9 +14,9 @@ from typing import Any
 
 from prefect import flow
 
+from core import storage
+from core.recipe import load_recipe, resolve
 from tasks.finetune import ModelRef, eval_uri, evaluate_model
-from training import storage
-from training.recipe import load_recipe, resolve
 
 
 @flow(name="evaluate")

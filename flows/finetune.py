@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
+from core import storage
+from core.items import items_uri
+from core.recipe import Recipe, resolve
 from evaluation import mt_bench
 from evaluation.export import check_replaceable
 from evaluation.selection import CheckpointScore, Selection, best_reached, with_validation
@@ -32,9 +35,7 @@ from tasks.finetune import (
     write_report,
 )
 from tasks.tracking import track_phase_results
-from training import preflight, storage
-from training.items import items_uri
-from training.recipe import Recipe, resolve
+from training import preflight
 
 
 class GateFailed(RuntimeError):

@@ -22,14 +22,14 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
+from core import storage
+from core.items import read_items
 from evaluation import findings as rules
 from evaluation import paired, report
 from evaluation.pruning import PRUNERS
 from evaluation.selection import Selection
 from flows.finetune import finetune
 from flows.sweep import sweep
-from training import storage
-from training.items import read_items
 
 KNOWLEDGE = {
     "phases": [

@@ -23,7 +23,7 @@ from typing import IO
 
 import httpx
 
-from training import storage
+from core import storage
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"

@@ -32,7 +32,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from core import records
+from core import records, storage
+from core.recipe import Recipe, resolve
 from core.records import StepMetrics, Stopped
 from evaluation import report
 from evaluation.dynamics import early_dynamics
@@ -40,9 +41,7 @@ from evaluation.pruning import PRUNERS, Pruner, PrunerValidation, RungResult, lo
 from evaluation.selection import objective_value
 from flows.finetune import finetune
 from tasks.finetune import ModelRef, artifact_key, eval_uri, evaluate_model, init_run, prepare_data, train_phase
-from training import storage
 from training.data import phase_conversations, validation_slice
-from training.recipe import Recipe, resolve
 
 PROBE_DEPLOYMENT = "sweep-probe/sweep-probe"
 FINISH_DEPLOYMENT = "finetune/sweep-run"

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import transformers
 
+from core.recipe import EvaluationConfig
 from evaluation.lm_eval_runner import LAB_TASKS, evaluate_checkpoint, flatten_results, write_lab_tasks
-from training.recipe import EvaluationConfig
 
 pytestmark = pytest.mark.slow
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.recipe import RecipeError, load_recipe
 from tests.k8s_double import KubernetesDouble
 from tests.stack import free_port
 from training.job import TrainJob
 from training.launch.config import launch_command, write_launch_files
 from training.launch.local import launch_env, run_training
-from training.recipe import RecipeError, load_recipe
 from training.scheduler import render_sbatch, render_trainjob, run_on_kubernetes
 
 

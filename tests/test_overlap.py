@@ -100,8 +100,8 @@ def test_the_evaluation_worker_serves_the_next_evaluator_with_the_same_environme
     (same environment) gets the same process, whose output then goes to that phase's log; another
     environment gets a worker of its own. Scores do not depend on which worker ran them, and a
     done evaluator's kill (a later error in its phase) spares the worker it handed on."""
+    from core.recipe import resolve
     from evaluation.worker import BackgroundEvaluator, EvalRequest
-    from training.recipe import resolve
 
     recipe = resolve("demo", overrides={"evaluation.tasks": ["lab_instruction"], "evaluation.limit": 4})
 

@@ -20,12 +20,12 @@ import psutil
 import pytest
 import torch
 
+from core.recipe import load_recipe
 from core.records import PREEMPTED
 from tests.waiting import poll
 from training.job import TrainJob
 from training.launch.files import TrainingFailed
 from training.launch.local import run_training
-from training.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.recipe import PhaseConfig, SelectionConfig
 from evaluation.paired import PairingError
 from evaluation.selection import CheckpointScore, SelectionError, best_reached, gate_markdown, select
-from training.recipe import PhaseConfig, SelectionConfig
 
 T975 = {199: 1.971957, 99: 1.984217}  # Student's t, 97.5th percentile (printed tables)
 METRIC = "k/acc"

@@ -9,9 +9,9 @@ import torch
 
 from bench import selection as bench
 from core import records
+from core.items import write_items
 from tests.test_averaging import checkpoint_meta
 from training.averaging import average_checkpoints
-from training.items import write_items
 
 pytestmark = pytest.mark.slow
 

@@ -48,15 +48,16 @@ from typing import Any
 
 import yaml
 
+from core.recipe import Recipe
+from training.job import DEFAULT_GRACE_S, TrainJob
+from training.kernels import training_kernel
 from training.precision import is_mixed, weights_dtype
-from training.recipe import Recipe
 
 GIB = 2**30
 CUDA_RUNTIME_BYTES = 2 * GIB  # CUDA context, cuBLAS / NCCL workspaces, allocator slack
 OVERLAP_COMM_BUFFERS = 4.5  # DeepSpeed: overlap_comm holds ~4.5x the bucket sizes
 H100_BF16_FLOPS = 989e12
 GRACE_MARGIN_S = 60  # process exit, collective teardown, a slow file system's tail
-DEFAULT_GRACE_S = 600  # a run whose model config cannot be read (a scheduler's job rendered elsewhere)
 ASSUMED_MFU = 0.4
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -252,7 +253,7 @@ KNOBS: list[tuple[str, Any]] = [
 
 def knobs_to_fit(recipe: Recipe, shape: ModelShape, device_bytes: int) -> dict[str, Any] | None:
     """Overrides (cumulative, in KNOBS order) that make the estimate fit; None if none do."""
-    from training.recipe import load_recipe
+    from core.recipe import load_recipe
 
     data = recipe.model_dump(mode="json")
     changes: dict[str, Any] = {}
@@ -411,8 +412,6 @@ def make_plan(
     mean_tokens: float = 1024,
     tokens_per_s_per_gpu: float | None = None,
 ) -> Plan:
-    from training.attention import training_kernel
-
     shape = ModelShape.from_config(model_config)
     memory = estimate_memory(recipe, shape, device_bytes=device_bytes)
     if tokens_per_s_per_gpu is None:
@@ -484,7 +483,7 @@ def render(plan: Plan, launch_command: list[str], files: dict[str, str]) -> str:
     lines += [f"note: {note}" for note in m.notes]
     lines.append(
         f"attention on CUDA: {plan.attention_kernel} (model.attn_implementation {r.model.attn_implementation}; "
-        "training.attention.training_kernel)"
+        "training.kernels.training_kernel)"
     )
     cost = plan.rolling_state
     every = f"every {cost.every_minutes:g} min and on SIGTERM" if cost.every_minutes else "on SIGTERM only"
@@ -506,7 +505,7 @@ def render(plan: Plan, launch_command: list[str], files: dict[str, str]) -> str:
 def count_samples(recipe: Recipe) -> int | None:
     """Samples in the recipe's data (all phases) when every file is reachable here as a local or
     embedded JSONL / Parquet file; None otherwise (the presets point at the user's own files)."""
-    from training.storage import resolve_embedded
+    from core.storage import resolve_embedded
 
     total = 0
     for phase in recipe.phases:
@@ -544,9 +543,8 @@ def plan_recipe(
     tokens_per_s_per_gpu: float | None = None,
 ) -> tuple[Plan, str]:
     """The plan of a resolved recipe and its rendering (what `lab plan` prints)."""
-    from training.job import TrainJob
+    from core.storage import resolve_embedded
     from training.launch.config import launch_files
-    from training.storage import resolve_embedded
 
     model_config = read_model_config(resolve_embedded(recipe.model.name_or_path))
     plan = make_plan(
@@ -568,6 +566,7 @@ def plan_recipe(
         parent_checkpoint=recipe.model.name_or_path,
         data_dir=f"{root}/RUN_ID/data/{phase}",
         output_dir=f"{root}/RUN_ID/{phase}",
+        grace_s=plan.rolling_state.grace_seconds,
     )
     command, files = launch_files(job)
     plan.launch_command, plan.launch_files = command, {path.name: text for path, text in files.items()}

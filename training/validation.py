@@ -2,7 +2,7 @@
 
 training.data.prepare writes the slice to <data>/validation.parquet (never trained on in the phase).
 The loop scores it on the start model and at every checkpoint; each sample's mean next-token loss
-goes to <phase>/validation/<model>.items.parquet (training.items), their mean to the checkpoint's
+goes to <phase>/validation/<model>.items.parquet (core.items), their mean to the checkpoint's
 meta.json and the trackers. Selection reads the per-item files (a lower-is-better metric).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from training import items, storage
+from core import items, storage
 from training.data import VALIDATION_FILE, TokenizedData, load_tokenized
 from training.step import on_device, summed_token_loss
 

@@ -8,7 +8,7 @@ Columns: task (str), metric (str, the full "task/metric" key the objective uses)
 stable across a run's checkpoints), value (float64). A file is written whole (a temporary file,
 then a rename) before the result file it belongs to, so a result file never lacks its items.
 Paired comparisons (evaluation/paired.py) read them; training/ writes the validation ones, which
-is why the format lives here and not in evaluation/.
+is why the format lives in core/ (below both) and not in evaluation/.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from training import storage
+from core import storage
 
 SCHEMA = pa.schema([("task", pa.string()), ("metric", pa.string()), ("item", pa.string()), ("value", pa.float64())])
 SUFFIX = ".items.parquet"
