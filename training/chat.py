@@ -156,8 +156,12 @@ def configure_generation(model: Any, tokenizer: Any) -> None:
     """Generation stops at the template's end-of-turn token(s) and at EOS, and pads with a real
     id: set on the model's generation_config, so every checkpoint saved from it (and every
     export copying its generation_config.json) stops where its answers end."""
-    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
-    model.generation_config.pad_token_id = pad_token_id(tokenizer, model.config)
+    model.generation_config.update(**generation_settings(tokenizer, model.config))
+
+
+def generation_settings(tokenizer: Any, config: Any) -> dict[str, Any]:
+    """The generation_config fields that end answers where the template ends a turn."""
+    return {"eos_token_id": stop_token_ids(tokenizer), "pad_token_id": pad_token_id(tokenizer, config)}
 
 
 def _located(text: str, content: str, start: int) -> tuple[int, int] | None:

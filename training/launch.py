@@ -37,6 +37,10 @@ class TrainingFailed(RuntimeError):
     """The training subprocess exited non-zero; the message holds its last output lines."""
 
 
+class TrainingStopped(RuntimeError):
+    """The caller asked the training to stop (its `stop` event); the training group was killed."""
+
+
 def deepspeed_config(recipe: Recipe) -> dict:
     """DeepSpeed's JSON for the recipe.
 
@@ -156,15 +160,50 @@ def device_env(devices: str, visible: list[str]) -> tuple[dict[str, str], dict[s
     return {"CUDA_VISIBLE_DEVICES": ",".join(training)}, {"CUDA_VISIBLE_DEVICES": ",".join(evaluation)}
 
 
-def training_slots(launch: LaunchConfig, evaluation_devices: str) -> list[dict[str, str]]:
+def training_launch(recipe: Recipe) -> LaunchConfig:
+    """The launch training runs. launch.num_processes counts the node's GPUs; those that
+    evaluation.devices reserves ('cuda:7' of eight) train no rank, so training runs the others
+    (7): accelerate's num_processes and DeepSpeed's batch follow, and the effective batch, split
+    across the ranks by the sampler, stays exact."""
+    devices, launch = recipe.evaluation.devices, recipe.launch
+    if not devices or not devices.startswith("cuda:"):
+        return launch
+    reserved = [int(i) for i in devices.removeprefix("cuda:").split(",")]
+    if max(reserved) >= launch.num_processes:
+        raise ValueError(
+            f"evaluation.devices {devices!r}: the node has launch.num_processes {launch.num_processes} GPUs "
+            f"(cuda:0 to cuda:{launch.num_processes - 1})"
+        )
+    if len(set(reserved)) >= launch.num_processes:
+        raise ValueError(f"evaluation.devices {devices!r} takes every GPU of the node; none is left to train")
+    return launch.model_copy(update={"num_processes": launch.num_processes - len(set(reserved))})
+
+
+def training_recipe(recipe: Recipe) -> Recipe:
+    """The recipe with the launch training runs (`training_launch`)."""
+    return recipe.model_copy(update={"launch": training_launch(recipe)})
+
+
+def training_devices(recipe: Recipe, visible: list[str]) -> dict[str, str]:
+    """The training launch's environment update: with GPUs reserved for evaluation, the others of
+    the node's `visible` GPUs, as many as it has ranks."""
+    devices = recipe.evaluation.devices
+    if not devices or not devices.startswith("cuda:"):
+        return {}
+    ranks = training_launch(recipe).num_processes
+    training = device_env(devices, visible[: recipe.launch.num_processes])[0]["CUDA_VISIBLE_DEVICES"].split(",")
+    return {"CUDA_VISIBLE_DEVICES": ",".join(training[:ranks])}
+
+
+def training_slots(recipe: Recipe, visible: list[str]) -> list[dict[str, str]]:
     """What training leaves free when it ends, as environment updates for one evaluation worker
     per local rank: its GPU when it trained on GPUs, else one CPU thread each."""
-    gpus = visible_gpus()
-    if gpus:
-        training = device_env(evaluation_devices, gpus)[0].get("CUDA_VISIBLE_DEVICES", ",".join(gpus))
-        return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in training.split(",")[: launch.num_processes]]
+    ranks = training_launch(recipe).num_processes
+    if visible:
+        gpus = training_devices(recipe, visible).get("CUDA_VISIBLE_DEVICES", ",".join(visible[:ranks]))
+        return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in gpus.split(",")]
     threads = os.environ.get("OMP_NUM_THREADS", "1")
-    return [{"OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": ""}] * launch.num_processes
+    return [{"OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": ""}] * ranks
 
 
 def visible_gpus() -> list[str]:
@@ -271,12 +310,13 @@ def launch_files(
     output_dir = Path(job.output_dir)
     job_file, config_file = output_dir / "job.json", output_dir / "accelerate.yaml"
     files = {job_file: job.model_dump_json(indent=2)}
+    recipe = training_recipe(job.recipe)  # the node's GPUs less those evaluation reserves
     ds_file = None
-    if job.recipe.launch.backend == "deepspeed":
+    if recipe.launch.backend == "deepspeed":
         ds_file = output_dir / "deepspeed.json"
-        files[ds_file] = json.dumps(deepspeed_config(job.recipe), indent=2) + "\n"
-    files[config_file] = yaml.safe_dump(accelerate_config(job.recipe.launch, ds_file, autocast_mode(job.recipe)))
-    return launch_command(config_file, job_file, job.recipe.launch, python, node), files
+        files[ds_file] = json.dumps(deepspeed_config(recipe), indent=2) + "\n"
+    files[config_file] = yaml.safe_dump(accelerate_config(recipe.launch, ds_file, autocast_mode(recipe)))
+    return launch_command(config_file, job_file, recipe.launch, python, node), files
 
 
 def write_launch_files(
@@ -294,9 +334,7 @@ def start_training(job: TrainJob) -> subprocess.Popen:
     """Start the launch in its own process group (session), so that all ranks can be killed
     at once. GPUs that `evaluation.devices` gives to evaluation are hidden from it."""
     env = launch_env(job.recipe.launch)
-    devices = job.recipe.evaluation.devices
-    if devices and devices.startswith("cuda:"):
-        env.update(device_env(devices, visible_gpus())[0])
+    env.update(training_devices(job.recipe, visible_gpus()))
     return subprocess.Popen(
         write_launch_files(job),
         stdout=subprocess.PIPE,
@@ -361,9 +399,11 @@ def run_training(
     on_metrics: Callable[[dict], None] | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
     poll_s: float = 0.5,
+    stop: threading.Event | None = None,
 ) -> list[Path]:
     """Launch one phase's training (resuming from its rolling state if there is one), stream
-    its output to `on_line`, and return its complete checkpoints. Raises TrainingFailed.
+    its output to `on_line`, and return its complete checkpoints. Raises TrainingFailed, or
+    TrainingStopped when `stop` is set (checked every `poll_s`).
 
     Progress and checkpoints are read from the run's files every `poll_s`: `on_metrics` gets
     each new metrics.jsonl record, `on_checkpoint` each checkpoint whose meta.json landed
@@ -409,6 +449,8 @@ def run_training(
             except subprocess.TimeoutExpired:
                 if deadline is not None and time.monotonic() > deadline:
                     raise
+                if stop is not None and stop.is_set():
+                    raise TrainingStopped(f"training of phase {job.phase} stopped by its run") from None
                 files.report(on_metrics, on_checkpoint)
         reader.join()
         files.report(on_metrics, on_checkpoint)  # what the last poll missed

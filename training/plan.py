@@ -31,18 +31,22 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from training.precision import is_mixed, weights_dtype
 from training.recipe import Recipe
 
+if TYPE_CHECKING:
+    from training.placement import EvaluationPlan
+
 GIB = 2**30
 CUDA_RUNTIME_BYTES = 2 * GIB  # CUDA context, cuBLAS / NCCL workspaces, allocator slack
 DEEPSPEED_BUCKET_BYTES = 2 * 500_000_000  # ZeRO's default reduce bucket, 5e8 elements in bf16
 H100_BF16_FLOPS = 989e12
 ASSUMED_MFU = 0.4
+DEFAULT_MEAN_TOKENS = 1024  # tokens per sample when the data is not at hand (`--mean-tokens`)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -228,6 +232,7 @@ class Plan:
     fix: dict[str, Any] | None = None
     launch_command: list[str] = field(default_factory=list)
     launch_files: dict[str, str] = field(default_factory=dict)  # file name -> text, as launch writes them
+    evaluation: EvaluationPlan | None = None  # where checkpoints are evaluated (training.placement)
 
     @property
     def fits(self) -> bool:
@@ -253,6 +258,7 @@ class Plan:
             "deepspeed": json.loads(self.launch_files["deepspeed.json"])
             if "deepspeed.json" in self.launch_files
             else None,
+            "evaluation": None if self.evaluation is None else self.evaluation.model_dump(mode="json"),
         }
 
     def refusal(self) -> str:
@@ -263,6 +269,12 @@ class Plan:
             return head + "; no single setting fixes it: use more GPUs (launch.num_processes / num_machines)"
         sets = " ".join(f"--set {k}={json.dumps(v)}" for k, v in self.fix.items())
         return f"{head}; it fits with: {sets}  (`lab plan` shows the breakdown)"
+
+
+def assumed_tokens_per_s(recipe: Recipe, shape: ModelShape) -> float:
+    """Training tokens/s per GPU at ASSUMED_MFU (6 FLOPs per parameter and token, 8 with recomputation)."""
+    recompute = 4 / 3 if recipe.training.gradient_checkpointing else 1.0  # one more forward
+    return ASSUMED_MFU * H100_BF16_FLOPS / (6 * shape.params * recompute)
 
 
 def make_plan(
@@ -276,8 +288,7 @@ def make_plan(
     shape = ModelShape.from_config(model_config)
     memory = estimate_memory(recipe, shape)
     if tokens_per_s_per_gpu is None:
-        recompute = 4 / 3 if recipe.training.gradient_checkpointing else 1.0  # one more forward
-        tokens_per_s_per_gpu = ASSUMED_MFU * H100_BF16_FLOPS / (6 * shape.params * recompute)
+        tokens_per_s_per_gpu = assumed_tokens_per_s(recipe, shape)
         source = f"assumed: {ASSUMED_MFU:.0%} MFU of an H100's 989 TFLOP/s bf16; pass --tokens-per-s"
     else:
         source = "stated"
@@ -338,10 +349,17 @@ def render(plan: Plan, launch_command: list[str], files: dict[str, str]) -> str:
 def count_samples(recipe: Recipe) -> int | None:
     """Samples in the recipe's data (all phases) when every file is reachable here as a local or
     embedded JSONL / Parquet file; None otherwise (the presets point at the user's own files)."""
+    per_phase = phase_samples(recipe)
+    return None if per_phase is None else sum(per_phase.values())
+
+
+def phase_samples(recipe: Recipe) -> dict[str, int] | None:
+    """Samples of each phase's own data (replay not counted), when every file is readable here."""
     from training.storage import resolve_embedded
 
-    total = 0
+    counts = {}
     for phase in recipe.phases:
+        counts[phase.name] = 0
         for uri in phase.data:
             path = Path(resolve_embedded(uri)) if "://" not in uri or uri.startswith("embedded://") else None
             if path is None or not path.is_file():
@@ -349,10 +367,10 @@ def count_samples(recipe: Recipe) -> int | None:
             if path.suffix == ".parquet":
                 import pyarrow.parquet as pq
 
-                total += pq.ParquetFile(path).metadata.num_rows
+                counts[phase.name] += pq.ParquetFile(path).metadata.num_rows
             else:
-                total += sum(1 for line in path.open() if line.strip())
-    return total
+                counts[phase.name] += sum(1 for line in path.open() if line.strip())
+    return counts
 
 
 def device_memory_bytes(gpu_memory_gib: float | None) -> int | None:
@@ -368,30 +386,43 @@ def plan_recipe(
     recipe: Recipe,
     gpu_memory_gib: float | None = None,
     samples: int | None = None,
-    mean_tokens: float = 1024,
+    mean_tokens: float = DEFAULT_MEAN_TOKENS,
     tokens_per_s_per_gpu: float | None = None,
 ) -> tuple[Plan, str]:
-    """The plan of a resolved recipe and its rendering (what `lab plan` prints)."""
-    from training.launch import launch_files
+    """The plan of a resolved recipe and its rendering (what `lab plan` prints). The evaluation's
+    placement is decided first, as `lab run` decides it: a GPU reserved for it trains no rank, so
+    the memory, batch arithmetic and launch are those of the remaining ranks."""
+    from training.launch import launch_files, training_recipe
+    from training.placement import plan_evaluation, resolve_placement, vllm_found
     from training.storage import resolve_embedded
     from training.train import TrainJob
 
     model_config = read_model_config(resolve_embedded(recipe.model.name_or_path))
+    run, chosen = resolve_placement(recipe)
     plan = make_plan(
-        recipe,
+        training_recipe(run),
         model_config,
         device_memory_bytes(gpu_memory_gib),
         samples if samples is not None else count_samples(recipe),
         mean_tokens,
         tokens_per_s_per_gpu,
     )
+    per_phase = (
+        phase_samples(recipe) if samples is None else {p.name: samples // len(recipe.phases) for p in recipe.phases}
+    )
+    # every option again with this plan's numbers (--samples, --tokens-per-s, ...); the run's choice among them
+    shown = plan_evaluation(recipe, plan.shape, per_phase, plan.tokens_per_s_per_gpu, mean_tokens, vllm_found(recipe))
+    option = next(o for o in shown.alternatives if (o.placement, o.backend) == (chosen.placement, chosen.backend))
+    plan.evaluation = shown.model_copy(update={**option.model_dump(), "reason": chosen.reason})
+    if samples is not None:
+        plan.evaluation.notes.append(f"--samples {samples}: split evenly across the {len(recipe.phases)} phase(s)")
     phase = recipe.phases[0].name
     k8s = recipe.launch.kubernetes if recipe.launch.scheduler == "kubernetes" else None
     root = f"{k8s.mount_path.rstrip('/')}/STORAGE_ROOT" if k8s else "STORAGE_ROOT"  # on the nodes' shared volume
     job = TrainJob(
         run_id="RUN_ID",
         phase=phase,
-        recipe=recipe,
+        recipe=run,
         model_path=recipe.model.name_or_path,
         parent_checkpoint=recipe.model.name_or_path,
         data_dir=f"{root}/RUN_ID/data/{phase}",
@@ -399,11 +430,47 @@ def plan_recipe(
     )
     command, files = launch_files(job)
     plan.launch_command, plan.launch_files = command, {path.name: text for path, text in files.items()}
-    shown = {str(path): text for path, text in files.items() if path.suffix != ".json" or "deepspeed" in path.name}
-    text = render(plan, command, shown)
+    shown_files = {
+        str(path): text for path, text in files.items() if path.suffix != ".json" or "deepspeed" in path.name
+    }
+    text = render(plan, command, shown_files) + "\n\n" + render_evaluation(plan.evaluation)
     if recipe.launch.num_machines > 1 or recipe.launch.scheduler != "local":
         from training.scheduler import node_launches
 
         text += f"\n\n-- the phase on {recipe.launch.num_machines} node(s), scheduler {recipe.launch.scheduler}\n"
         text += node_launches(job)
     return plan, text
+
+
+def render_evaluation(evaluation: EvaluationPlan) -> str:
+    """The evaluation section of `lab plan`: the placement chosen, its minutes, the alternatives."""
+
+    def minutes(option: Any) -> str:
+        if option.minutes_per_checkpoint is None:
+            return "not estimated on CPU (bench/eval_throughput.py measures it)"
+        text = f"~{option.minutes_per_checkpoint:g} min per checkpoint"
+        if option.minutes_per_interval is not None:
+            text += f", ~{option.minutes_per_interval:g} min per checkpoint interval with training"
+        if option.phase_minutes:
+            text += "; phases " + ", ".join(f"{k} ~{v:g} min" for k, v in option.phase_minutes.items())
+        return text
+
+    where = "beside training" if evaluation.beside_training else "after each phase's training"
+    lines = [
+        "-- evaluation (estimate)",
+        f"{evaluation.placement} ({evaluation.backend}) on {evaluation.devices}, {where}; training on "
+        f"{evaluation.training_ranks} rank(s); {minutes(evaluation)}",
+        f"why: {evaluation.reason}",
+    ]
+    if evaluation.checkpoints_per_phase:
+        lines.append(
+            "models evaluated per phase: " + ", ".join(f"{k} {v}" for k, v in evaluation.checkpoints_per_phase.items())
+        )
+    chosen = (evaluation.placement, evaluation.backend)
+    lines += [
+        f"  or {o.placement} ({o.backend}) on {o.devices}: {minutes(o)}"
+        for o in evaluation.alternatives
+        if (o.placement, o.backend) != chosen
+    ]
+    lines += [f"note: {note}" for note in evaluation.notes]
+    return "\n".join(lines)
