@@ -207,6 +207,14 @@ def server_lm(kind: str, server: ServerEndpoint, config: EvaluationConfig) -> An
     from lm_eval.models.openai_completions import LocalChatCompletion, LocalCompletionsAPI
     from transformers import AutoTokenizer
 
+    def with_eos(client: type) -> type:
+        class Client(client):
+            # lm-eval 0.4.13 drops the EOS stop string on concurrent requests (num_concurrent > 1)
+            def _create_payload(self, messages: Any, generate: bool = False, eos: str | None = None, **kwargs: Any):
+                return super()._create_payload(messages, generate=generate, eos=eos or self.eos_string, **kwargs)
+
+        return Client
+
     common = {
         "model": server.model,
         "num_concurrent": server.num_concurrent,
@@ -215,8 +223,10 @@ def server_lm(kind: str, server: ServerEndpoint, config: EvaluationConfig) -> An
         "eos_string": AutoTokenizer.from_pretrained(server.tokenizer).eos_token,
     }
     if kind == "chat":
-        return LocalChatCompletion(base_url=f"{server.base_url}/chat/completions", tokenized_requests=False, **common)
-    return LocalCompletionsAPI(
+        return with_eos(LocalChatCompletion)(
+            base_url=f"{server.base_url}/chat/completions", tokenized_requests=False, **common
+        )
+    return with_eos(LocalCompletionsAPI)(
         base_url=f"{server.base_url}/completions",
         tokenizer_backend="huggingface",
         tokenizer=server.tokenizer,

@@ -436,10 +436,17 @@ class PhaseEvaluations:
             self._failure.result()  # raises the task's exception
 
     def scores(self, models: list[ModelRef]) -> list[CheckpointScore]:
-        """Each model's score, in order (submitting those not submitted yet); an evaluation's failure raises its error."""
+        """Each model's score, in order (submitting those not submitted yet); an evaluation's failure
+        raises its error. With a remote root, the phase's evaluation records and worker logs follow."""
         for model in models:
             self.submit(model)
-        return [self._futures[m.name].result() for m in models]
+        scores = [self._futures[m.name].result() for m in models]
+        phase_uri = storage.join(self.run_uri, self.phase)
+        if not storage.is_local(phase_uri):
+            storage.upload_tree(
+                storage.local_path(phase_uri), phase_uri, skip=("checkpoints/", "state"), last=(TRAINED,)
+            )
+        return scores
 
 
 def expose_judge_key(config: MTBenchConfig) -> None:

@@ -105,25 +105,19 @@ def test_rerun_with_the_same_run_id_skips_done_phases(smoke_run):
     assert (run / "phase00" / "metrics.jsonl").stat().st_mtime == mtime
 
 
-def test_lab_eval_on_a_run_evaluates_only_what_has_no_results(smoke_run, monkeypatch):
-    import transformers
-
+def test_lab_eval_on_a_run_evaluates_only_what_has_no_results(smoke_run):
     from flows.evaluate import evaluate
 
     _, run = smoke_run
     victim = sorted((run / "phase05" / "eval").iterdir())[-1]
     (victim / "lm_eval.json").unlink()
-    loads = []
-    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
-    monkeypatch.setattr(
-        transformers.AutoModelForCausalLM,
-        "from_pretrained",
-        classmethod(lambda cls, *a, **k: loads.append(a[0]) or real(cls, *a, **k)),
-    )
+    phases = ("phase00", "phase05", "phase10")
+    timelines = {p: (run / p / "evaluations.jsonl").read_text().splitlines() for p in phases}
     rows = evaluate(targets=[str(run)])
-    assert loads == [str(run / "phase05" / "checkpoints" / victim.name)]
     assert (victim / "lm_eval.json").exists()
-    checkpoints = [c for p in ("phase00", "phase05", "phase10") for c in (run / p / "checkpoints").iterdir()]
+    added = {p: (run / p / "evaluations.jsonl").read_text().splitlines()[len(timelines[p]) :] for p in phases}
+    assert [json.loads(line)["model"] for p in phases for line in added[p]] == [victim.name]  # one model, one worker
+    checkpoints = [c for p in phases for c in (run / p / "checkpoints").iterdir()]
     assert len(rows) == len(checkpoints)
 
 

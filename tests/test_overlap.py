@@ -51,9 +51,10 @@ def process(doc, results):
 
 def checked_task(tmp: Path, curriculum: Path, persistent: bool = False, failed_before: bool = False) -> Path:
     """An include directory with `lab_checked`: lab_skills whose result processing fails as told."""
-    from evaluation.lm_eval_runner import FunctionTag, lab_task_configs
+    from evaluation.lm_eval_runner import LAB_RESULTS_MODULE, FunctionTag, lab_task_configs
 
     tmp.mkdir(parents=True)
+    (tmp / "lab_results.py").write_text(LAB_RESULTS_MODULE)
     marker = tmp / "failed-once"
     if failed_before:
         marker.touch()
