@@ -156,18 +156,38 @@ def decode_step_s(recipe: Recipe, shape: ModelShape) -> float:
     return weight_bytes(recipe, shape) / (H100_HBM_BYTES_PER_S * HBM_EFFICIENCY)
 
 
-def hf_checkpoint_s(recipe: Recipe, shape: ModelShape, tasks: list[TaskSize]) -> float:
-    """One checkpoint on one GPU with HF: load, forward passes, batched generation."""
-    prefill = HF_MFU * H100_BF16_FLOPS / (2 * shape.params)  # tokens/s
-    step = max(HF_STEP_S, decode_step_s(recipe, shape))
+@dataclass(frozen=True)
+class HFRates:
+    """What one GPU does with HF: seconds to load the model, prompt tokens/s, seconds per decode step."""
+
+    load_s: float
+    prefill_tokens_per_s: float
+    step_s: float
+
+    @classmethod
+    def assumed(cls, recipe: Recipe, shape: ModelShape) -> HFRates:
+        return cls(
+            load_s=weight_bytes(recipe, shape) / LOAD_BYTES_PER_S,
+            prefill_tokens_per_s=HF_MFU * H100_BF16_FLOPS / (2 * shape.params),
+            step_s=max(HF_STEP_S, decode_step_s(recipe, shape)),
+        )
+
+
+def hf_checkpoint_s(
+    recipe: Recipe, shape: ModelShape, tasks: list[TaskSize], rates: HFRates | None = None, to_cap: bool = False
+) -> float:
+    """One checkpoint on one GPU with HF: load, forward passes, batched generation (each batch to its
+    longest answer; `to_cap`: every batch to the cap, as random weights do)."""
+    rates = rates or HFRates.assumed(recipe, shape)
     batch = recipe.evaluation.batch_size
-    seconds = weight_bytes(recipe, shape) / LOAD_BYTES_PER_S
+    seconds = rates.load_s
     for t in tasks:
         if t.kind == "multiple_choice":
-            seconds += t.items * t.choices * t.prompt_tokens / prefill
+            seconds += t.items * t.choices * t.prompt_tokens / rates.prefill_tokens_per_s
         else:
-            longest = min(t.max_answer_tokens, 3 * t.answer_tokens)
-            seconds += math.ceil(t.items / batch) * longest * step + t.items * t.prompt_tokens / prefill
+            longest = t.max_answer_tokens if to_cap else min(t.max_answer_tokens, 3 * t.answer_tokens)
+            seconds += math.ceil(t.items / batch) * longest * rates.step_s
+            seconds += t.items * t.prompt_tokens / rates.prefill_tokens_per_s
     return seconds
 
 
