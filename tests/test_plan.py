@@ -32,6 +32,21 @@ LLAMA_8B = {
 }
 
 
+def phase_job(recipe, out: Path):
+    """A phase's TrainJob writing into `out` (paths the launch files name, nothing is trained)."""
+    from training.train import TrainJob
+
+    return TrainJob(
+        run_id="r",
+        phase="phase00",
+        recipe=recipe,
+        model_path="m",
+        parent_checkpoint="m",
+        data_dir="d",
+        output_dir=str(out),
+    )
+
+
 @pytest.fixture(scope="module")
 def llama_8b(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("llama-8b")
@@ -67,18 +82,9 @@ def test_plan_json_is_the_launch_as_written(llama_8b, tmp_path, capsys):
         sum(v for k, v in record["memory_gib"].items() if k != "total"), abs=0.01
     )
     from training.launch import write_launch_files
-    from training.train import TrainJob
 
     recipe, _ = resolve_placement(load_recipe("lab", {"model.name_or_path": str(llama_8b), "launch.num_processes": 8}))
-    job = TrainJob(
-        run_id="r",
-        phase="phase00",
-        recipe=recipe,
-        model_path="m",
-        parent_checkpoint="m",
-        data_dir="d",
-        output_dir=str(tmp_path),
-    )
+    job = phase_job(recipe, tmp_path)
     write_launch_files(job)
     assert (
         record["accelerate"]["num_processes"]
@@ -127,7 +133,6 @@ def test_both_launches_rendered_with_a_faked_list_of_visible_gpus(llama_8b, tmp_
     from evaluation.server import server_command
     from training.launch import device_env, launch_files, training_devices
     from training.sampler import plan_steps
-    from training.train import TrainJob
 
     visible = ["4", "5", "6", "7", "0", "1", "2", "3"]  # CUDA_VISIBLE_DEVICES of the node, not in order
     recipe = load_recipe(
@@ -136,16 +141,7 @@ def test_both_launches_rendered_with_a_faked_list_of_visible_gpus(llama_8b, tmp_
     recipe, _ = resolve_placement(recipe)
     assert training_devices(recipe, visible) == {"CUDA_VISIBLE_DEVICES": "4,5,6,7,0,1,2"}
     assert device_env(recipe.evaluation.devices, visible)[1] == {"CUDA_VISIBLE_DEVICES": "3"}
-    job = TrainJob(
-        run_id="r",
-        phase="p",
-        recipe=recipe,
-        model_path="m",
-        parent_checkpoint="m",
-        data_dir="d",
-        output_dir=str(tmp_path),
-    )
-    command, files = launch_files(job)
+    command, files = launch_files(phase_job(recipe, tmp_path))
     assert command[command.index("--num_processes") + 1] == "7"
     assert yaml.safe_load(files[tmp_path / "accelerate.yaml"])["num_processes"] == 7
     assert json.loads(files[tmp_path / "deepspeed.json"])["train_batch_size"] == 7

@@ -239,7 +239,8 @@ def estimate(
     n: int,
 ) -> PlacementEstimate:
     """One option's minutes per checkpoint, per checkpoint interval and per phase, on a node of `n` GPUs."""
-    reserved = len(devices.removeprefix("cuda:").split(",")) if placement == "reserved" and n else 0
+    on_gpus = placement == "reserved" and n and devices.startswith("cuda:")
+    reserved = len(devices.removeprefix("cuda:").split(",")) if on_gpus else 0  # GPUs taken from training
     ranks = n - reserved if n else recipe.launch.num_processes
     if not reserved and placement == "reserved" or not n or shape is None:  # on CPU: bench/eval_throughput.py
         return PlacementEstimate(
@@ -264,13 +265,12 @@ def estimate(
 
     every = recipe.checkpointing.save_every_samples
     interval = None
-    if every:  # steady state: one interval's training and one checkpoint's evaluation
+    if every:  # steady state: one interval's training and one checkpoint's share of evaluation
         training = every * mean_tokens / tokens_per_s_per_gpu
-        interval = round(
-            (max(training / ranks, seconds / at_once) if placement == "reserved" else training / n + seconds / at_once)
-            / 60,
-            1,
-        )
+        if placement == "reserved":
+            interval = round(max(training / ranks, seconds / at_once) / 60, 1)
+        else:
+            interval = round((training / n + seconds / at_once) / 60, 1)
     phases = None
     if samples is not None:
         phases = {
@@ -389,11 +389,9 @@ def resolve_placement(recipe: Recipe, cuda: bool = True) -> tuple[Recipe, Evalua
     from training.plan import DEFAULT_MEAN_TOKENS, assumed_tokens_per_s, phase_samples, read_model_config
     from training.storage import resolve_embedded
 
-    shape = None
-    if node_gpus(recipe, cuda):
+    shape, samples, tokens_per_s = None, None, 0.0
+    if node_gpus(recipe, cuda):  # on CPU there is nothing to estimate
         shape = ModelShape.from_config(read_model_config(resolve_embedded(recipe.model.name_or_path)))
-    tokens_per_s = assumed_tokens_per_s(recipe, shape) if shape else 0.0
-    plan = plan_evaluation(
-        recipe, shape, phase_samples(recipe), tokens_per_s, DEFAULT_MEAN_TOKENS, vllm_found(recipe), cuda
-    )
+        samples, tokens_per_s = phase_samples(recipe), assumed_tokens_per_s(recipe, shape)
+    plan = plan_evaluation(recipe, shape, samples, tokens_per_s, DEFAULT_MEAN_TOKENS, vllm_found(recipe), cuda)
     return with_placement(recipe, plan), plan
