@@ -28,7 +28,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from pydantic import BaseModel
 
 from evaluation import mt_bench, report, worker
@@ -406,8 +406,10 @@ class PhaseEvaluations:
             self._futures[model.name] = future
         future.add_done_callback(self._done)
 
-    def _done(self, future: PrefectFuture[CheckpointScore]) -> None:
-        if not future.state.is_completed():
+    def _done(self, future: PrefectConcurrentFuture[CheckpointScore]) -> None:
+        # The final state is the task runner's result (the API may not have recorded it yet).
+        done = future.wrapped_future
+        if done.cancelled() or done.exception() is not None or not done.result().is_completed():
             self._failure = self._failure or future
             self.failed.set()
 
