@@ -34,12 +34,15 @@ def evaluate(
             run_recipe = storage.read_json(manifest_uri)["recipe"]
             cfg = load_recipe(run_recipe, overrides) if recipe is None else resolve(recipe, overrides=overrides)
             with evaluation_without_training(cfg) as evaluation:
+                submitted = []  # every model at once: as many evaluate together as there are slots
                 for phase in cfg.phases:
                     phase_uri = storage.join(target, phase.name)
                     for uri in storage.complete_checkpoints(phase_uri):
                         model = ModelRef.checkpoint(uri)
-                        score = evaluate_checkpoint(cfg, phase.name, phase_uri, model, evaluation)
-                        rows.append({"target": target, "phase": phase.name, "checkpoint": model.name, **score.metrics})
+                        future = evaluate_checkpoint.submit(cfg, phase.name, phase_uri, model, evaluation)
+                        submitted.append((phase.name, model.name, future))
+                for phase_name, name, future in submitted:
+                    rows.append({"target": target, "phase": phase_name, "checkpoint": name, **future.result().metrics})
         else:
             cfg = resolve(recipe or "demo", overrides=overrides)
             name = re.sub(r"[^A-Za-z0-9._-]+", "_", target.rstrip("/").rsplit("/", 1)[-1])
