@@ -57,10 +57,13 @@ bench: install
 	RECIPE_LAB_CACHE=$(CACHE)/recipe-lab $(BIN)/python bench/eval_throughput.py
 	RECIPE_LAB_CACHE=$(CACHE)/recipe-lab $(BIN)/python bench/data_prep.py
 
-# Wheels that bench/gpu_check.sh needs on the device machine (Python 3.12, no pydantic, no network).
+# Wheels that bench/gpu_check.sh needs on the device machine (Python 3.12, its own torch / transformers,
+# no pydantic, no network): pydantic and its deps, and the gpu extra's pinned liger-kernel (pure Python).
 gpu-wheels: install
 	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 		--platform manylinux_2_17_x86_64 -d $(CACHE)/gpu-wheels "pydantic>=2.7"
+	$(BIN)/pip download -q --only-binary=:all: --no-deps -d $(CACHE)/gpu-wheels "liger-kernel==0.8.5"
+	ls $(CACHE)/gpu-wheels
 
 clean:
 	rm -rf $(VENV) $(CACHE) runs

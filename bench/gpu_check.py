@@ -1,21 +1,30 @@
-"""GPU check: a ~1B Llama-architecture model, bf16 with fp32 masters, packed, on one GPU.
+"""GPU check: our trainer against the peer on a 1B Llama, one GPU, one run, each measurement capped.
 
-    bash bench/gpu_check.sh            (on a machine with a CUDA GPU; see the script)
-    python bench/gpu_check.py --tiny   (the same steps on CPU with a tiny model: checks the script)
+    bash bench/gpu_check.sh                      (on the device machine: wheels, versions, this, evaluation)
+    python bench/gpu_check.py --dry-run          (CPU, tiny model: every path that can run on a CPU)
 
-Everything is offline and synthetic (random-init Llama 3.2 1B shape, word-level tokenizer,
-lognormal sample lengths). Through the real training script (`training.train` under
-`accelerate launch`, one process) it measures:
+Offline and synthetic: a random-init Llama 3.2 1B shape, a word-level tokenizer, lognormal
+sample lengths (median ~400, 32-4096 tokens), bf16 compute with float32 masters, packed. Each
+measurement runs under its own time cap (and the whole under --budget-s) and is written to
+--out as <name>.json the moment it ends; `--only a,b` reruns some of them.
 
-1. throughput: a few dozen optimizer steps, packed sdpa micro-batches, gradient checkpointing,
-   chunked loss -> real tokens/s, MFU (6 x params x tokens/s / bf16 peak), peak GPU memory
-   (max allocated) against `lab plan`'s estimate for the same recipe;
-2. weight movement: 10 AdamW steps at lr 1e-5, bf16 with fp32 masters vs pure bf16 -> the
-   fraction of weights (seen in bf16) each changed;
-3. evaluation on the GPU: the saved checkpoint loaded by `evaluation.device.load_causal_lm`
-   (device, dtype) and a batched greedy generation (new tokens/s).
+- ours_<kernel>: the real `training.train` under `accelerate launch`, one process, for each
+  packed-attention kernel this machine has (flex_attention always; flash_attention_2 when
+  flash-attn imports), activation checkpointing as the plan decides for this GPU
+  (`gradient_checkpointing: auto`), the chunked loss (Liger's when it imports);
+- peer_<kernel>: transformers.Trainer as its users run padding-free: DataCollatorWithFlattening
+  (with flash-attn's boundaries for flash_attention_2), bf16=True over float32 weights, the same
+  kernel, the same checkpointing decision, micro-batches of ~the same tokens, the same samples per
+  optimizer step;
+- generation: the model loaded as evaluation loads it, batched greedy generation.
 
-The last line is one JSON object.
+Per training run: real tokens/s and MFU over the steady steps (after WARMUP_STEPS: compilation,
+allocator warm-up), peak memory (max allocated) and, for ours, the plan's estimate. MFU =
+FLOPs / (seconds x peak), FLOPs = 6 x (N - input-embedding params) per token + causal attention
+per sample from each sample's own length (training.plan.ModelShape.training_flops; recomputation
+not counted), peak 989 TFLOP/s dense bf16 for an H100 SXM or an H200 (training.train.PEAK_BF16_FLOPS).
+A dry run has no GPU: its kernels are the CPU's (sdpa per sample; the peer on sdpa), no MFU, and
+it says "no GPU at hand". The last line is the summary, one JSON object.
 """
 
 from __future__ import annotations
@@ -23,10 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import random
+import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +51,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-# Llama 3.2 1B's shape (1.24B parameters, tied embeddings); --tiny shrinks it for a CPU dry run.
+# Llama 3.2 1B's shape (1.24B parameters, tied embeddings); --dry-run shrinks it.
 LLAMA_1B = dict(
     hidden_size=2048,
     intermediate_size=8192,
@@ -58,9 +70,22 @@ TINY = dict(
     vocab_size=4096,
     tie_word_embeddings=True,
 )
+WARMUP_STEPS = 3  # optimizer steps left out of tokens/s and MFU (compilation, allocator warm-up)
+CAPS_S = {"ours": 90, "peer": 80, "generation": 20}  # per measurement, within --budget-s
+PACKAGES = ("torch", "transformers", "accelerate", "pydantic", "liger-kernel", "flash-attn", "triton")
 
 
-def build_model(path: Path, shape: dict) -> dict:
+def versions() -> dict:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found | {"python": platform.python_version(), "cuda": torch.version.cuda}
+
+
+def build_model(path: Path, shape: dict, device: str) -> dict:
     """Random-init Llama saved in bf16 with a word-level tokenizer; returns its config dict."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
@@ -68,7 +93,7 @@ def build_model(path: Path, shape: dict) -> dict:
 
     torch.manual_seed(0)
     config = LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=500000.0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(path)
     vocab = shape["vocab_size"]
@@ -77,64 +102,238 @@ def build_model(path: Path, shape: dict) -> dict:
     # A minimal template (the training script requires one; the data here is pre-tokenized).
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
     tokenizer.save_pretrained(path)
-    del model
     return config.to_dict()
 
 
-def write_data(path: Path, n: int, vocab: int, max_len: int) -> None:
-    """tokens.parquet (what training.data.prepare writes): lognormal lengths, loss on every token."""
+def make_samples(n: int, vocab: int, max_len: int) -> list[list[int]]:
     rng = random.Random(0)
     g = torch.Generator().manual_seed(0)
     lengths = [int(min(max_len, max(32, rng.lognormvariate(6.0, 0.8)))) for _ in range(n)]
-    samples = [torch.randint(2, vocab, (k,), generator=g).tolist() for k in lengths]
+    return [torch.randint(2, vocab, (k,), generator=g).tolist() for k in lengths]
+
+
+def write_data(path: Path, samples: list[list[int]]) -> None:
+    """tokens.parquet as training.data.prepare writes it, loss on every token."""
     path.mkdir(parents=True)
-    table = pa.table(
-        {
-            "id": [str(i) for i in range(n)],
-            "input_ids": pa.array(samples, type=pa.list_(pa.int32())),
-            "labels": pa.array(samples, type=pa.list_(pa.int32())),
-        }
+    tokens = pa.array(samples, type=pa.list_(pa.int32()))
+    pq.write_table(
+        pa.table({"id": [str(i) for i in range(len(samples))], "input_ids": tokens, "labels": tokens}),
+        path / "tokens.parquet",
     )
-    pq.write_table(table, path / "tokens.parquet")
 
 
-def train(model_dir: Path, data_dir: Path, out: Path, overrides: dict) -> tuple[list[dict], Path]:
-    """One run of the real training script on a single device; (metrics, final checkpoint)."""
-    from training.launch import run_training
+def throughput(step_lengths: list[list[int]], step_seconds: list[float], config: dict, peak: float | None) -> dict:
+    """Real tokens/s and MFU over the steps after WARMUP_STEPS (all of them if there are too few)."""
+    from training.plan import ModelShape
+
+    steady = slice(WARMUP_STEPS, None) if len(step_seconds) > WARMUP_STEPS + 1 else slice(None)
+    lengths, seconds = step_lengths[steady], sum(step_seconds[steady])
+    flops = sum(ModelShape.from_config(config).training_flops(step) for step in lengths)
+    return {
+        "steps_measured": len(lengths),
+        "tokens_per_s": round(sum(map(sum, lengths)) / seconds, 1),
+        "mfu": round(flops / seconds / peak, 4) if peak else None,
+    }
+
+
+def run_recipe(model_dir: str, kernel: str, ebs: int, budget: int, dry_run: bool):
+    """The recipe of the runs: bf16 over float32 masters, packed, checkpointing as the plan says."""
     from training.recipe import load_recipe
+
+    overrides = {
+        "model.name_or_path": model_dir,
+        "model.dtype": "bfloat16",
+        "model.attn_implementation": "sdpa" if dry_run else kernel,
+        "training.effective_batch_size": ebs,
+        "training.max_tokens_per_micro_batch": budget,
+        "training.gradient_checkpointing": "auto",
+        "training.max_seq_len": 4096,
+        "training.epochs": 1,
+        "training.warmup_steps": 0,
+        "training.learning_rate": 1e-5,
+        "checkpointing.save_every_samples": None,
+        "checkpointing.rolling_state_minutes": None,
+        "launch.backend": "cpu" if dry_run else "ddp",
+        "launch.num_processes": 1,
+    }
+    return load_recipe("demo", overrides)
+
+
+def memory_plan(recipe, config: dict, on_gpu: bool):
+    """The plan's memory estimate for this GPU (it also decides `gradient_checkpointing: auto`)."""
+    from training.plan import ModelShape, estimate_memory
+
+    device_bytes = torch.cuda.get_device_properties(0).total_memory if on_gpu else None
+    return estimate_memory(recipe, ModelShape.from_config(config), on_gpu=on_gpu, device_bytes=device_bytes)
+
+
+def ours(kernel: str, work: Path, model_dir: Path, config: dict, samples: list, args: argparse.Namespace, cap: float):
+    """Our trainer through the real launch, stopped at `cap` seconds if not done."""
+    from training.launch import run_training
+    from training.plan import GIB
     from training.train import TrainJob
 
-    recipe = load_recipe("demo", overrides)
+    on_gpu = not args.dry_run
+    recipe = run_recipe(str(model_dir), kernel, args.ebs, args.budget, args.dry_run)
+    out = work / f"ours_{kernel}"
     job = TrainJob(
         run_id=out.name,
         phase="p",
         recipe=recipe,
         model_path=str(model_dir),
         parent_checkpoint="random-init",
-        data_dir=str(data_dir),
+        data_dir=str(work / "data"),
         output_dir=str(out),
     )
     lines: list[str] = []
-    checkpoints = run_training(job, on_line=lines.append)
-    print("\n".join(line for line in lines if line.startswith(("batch arithmetic", "launch:"))), flush=True)
+    capped = False
+    try:
+        run_training(job, on_line=lines.append, timeout_s=cap)
+    except subprocess.TimeoutExpired:
+        capped = True
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return metrics, checkpoints[-1]
+    steps = [json.loads(line)["ids"] for line in (out / "samples" / "rank0.jsonl").read_text().splitlines()]
+    walls = [m["wall_s"] for m in metrics]
+    step_seconds = [b - a for a, b in zip([0.0, *walls], walls, strict=False)]
+    planned = memory_plan(recipe, config, on_gpu)
+    planned_tensors = (planned.total - planned.runtime) / GIB  # max_memory_allocated excludes the CUDA context
+    measured = max(m["peak_memory_gb"] for m in metrics)
+    attention_line = next((line for line in lines if line.startswith("attention: ")), "")  # what the run used
+    return {
+        "system": "ours",
+        "kernel": attention_line.split()[1] if attention_line else None,
+        "log": [line for line in lines if line.startswith(("attention: ", "batch arithmetic"))],
+        "steps": len(metrics),
+        "capped": capped,
+        **throughput(
+            [[len(samples[int(i)]) for i in ids] for ids in steps[: len(metrics)]], step_seconds, config, peak_flops()
+        ),
+        "gradient_checkpointing": "activation checkpointing on" in attention_line,
+        "peak_memory_gib": measured,
+        "planned_memory_gib": round(planned_tensors, 3),
+        "measured_over_planned": round(measured / planned_tensors, 3),
+    }
 
 
-def changed_fraction(checkpoint: Path, base: Path) -> float:
-    from safetensors.torch import load_file
+def peer(kernel: str, work: Path, model_dir: Path, config: dict, args: argparse.Namespace, cap: float) -> dict:
+    """The peer in its own process (its own CUDA context and memory peak), killed at `cap` seconds."""
+    spec = work / f"peer_{kernel}.spec.json"
+    result = work / f"peer_{kernel}.result.json"
+    settings = {"dry_run": args.dry_run, "ebs": args.ebs, "budget": args.budget}
+    spec.write_text(
+        json.dumps({"kernel": kernel, "work": str(work), "model": str(model_dir), "config": config} | settings)
+    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--peer-worker", str(spec), "--result", str(result)],
+            capture_output=True,
+            text=True,
+            timeout=cap,
+        )
+    except subprocess.TimeoutExpired:
+        return {"system": "peer", "kernel": kernel, "error": f"capped: not finished after {cap:.0f} s"}
+    if proc.returncode != 0:
+        return {"system": "peer", "kernel": kernel, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:400]}
+    return json.loads(result.read_text())
 
-    before, after = load_file(base / "model.safetensors"), load_file(checkpoint / "model.safetensors")
-    changed = sum((after[k].bfloat16() != before[k].bfloat16()).sum().item() for k in before)
-    return changed / sum(t.numel() for t in before.values())
+
+def peer_worker(spec_file: Path, result: Path) -> None:
+    """transformers.Trainer, padding-free with DataCollatorWithFlattening, as its users run it."""
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorWithFlattening,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from training.plan import GIB
+
+    spec = json.loads(spec_file.read_text())
+    on_gpu, kernel = not spec["dry_run"], spec["kernel"]
+    samples = [json.loads(line) for line in (Path(spec["work"]) / "samples.jsonl").read_text().splitlines()]
+    mean = sum(map(len, samples)) / len(samples)
+    batch = max(1, min(spec["ebs"], int(spec["budget"] // mean)))  # ~the tokens of one of our micro-batches
+    accumulation = max(1, spec["ebs"] // batch)
+    # The same activation-checkpointing decision as ours: the plan's, for this GPU.
+    recipe = run_recipe(spec["model"], kernel, spec["ebs"], spec["budget"], spec["dry_run"])
+    checkpointing = memory_plan(recipe, spec["config"], on_gpu).checkpointing
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation=kernel)
+    collator = DataCollatorWithFlattening(return_flash_attn_kwargs=kernel == "flash_attention_2")
+    micro_lengths: list[int] = []
+    steps: list[tuple[float, list[int]]] = []
+
+    def counting(features: list[dict]) -> dict:
+        micro_lengths.extend(len(f["input_ids"]) for f in features)
+        return collator(features)
+
+    class Clock(TrainerCallback):
+        """A step's wall time runs from the previous step's end (its micro-batches are collated
+        before on_step_begin), as ours counts it."""
+
+        def on_train_begin(self, *a, **k):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if on_gpu:
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            steps.append((now - self.last, list(micro_lengths)))
+            micro_lengths.clear()
+            self.last = now
+
+    train_args = TrainingArguments(
+        output_dir=str(Path(spec["work"]) / f"peer_{kernel}"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=1,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        bf16=True,  # autocast over the float32 weights, as ours (the dry run too)
+        use_cpu=not on_gpu,
+        gradient_checkpointing=checkpointing,
+        save_strategy="no",
+        report_to=[],
+        logging_steps=10_000,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        seed=0,
+    )
+    dataset = [{"input_ids": s, "labels": s} for s in samples]
+    trainer = Trainer(model=model, args=train_args, train_dataset=dataset, data_collator=counting, callbacks=[Clock()])
+    trainer.train()
+    record = {
+        "system": "peer",
+        "kernel": model.config._attn_implementation,
+        "steps": len(steps),
+        "ran_with": {
+            "batch": batch,
+            "accumulation": accumulation,
+            "bf16": train_args.bf16,
+            "gradient_checkpointing": checkpointing,
+        },
+        **throughput(
+            [lengths for _, lengths in steps], [seconds for seconds, _ in steps], spec["config"], peak_flops()
+        ),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / GIB, 4) if on_gpu else None,
+    }
+    result.write_text(json.dumps(record))
 
 
-def evaluate_on_device(checkpoint: Path, vocab: int, batch: int, new_tokens: int) -> dict:
-    """Load as evaluation does and generate greedily for a batch of prompts."""
+def peak_flops() -> float | None:
+    from training.train import peak_bf16_flops
+
+    return peak_bf16_flops(torch.device("cuda")) if torch.cuda.is_available() else None
+
+
+def generation(checkpoint: Path, vocab: int, new_tokens: int) -> dict:
+    """Load as evaluation does and generate greedily for a batch of 16 prompts."""
     from evaluation.device import load_causal_lm
 
     model = load_causal_lm(str(checkpoint), "auto")
-    prompts = torch.randint(2, vocab, (batch, 128), generator=torch.Generator().manual_seed(1)).to(model.device)
+    prompts = torch.randint(2, vocab, (16, 128), generator=torch.Generator().manual_seed(1)).to(model.device)
     start = time.perf_counter()
     with torch.no_grad():
         output = model.generate(
@@ -146,91 +345,101 @@ def evaluate_on_device(checkpoint: Path, vocab: int, batch: int, new_tokens: int
         )
     if model.device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    generated = (output.shape[1] - prompts.shape[1]) * batch
+    generated = (output.shape[1] - prompts.shape[1]) * prompts.shape[0]
     return {
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
-        "generated_tokens_per_s": round(generated / seconds, 1),
+        "generated_tokens_per_s": round(generated / (time.perf_counter() - start), 1),
     }
+
+
+def kernels(dry_run: bool) -> list[str]:
+    """The packed-attention kernels this machine can train with (the dry run: the CPU's one)."""
+    from training import attention
+
+    if dry_run:
+        return [attention.NAME]
+    return ["flex_attention"] + (["flash_attention_2"] if attention.flash_attn_imports() else [])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="CPU dry run with a tiny model")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps of the throughput run")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model: the script's paths without a GPU")
+    parser.add_argument("--out", type=Path, default=None, help="directory for the JSON files (default: a temp dir)")
+    parser.add_argument("--budget-s", type=float, default=205, help="all measurements together stop by then")
+    parser.add_argument("--only", default=None, help="comma-separated measurement names (ours_flex_attention, ...)")
+    parser.add_argument("--steps", type=int, default=24, help="optimizer steps per training run (if not capped first)")
     parser.add_argument("--ebs", type=int, default=64, help="samples per optimizer step")
     parser.add_argument("--budget", type=int, default=16384, help="real tokens per packed micro-batch")
+    parser.add_argument("--peer-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    on_gpu = torch.cuda.is_available() and not args.tiny
-    if not on_gpu and not args.tiny:
-        raise SystemExit("no CUDA device: run with --tiny for a CPU dry run of the script")
-    shape = TINY if args.tiny else LLAMA_1B
-    budget = 1024 if args.tiny else args.budget
-    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    t0 = time.perf_counter()
-    config = build_model(work / "model", shape)
-    write_data(work / "data", args.ebs * args.steps, shape["vocab_size"], max_len=min(budget, 4096))
-    base = {
-        "model.name_or_path": str(work / "model"),
-        "model.dtype": "bfloat16",
-        "model.attn_implementation": "sdpa",
-        "training.effective_batch_size": args.ebs,
-        "training.max_tokens_per_micro_batch": budget,
-        "training.max_seq_len": 4096,
-        "training.epochs": 1,
-        "training.warmup_steps": 0,
-        "training.learning_rate": 1e-5,
-        "checkpointing.save_every_samples": None,
-        "checkpointing.state_every_steps": None,
-        "launch.backend": "ddp" if on_gpu else "cpu",
-        "launch.num_processes": 1,
-    }
-    print(f"model and data built in {time.perf_counter() - t0:.0f} s ({work})", flush=True)
+    if args.peer_worker:
+        return peer_worker(args.peer_worker, args.result)
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --dry-run for the CPU dry run of the script")
+    if args.dry_run:
+        args.budget, args.ebs, args.steps = 1024, 8, 6
+    from training.plan import ModelShape
 
-    # 1. Throughput, memory measured vs planned.
-    from training.plan import GIB, ModelShape, estimate_memory
-    from training.recipe import load_recipe
-
-    run = base | {"training.gradient_checkpointing": True}
-    metrics, checkpoint = train(work / "model", work / "data", work / "throughput", run)
-    steady = metrics[2:] or metrics  # the first steps include allocator warm-up and kernel selection
-    tokens_per_s = sum(m["tokens_per_s"] for m in steady) / len(steady)
-    mfu = [m["mfu"] for m in steady if m["mfu"] is not None]
-    measured = max(m["peak_memory_gb"] for m in metrics)
-    planned = estimate_memory(load_recipe("demo", run), ModelShape.from_config(config), on_gpu=on_gpu)
-    planned_gib = (planned.total - planned.runtime) / GIB  # max_memory_allocated excludes the CUDA context
-    print(
-        f"throughput: {tokens_per_s:,.0f} real tokens/s, MFU {sum(mfu) / len(mfu) if mfu else float('nan'):.3f}; "
-        f"peak memory {measured:.2f} GiB measured vs {planned_gib:.2f} GiB planned (tensors, no runtime)",
-        flush=True,
-    )
-
-    # 2. Weight movement: bf16 with fp32 masters vs pure bf16, 10 AdamW steps at lr 1e-5.
-    ten_steps = {"training.epochs": 10 / args.steps}
-    movement = {}
-    for name, extra in (("fp32_masters", {}), ("pure_bf16", {"training.mixed_precision": False})):
-        _, final = train(work / "model", work / "data", work / name, base | ten_steps | extra)
-        movement[name] = round(changed_fraction(final, work / "model"), 4)
-    print(f"weights changed in 10 steps at lr 1e-5 (seen in bf16): {movement}", flush=True)
-
-    # 3. Evaluation on the accelerator.
-    evaluation = evaluate_on_device(checkpoint, shape["vocab_size"], batch=16, new_tokens=8 if args.tiny else 128)
-    print(f"evaluation: {evaluation}", flush=True)
-
-    summary = {
-        "device": torch.cuda.get_device_name(0) if on_gpu else "cpu (dry run)",
+    started = time.monotonic()
+    out = args.out or Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-work-"))
+    shape = TINY if args.dry_run else LLAMA_1B
+    config = build_model(work / "model", shape, "cpu" if args.dry_run else "cuda")
+    samples = make_samples(args.ebs * args.steps, shape["vocab_size"], max_len=min(args.budget, 4096))
+    write_data(work / "data", samples)
+    (work / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    setup = {
+        "device": torch.cuda.get_device_name(0) if not args.dry_run else "cpu (dry run): no GPU at hand",
+        "versions": versions(),
         "params": ModelShape.from_config(config).params,
-        "tokens_per_s": round(tokens_per_s, 1),
-        "mfu": round(sum(mfu) / len(mfu), 4) if mfu else None,
-        "peak_memory_gib": measured,
-        "planned_memory_gib": round(planned_gib, 3),
-        "measured_over_planned": round(measured / planned_gib, 3),
-        "weights_changed": movement,
-        "evaluation": evaluation,
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "targets_met": {"mfu_0.40": bool(mfu) and sum(mfu) / len(mfu) >= 0.40},
+        "samples": len(samples),
+        "real_tokens": sum(map(len, samples)),
+        "ebs": args.ebs,
+        "micro_batch_tokens": args.budget,
+        "peak_flops": peak_flops(),
+        "setup_s": round(time.monotonic() - started, 1),
     }
+    (out / "setup.json").write_text(json.dumps(setup, indent=1))
+    print(json.dumps(setup), flush=True)
+
+    # The dry run's peer attends with sdpa (transformers' own, masked from the position_ids).
+    pairs = [(kernel, "sdpa" if args.dry_run else kernel) for kernel in kernels(args.dry_run)]
+    measurements = [
+        m for ours_k, peer_k in pairs for m in ((f"ours_{ours_k}", "ours", ours_k), (f"peer_{peer_k}", "peer", peer_k))
+    ]
+    measurements.append(("generation", "generation", None))
+    only = set(args.only.split(",")) if args.only else None
+    results = {}
+    for name, kind, kernel in measurements:
+        if only and name not in only:
+            continue
+        left = args.budget_s - (time.monotonic() - started)
+        cap = min(CAPS_S[kind], left)
+        if cap < 15:
+            results[name] = {"skipped": f"budget: {left:.0f} s left"}
+            continue
+        t0 = time.monotonic()
+        if kind == "ours":
+            result = ours(kernel, work, work / "model", config, samples, args, cap)
+        elif kind == "peer":
+            result = peer(kernel, work, work / "model", config, args, cap)
+        else:
+            result = generation(work / "model", shape["vocab_size"], 8 if args.dry_run else 128)
+        result["seconds"] = round(time.monotonic() - t0, 1)
+        results[name] = result
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+        print(f"{name}: {json.dumps(result)}", flush=True)
+
+    ratios = {}
+    for ours_k, peer_k in pairs:
+        a, b = results.get(f"ours_{ours_k}", {}), results.get(f"peer_{peer_k}", {})
+        if a.get("tokens_per_s") and b.get("tokens_per_s"):
+            ratios[f"ours_{ours_k}_over_peer_{peer_k}"] = round(a["tokens_per_s"] / b["tokens_per_s"], 3)
+    summary = {**setup, "results": results, "ratios": ratios, "wall_s": round(time.monotonic() - started, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
 
 

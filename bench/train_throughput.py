@@ -136,7 +136,7 @@ def run_ours(model_dir: Path, samples: list[list[int]], ebs: int, cap: int, work
             "training.max_seq_len": 2048,
             "checkpointing.save_every_samples": None,
             "checkpointing.save_every_epoch": False,
-            "checkpointing.state_every_steps": None,
+            "checkpointing.rolling_state_minutes": None,
         },
     )
     job = TrainJob(

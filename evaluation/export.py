@@ -10,7 +10,10 @@
 `to` is a local directory or any fsspec URL (s3://bucket/prefix): the directory is built
 locally, then renamed into place or uploaded with README.md last (a destination with a README
 is complete). Nothing in it depends on where it goes, so a local export and a bucket export are
-byte for byte equal. Only an earlier export is ever replaced.
+byte for byte equal. Only an earlier export (its card's front matter tags `recipe-lab`) is
+replaced, unless `force`. The same export comes out whether a trained checkpoint or the phase's
+start model won: the recipe's chat template, and generation stopping at the model's own EOS
+id(s), the template's end of turn and EOS, with a pad id (training.chat.configure_generation).
 `push_to_hub` uploads the same directory through huggingface_hub, with the token from the
 environment (HF_TOKEN or `huggingface-cli login`), never a parameter.
 """
@@ -26,7 +29,7 @@ import yaml
 
 from evaluation.selection import CheckpointScore, Selection
 from training import storage
-from training.chat import stop_token_ids
+from training.chat import apply_template, configure_generation, stop_token_ids
 from training.recipe import Recipe
 
 PLOTS = ("training.png", "scores.png")
@@ -52,14 +55,20 @@ def selected(run_uri: str, phase: str | None) -> tuple[dict[str, Any], Recipe, S
     return manifest, recipe, selection
 
 
-def export_run(run_uri: str, to: str | None, phase: str | None = None, push_to_hub: str | None = None) -> str:
+def export_run(
+    run_uri: str, to: str | None, phase: str | None = None, push_to_hub: str | None = None, force: bool = False
+) -> str:
     """Export the selected model of `phase` (default: the last) of the run at `run_uri` to `to`
     and/or the Hub repo `push_to_hub`; returns where it went. An earlier export at `to` is
-    replaced whole; anything else there is refused."""
+    replaced whole; anything else there is refused, unless `force`."""
     if not to and not push_to_hub:
         raise ExportError("export needs a destination: a directory or s3://... , and/or a Hub repo")
     manifest, recipe, selection = selected(run_uri, phase)
-    if to:
+    if to and storage.is_local(to) and storage.is_local(run_uri):
+        target, run = Path(to).resolve(), Path(run_uri).resolve()
+        if target == run or target in run.parents:  # replacing it would delete the run, --force or not
+            raise ExportError(f"--to {to}: holds the run being exported; choose a directory outside it")
+    if to and not force:
         check_replaceable(to)
     local = Path(to) if to and storage.is_local(to) else None
     if local:
@@ -87,35 +96,44 @@ def export_run(run_uri: str, to: str | None, phase: str | None = None, push_to_h
 
 
 def check_replaceable(to: str) -> None:
-    """`to` is empty, missing, or an earlier export (its README.md carries the recipe-lab tag)."""
+    """`to` is empty, missing, or an earlier export (its model card is one of ours)."""
     fs, path = storage.filesystem(to)
     if not fs.exists(path) or not fs.find(path):
         return
     card = storage.join(to, "README.md")
-    if not (storage.exists(card) and "\n  - recipe-lab\n" in storage.read_text(card)):
-        raise ExportError(f"{to} is not empty and holds no earlier recipe-lab export: choose a new or empty directory")
+    if not (storage.exists(card) and is_our_card(storage.read_text(card))):
+        raise ExportError(
+            f"--to {to}: not empty and holds no earlier recipe-lab export: choose a new or empty directory, "
+            "or pass --force to replace what is there"
+        )
+
+
+def is_our_card(card: str) -> bool:
+    """Whether a model card's YAML front matter (between the leading `---` lines, as the Hub reads
+    it) carries the recipe-lab tag that `model_card` writes."""
+    front, closed, _ = card.removeprefix("---\n").partition("\n---\n")
+    if not card.startswith("---\n") or not closed:
+        return False
+    try:
+        meta = yaml.safe_load(front)
+    except yaml.YAMLError:
+        return False
+    return isinstance(meta, dict) and "recipe-lab" in (meta.get("tags") or [])
 
 
 def write_model_dir(run_uri: str, manifest: dict, recipe: Recipe, selection: Selection, out: Path) -> None:
     """Weights in the training dtype, tokenizer, generation config, plots, then README.md last."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     winner = selection.winner
     source = storage.local_checkpoint(winner.checkpoint)
     out.mkdir(parents=True)
+    # The model's generation_config.json (or, without one, its config's defaults) completed as
+    # training completes every checkpoint's: a start model that won gets what its checkpoints got.
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, recipe.model.dtype))
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    try:
-        generation = GenerationConfig.from_pretrained(source)
-    except OSError:  # a checkpoint saved without one: start from the model's defaults
-        generation = GenerationConfig.from_model_config(model.config)
-    eos = generation.eos_token_id
-    known = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    generation.eos_token_id = known + [i for i in stop_token_ids(tokenizer) if i not in known]
-    if generation.pad_token_id is None and tokenizer.pad_token_id is not None:
-        generation.pad_token_id = tokenizer.pad_token_id
-    model.generation_config = generation
+    tokenizer = apply_template(AutoTokenizer.from_pretrained(source), recipe.model.chat_template, winner.checkpoint)
+    configure_generation(model, tokenizer)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     plots = [name for name in PLOTS if storage.exists(storage.join(run_uri, "report", name))]

@@ -33,6 +33,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from training.chat import apply_template, generation_settings
+from training.lifetime import stop_with
 from training.recipe import ServerConfig
 
 HEALTH_POLL_S = 0.5
@@ -68,7 +69,7 @@ def served_view(checkpoint: str, chat_template: str | None, out: Path) -> Path:
         generation = GenerationConfig.from_pretrained(checkpoint)
     except OSError:  # the checkpoint has none
         generation = GenerationConfig()
-    generation.update(**generation_settings(tokenizer, AutoConfig.from_pretrained(checkpoint)))
+    generation.update(**generation_settings(generation, tokenizer, AutoConfig.from_pretrained(checkpoint)))
     generation.save_pretrained(out)
     return out
 
@@ -126,7 +127,8 @@ def serve(view: Path, backend: str, config: ServerConfig, log_path: Path) -> Ite
     with open(log_path, "a") as log:
         log.write(f"server: {' '.join(command)}\n")
         log.flush()
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        parent = os.getpid()  # the worker: its server ends with it, even when the worker is killed
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: stop_with(parent))
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", proc, config.startup_timeout_s, log_path)
         yield ServerEndpoint(

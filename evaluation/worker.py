@@ -42,6 +42,7 @@ from evaluation import lm_eval_runner, mt_bench, server
 from evaluation.device import load_causal_lm
 from training import storage
 from training.chat import apply_template, configure_generation
+from training.lifetime import end_with_owner
 from training.recipe import Recipe
 
 LM_EVAL_FILE = "lm_eval.json"
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     Every other output (the libraries', a server's) goes to the log file the item names. After a
     failed evaluation the worker exits."""
     (log_path,) = sys.argv[1:] if argv is None else argv
+    end_with_owner()  # mid-evaluation too, a killed run's worker ends with it (training.lifetime)
     protocol = os.fdopen(os.dup(1), "w")
     redirect_output(log_path)
     for line in sys.stdin:

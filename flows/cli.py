@@ -2,7 +2,8 @@
 
 lab validate RECIPE...           check recipes, errors by field
 lab plan RECIPE [--gpus N] [--gpu-memory GiB] [--nodes M] [--samples S] [--json] [--set key=value]...
-                                 batch arithmetic, memory per GPU, wall time, launch files (no data needed)
+                                 batch arithmetic, memory per GPU, wall time, attention kernel, rolling-state
+                                 cost, launch files (no data needed)
 lab run RECIPE [--strategy phased|stacked] [--storage-root DIR] [--smoke] [--set key=value]...
 lab eval TARGET... [--recipe R] [--set key=value]...   runs or models, outside training
 lab sweep RECIPE --grid key=v1,v2 [--rungs N1,N2 --eta 2 --pruner eval] [--validate]   successive halving
@@ -12,6 +13,11 @@ lab demo [--storage-root DIR]    the embedded lab, phased and stacked, with a co
 lab export RUN [--phase P] --to DIR|s3://... [--push-to-hub REPO]   the selected model, ready to serve
 lab serve [--port N] [--storage-root s3://...] [--alert-block B]   Prefect server + UI, pool, deployments,
                                  regression alert, worker
+
+What a user can fix (a missing file, an unreadable model, a bad recipe, a package a setting needs)
+is found before any server or process starts and reported as one line on stderr, exit code 2;
+`--debug` shows the traceback instead. Commands that run flows without a configured Prefect API
+run them on a temporary one that ends with the command (flows.serve.temporary_api).
 """
 
 from __future__ import annotations
@@ -22,9 +28,16 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from training.lifetime import own_children
 from training.recipe import Recipe, RecipeError, load_recipe, resolve
+
+
+class UsageError(ValueError):
+    """A command line that cannot work; the message names the option."""
 
 
 def parse_value(raw: str) -> Any:
@@ -85,11 +98,7 @@ def plan_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_plan(args: argparse.Namespace) -> int:
     from training.plan import plan_recipe
 
-    try:
-        recipe = resolve(args.recipe, args.strategy, plan_overrides(args))
-    except RecipeError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    recipe = resolve(args.recipe, args.strategy, plan_overrides(args))
     plan, text = plan_recipe(recipe, args.gpu_memory, args.samples, args.mean_tokens, args.tokens_per_s)
     print(text)
     if args.json:
@@ -114,54 +123,90 @@ def check_memory(recipe: Recipe, gpu_memory_gib: float | None) -> str | None:
     return None if plan.fits else plan.refusal()
 
 
+@contextmanager
+def running_flows() -> Iterator[None]:
+    """What a command needs to run flows, once its checks passed: a Prefect API (a temporary one
+    when none is configured) and, on a terminal, each phase's training as a progress bar."""
+    from flows.progress import show_training_bars
+    from flows.serve import temporary_api
+
+    show_training_bars()
+    with temporary_api():
+        yield
+
+
+def checked(recipe: Recipe) -> Recipe:
+    """The recipe as it will run (training.preflight), or the one-line failure, before Prefect starts."""
+    from training.preflight import check
+
+    return check(recipe)[0]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
-    try:
-        recipe = resolve(args.recipe, args.strategy, overrides, args.smoke)  # fail fast, before Prefect starts
-    except RecipeError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    recipe = resolve(args.recipe, args.strategy, overrides, args.smoke)
     if refusal := check_memory(recipe, args.gpu_memory):
         print(refusal, file=sys.stderr)
         return 2
+    recipe = checked(recipe)
+    if recipe.export.to:
+        from evaluation.export import check_replaceable
+
+        check_replaceable(recipe.export.to)  # refused now, not after the training
     from flows.finetune import finetune
 
-    result = finetune(
-        recipe=args.recipe,
-        strategy=args.strategy,
-        overrides=overrides,
-        storage_root=args.storage_root,
-        smoke=args.smoke,
-        run_id=args.run_id,
-    )
+    with running_flows():
+        result = finetune(
+            recipe=args.recipe,
+            strategy=args.strategy,
+            overrides=overrides,
+            storage_root=args.storage_root,
+            smoke=args.smoke,
+            run_id=args.run_id,
+        )
     print_summary([result["base"], *result["phases"]], f"run {result['run_id']} ({result['run_uri']})")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from training import storage
+    from training.preflight import model_config
+
+    overrides = parse_overrides(args.set)
+    for target in args.targets:
+        if storage.exists(storage.join(target, "manifest.json")):
+            resolve(
+                args.recipe or storage.read_json(storage.join(target, "manifest.json"))["recipe"], overrides=overrides
+            )
+        else:
+            resolve(args.recipe or "demo", overrides=overrides)
+            model_config(target, field=f"target {target}")
     from flows.evaluate import evaluate
 
-    rows = evaluate(
-        targets=args.targets, recipe=args.recipe, overrides=parse_overrides(args.set), storage_root=args.storage_root
-    )
+    with running_flows():
+        rows = evaluate(targets=args.targets, recipe=args.recipe, overrides=overrides, storage_root=args.storage_root)
     print_summary(rows, "evaluation")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from flows.sweep import sweep
+    from flows.sweep import expand_grid, resolve_run, sweep
 
-    summary = sweep(
-        recipe=args.recipe,
-        grid=parse_grid(args.grid) or None,
-        rungs=[int(v) for v in args.rungs.split(",")] if args.rungs else None,
-        eta=args.eta,
-        pruner=args.pruner,
-        validate_ranking=args.validate,
-        storage_root=args.storage_root,
-        smoke=args.smoke,
-        sweep_id=args.sweep_id,
-    )
+    grid = parse_grid(args.grid) or None
+    for overrides in expand_grid(grid) if grid else [{}]:
+        checked(resolve_run(args.recipe, overrides, args.smoke))
+    with running_flows():
+        summary = sweep(
+            recipe=args.recipe,
+            grid=grid,
+            rungs=[int(v) for v in args.rungs.split(",")] if args.rungs else None,
+            eta=args.eta,
+            pruner=args.pruner,
+            validate_ranking=args.validate,
+            storage_root=args.storage_root,
+            smoke=args.smoke,
+            sweep_id=args.sweep_id,
+        )
     print_summary(
         [{k: v for k, v in r.items() if k != "overrides"} | r["overrides"] for r in summary["runs"]],
         f"sweep {summary['sweep_id']}",
@@ -176,10 +221,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    if args.seeds < 1:
+        raise UsageError(f"--seeds {args.seeds}: at least 1 seed per arm")
     from flows.reproduce import reproduce
 
     started = time.perf_counter()
-    result = reproduce(storage_root=args.storage_root, seeds=args.seeds)
+    with running_flows():
+        result = reproduce(storage_root=args.storage_root, seeds=args.seeds)
     print_summary(result["findings"], f"paper findings on the embedded lab ({args.seeds} seeds)")
     print_summary(result["pruners"], "pruners validated on the LR sweep")
     print(f"wall time: {time.perf_counter() - started:.0f}s")
@@ -187,9 +235,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly_spread(args: argparse.Namespace) -> int:
+    if args.seeds < 2:
+        raise UsageError(f"--seeds {args.seeds}: a seed spread needs at least 2 seeds")
+    checked(resolve(args.recipe))
     from flows.nightly import nightly_seed_spread
 
-    spread = nightly_seed_spread(recipe=args.recipe, seeds=args.seeds, storage_root=args.storage_root)
+    with running_flows():
+        spread = nightly_seed_spread(recipe=args.recipe, seeds=args.seeds, storage_root=args.storage_root)
     rows = [{"metric": m, "per seed": v["values"], "tolerance": v["tolerance"]} for m, v in spread["metrics"].items()]
     print_summary(rows, f"seed spread of the nightly {spread['recipe']} ({spread['seeds']} seeds)")
     return 0
@@ -212,11 +264,13 @@ def build_assets_meanwhile() -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    checked(resolve(args.recipe))
     from flows.demo import demo
 
     started = time.perf_counter()
     build_assets_meanwhile()
-    result = demo(recipe=args.recipe, storage_root=args.storage_root)
+    with running_flows():
+        result = demo(recipe=args.recipe, storage_root=args.storage_root)
     print_summary(result["comparison"], "phased vs stacked on the embedded lab")
     print(f"\nreport: {result['report']}  (comparison.md, comparison.csv, comparison.png)")
     for run in result["runs"].values():
@@ -228,19 +282,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from evaluation.export import ExportError, export_run
+    from evaluation.export import export_run
 
-    try:
-        where = export_run(args.run, args.to, args.phase, args.push_to_hub)
-    except ExportError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    where = export_run(args.run, args.to, args.phase, args.push_to_hub, force=args.force)
     print(f"exported to {where}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import socket
+
     from flows.serve import serve
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", args.port))
+        except OSError as exc:
+            raise UsageError(f"--port {args.port}: cannot serve there ({exc.strerror}); choose another port") from None
 
     serve(args.port, args.storage_root, args.alert_block)
     return 0
@@ -254,19 +312,37 @@ def print_summary(rows: list[dict[str, Any]], title: str) -> None:
     print(pd.DataFrame(rows)[columns].to_string(index=False))
 
 
+def expected_failures() -> tuple[type[Exception], ...]:
+    """What a user fixes from one line naming the file, field or knob (any other failure shows its traceback)."""
+    from evaluation.export import ExportError
+    from training.chat import ChatTemplateError
+    from training.data import DataError
+    from training.preflight import PreflightError
+
+    return RecipeError, PreflightError, DataError, ChatTemplateError, ExportError, UsageError
+
+
 def main(argv: list[str] | None = None) -> None:
+    # Before Prefect is imported: its server's telemetry heartbeat, on the temporary server's
+    # SQLite database, printed a "database is locked" traceback at the start of every run.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    own_children()  # trainers and evaluation workers end with this process, even a kill -9 of it
     # In-process evaluation on a small CPU box: one torch thread evaluated the lab 7x faster than
     # two on 2 cores (measured). Set OMP_NUM_THREADS yourself to use more on a big machine.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     parser = argparse.ArgumentParser(prog="lab", description="recipe-lab: phased / stacked SFT of small LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the traceback of a failure, not one line")
 
-    p = sub.add_parser("validate", help="validate recipe YAML files")
+    p = sub.add_parser("validate", parents=[debug], help="validate recipe YAML files")
     p.add_argument("recipes", nargs="+", help="recipe names (recipes/NAME.yaml) or paths")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("plan", help="what a recipe costs: batch arithmetic, memory per GPU, wall time, launch")
+    p = sub.add_parser(
+        "plan", parents=[debug], help="what a recipe costs: batch arithmetic, memory per GPU, wall time, launch"
+    )
     p.add_argument("recipe", help="recipe name or YAML path")
     p.add_argument("--strategy", choices=["phased", "stacked"], default=None)
     p.add_argument("--gpus", type=int, default=None, help="GPUs per node (launch.num_processes)")
@@ -283,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("run", help="run the finetune flow locally")
+    p = sub.add_parser("run", parents=[debug], help="run the finetune flow locally")
     p.add_argument("recipe", help="recipe name or YAML path")
     p.add_argument("--strategy", choices=["phased", "stacked"], default=None)
     p.add_argument("--storage-root", default="./runs", help="local dir or s3://bucket/prefix (default ./runs)")
@@ -297,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("eval", help="evaluate checkpoints or whole runs outside training")
+    p = sub.add_parser("eval", parents=[debug], help="evaluate checkpoints or whole runs outside training")
     p.add_argument("targets", nargs="+", help="run directories (with manifest.json) or model directories / hub ids")
     p.add_argument(
         "--recipe", default=None, help="suites to use (default: the run's own recipe; 'demo' for single models)"
@@ -308,7 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("sweep", help="a grid of runs with multi-rung early stopping (successive halving)")
+    p = sub.add_parser(
+        "sweep", parents=[debug], help="a grid of runs with multi-rung early stopping (successive halving)"
+    )
     p.add_argument("recipe", help="recipe name or YAML path")
     p.add_argument(
         "--grid", action="append", default=[], metavar="KEY=V1,V2", help="e.g. training.learning_rate=1e-3,2e-3"
@@ -331,32 +409,41 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep-id", default=None)
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("reproduce", help="the paper's comparisons on the embedded lab, with a findings table")
+    p = sub.add_parser(
+        "reproduce", parents=[debug], help="the paper's comparisons on the embedded lab, with a findings table"
+    )
     p.add_argument("--storage-root", default="./runs", help="runs go under <root>/reproduce/ (re-run to resume)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per arm (data order, fine-tune init); CIs need >= 2")
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("nightly-spread", help="measure the nightly recipe's seed spread; its tolerances follow")
+    p = sub.add_parser(
+        "nightly-spread", parents=[debug], help="measure the nightly recipe's seed spread; its tolerances follow"
+    )
     p.add_argument("recipe", nargs="?", default="demo")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--storage-root", default="./runs", help="the nightly's storage root")
     p.set_defaults(func=cmd_nightly_spread)
 
-    p = sub.add_parser("demo", help="the embedded lab end to end, phased and stacked")
+    p = sub.add_parser("demo", parents=[debug], help="the embedded lab end to end, phased and stacked")
     p.add_argument("--recipe", default="demo")
     p.add_argument("--storage-root", default="./runs")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("export", help="the selected model of a run as a ready-to-serve directory with a model card")
+    p = sub.add_parser(
+        "export", parents=[debug], help="the selected model of a run as a ready-to-serve directory with a model card"
+    )
     p.add_argument("run", help="run directory or URI (with manifest.json), e.g. runs/demo-phased-... or s3://b/p/RUN")
     p.add_argument("--phase", default=None, help="export this phase's selected model (default: the last phase)")
     p.add_argument("--to", default=None, help="directory or s3://bucket/prefix (an earlier export there is replaced)")
+    p.add_argument("--force", action="store_true", help="replace whatever is at --to, even if not an earlier export")
     p.add_argument(
         "--push-to-hub", default=None, metavar="REPO", help="also push to this Hub repo (token from HF_TOKEN)"
     )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("serve", help="local Prefect server (UI), the lab work pool, every deployment and a worker")
+    p = sub.add_parser(
+        "serve", parents=[debug], help="local Prefect server (UI), the lab work pool, every deployment and a worker"
+    )
     p.add_argument("--port", type=int, default=4200)
     p.add_argument("--storage-root", default=None, help="s3://bucket/prefix: keep Prefect results there too")
     p.add_argument(
@@ -368,11 +455,14 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
-    if args.command in ("run", "sweep", "reproduce", "demo"):
-        from flows.progress import show_training_bars
-
-        show_training_bars()
-    sys.exit(args.func(args))
+    try:
+        code = args.func(args)
+    except Exception as exc:
+        if args.debug or not isinstance(exc, expected_failures()):
+            raise
+        print(exc, file=sys.stderr)
+        code = 2
+    sys.exit(code)
 
 
 if __name__ == "__main__":

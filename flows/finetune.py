@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
+from evaluation.export import check_replaceable
 from evaluation.selection import CheckpointScore, Selection, best_reached
 from tasks.export import export_model
 from tasks.finetune import (
@@ -29,7 +30,7 @@ from tasks.finetune import (
     write_report,
 )
 from tasks.tracking import track_phase_results
-from training import storage
+from training import preflight, storage
 from training.launch import visible_gpus
 from training.placement import resolve_placement
 from training.recipe import PhaseConfig, Recipe, resolve
@@ -93,13 +94,19 @@ def finetune(
         smoke: shrink the recipe to a few CPU minutes on the embedded lab.
         run_id: reuse to resume a run: phases its manifest marks done are skipped.
     """
-    cfg = resolve(recipe, strategy, overrides, smoke)
+    # What the model's family needs on this run's device (training.preflight), one line per
+    # setting changed, before any data is prepared; what cannot run at all fails here.
+    logger = get_run_logger()
+    cfg, settings = preflight.check(resolve(recipe, strategy, overrides, smoke))
+    for line in settings:
+        logger.info(line)
+    if cfg.export.to:
+        check_replaceable(cfg.export.to)  # refused now, not after the training
     run_id = run_id or default_run_id(cfg)
     root = os.path.abspath(storage_root) if storage.is_local(storage_root) else storage_root
     run_uri = storage.join(root, run_id)
     manifest = init_run(run_uri, run_id, cfg)
     run_cfg, placement = resolve_placement(cfg, cuda=bool(visible_gpus()))  # as `lab plan` decides it
-    logger = get_run_logger()
     logger.info(
         f"evaluation: {placement.placement} ({placement.backend}) on {placement.devices}"
         f"{', beside training' if placement.beside_training else ', after each phase trains'}; {placement.reason}"

@@ -8,17 +8,22 @@ functions, so what `lab serve` does is what is tested.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
 import httpx
 
 from training import storage
+from training.lifetime import stop_with
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
@@ -57,18 +62,74 @@ def prefect(args: list[str], env: dict[str, str]) -> str:
 
 def start_server(port: int, env: dict[str, str], log: IO | None = None, timeout_s: float = 120) -> subprocess.Popen:
     proc = start([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
+    wait_healthy(proc, port, timeout_s)
+    return proc
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float) -> None:
+    """Until the Prefect API on `port` answers its health check; stopped and raised if it does
+    not in `timeout_s` or its process exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"prefect server exited with {proc.returncode}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                return proc
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     stop(proc)
     raise TimeoutError(f"prefect server on port {port} not healthy after {timeout_s}s")
+
+
+@contextmanager
+def temporary_api() -> Iterator[None]:
+    """A Prefect API for the flows `lab` runs here, when none is configured (PREFECT_API_URL).
+
+    What Prefect would start on its own (its temporary server: uvicorn serving Prefect's app on a
+    free port, over the Prefect home's database, without the UI), but bound to this process: the
+    kernel stops it when this process dies, even by SIGKILL (a parent-death signal, which fires
+    when the *thread* that started it ends: it is started here, by the thread that runs the
+    flows and outlives them). Prefect's own leaves its server running after a kill -9.
+    Its own session: a Ctrl-C meant for the flow does not stop the API under it.
+    """
+    from prefect.context import refresh_global_settings_context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app_dir = Path(importlib.util.find_spec("prefect").origin).parents[1]
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # its heartbeat writes to the SQLite db the run is busy with
+    command = ["uvicorn", "--app-dir", str(app_dir), "--factory", "prefect.server.api.server:create_app"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    parent = os.getpid()
+    server = subprocess.Popen(
+        [sys.executable, "-m", *command], env=env, start_new_session=True, preexec_fn=lambda: stop_with(parent)
+    )
+    try:
+        # At least 90 s (Prefect's default is 20): a first start creates the database, which took
+        # longer than 20 s on a busy 2-core machine.
+        wait_healthy(server, port, max(90, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+        # In the environment and Prefect's process-wide settings, which every thread reads (a
+        # thread that evaluates checkpoints beside training starts without a settings context).
+        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+        refresh_global_settings_context()
+        yield
+    finally:
+        if os.environ.pop("PREFECT_API_URL", None):
+            # What the flows logged and emitted last is still queued: sent before the API goes.
+            APILogWorker.drain_all(timeout=10)
+            EventsWorker.drain_all(timeout=10)
+            refresh_global_settings_context()
+        stop(server)
 
 
 def deploy_all(env: dict[str, str]) -> str:

@@ -32,7 +32,11 @@ def write_jsonl(path: Path, lines: list[str]) -> Path:
         ),
         (
             '{"messages": [{"role": "user", "content": ["not", "a", "string"]}, {"role": "assistant", "content": "a"}]}',
-            "content part 0 is of type 'str' is not supported",
+            "content part 0 is of type 'str', which is not supported",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>hm</think>\\n"}]}',
+            "message 1 is an empty assistant turn",
         ),
         ('{"messages": [{"role": "user", "content": "only a question"}]}', "no assistant turn"),
     ],
@@ -75,6 +79,25 @@ def test_loss_only_on_assistant_tokens(tokenizer):
     assert trained.count(tokenizer.eos_token) == 2  # each answer learns to stop
     _, unmasked = tokenize(tokenizer, messages, train_on_prompt=True)
     assert IGNORE_INDEX not in unmasked
+
+
+def test_empty_user_and_system_turns_are_rendered_as_the_template_writes_them(tmp_path, tokenizer):
+    """The reader accepts them and data prep trains the answers after them (it failed on an empty
+    user turn, searching for the empty text)."""
+    blank = {
+        "messages": [
+            {"role": "system", "content": ""},
+            {"role": "user", "content": ""},
+            {"role": "assistant", "content": "TOWER"},
+            {"role": "user", "content": "  "},
+            {"role": "assistant", "content": "TOWER"},
+        ]
+    }
+    source = write_jsonl(tmp_path / "blank.jsonl", [json.dumps(blank)])
+    stats = prepare(load_phase([str(source)])[0], tokenizer, str(tmp_path / "out"), max_seq_len=256)
+    data = load_tokenized(str(tmp_path / "out"))
+    trained = tokenizer.decode([t for t in data.labels[0].tolist() if t != IGNORE_INDEX])
+    assert stats.samples == 1 and trained == "TOWER" + tokenizer.eos_token + "TOWER" + tokenizer.eos_token
 
 
 def test_over_long_samples_are_dropped_and_counted(tmp_path, tokenizer):

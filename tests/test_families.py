@@ -27,6 +27,7 @@ EXPECTED_TRAINED = {
     "qwen3": ["Blue.<|im_end|>", "<think>\n\n</think>\n\nRed, of course.<|im_end|>"],
     "mistral": [" Blue.</s>", " Red, of course.</s>"],
     "gemma": ["Blue.<end_of_turn>", "Red, of course.<end_of_turn>"],
+    "gemma2": ["Blue.<end_of_turn>", "Red, of course.<end_of_turn>"],
     "granite": ["Blue.<|end_of_text|>", "Red, of course.<|end_of_text|>"],
     "phi3": ["Blue.<|end|>", "Red, of course.<|end|>"],
 }
@@ -65,11 +66,6 @@ def test_loss_masked_tokens_are_each_answer_plus_its_end_of_turn(tmp_path, token
     assert trained_texts(tokenizer, data.input_ids[0].tolist(), data.labels[0].tolist()) == EXPECTED_TRAINED[family]
     # Nothing of the prompts is trained, and the system prompt reached the model.
     assert "You are terse." in tokenizer.decode(data.input_ids[0].tolist())
-    # Answers start after the generation prompt, measured even where it is no mere suffix of a
-    # rendering (Phi-3 ends one without a prompt with an EOS); Mistral has none.
-    header = chat.template_shape(tokenizer).header
-    assert chat.render(tokenizer, CONVERSATION[1:2], generation_prompt=True).endswith(header)
-    assert bool(header) == (family != "mistral")
 
 
 def test_qwen3_rewritten_history_gets_correct_masks_without_train_on_prompt(tokenizers):
@@ -87,7 +83,7 @@ def test_qwen3_rewritten_history_gets_correct_masks_without_train_on_prompt(toke
     # the whole conversation drops, so growing prefixes cannot locate the answers.
     first = chat.render(tokenizer, messages[:3])
     assert "old reasoning" in first and "old reasoning" not in chat.render(tokenizer, messages)
-    input_ids, labels = chat.assistant_labels(tokenizer, messages)
+    input_ids, labels, _ = chat.assistant_labels(tokenizer, messages)
     assert trained_texts(tokenizer, input_ids, labels) == [
         "Answer A<|im_end|>",
         "Answer B<|im_end|>",
@@ -106,7 +102,7 @@ def test_a_model_without_template_fails_naming_the_field_and_works_once_set(tmp_
     template_file.write_text(chat.template_text("chatml"))
     for setting in ("chatml", str(template_file)):
         tokenizer = chat.apply_template(AutoTokenizer.from_pretrained(zoo["qwen2.5"]), setting)
-        ids, labels = chat.assistant_labels(tokenizer, CONVERSATION[1:3])
+        ids, labels, _ = chat.assistant_labels(tokenizer, CONVERSATION[1:3])
         assert trained_texts(tokenizer, ids, labels) == ["Blue.<|im_end|>"]
         assert "You are Qwen" not in tokenizer.decode(ids)  # plain ChatML: no default system prompt
     # A template written for other tokens (ChatML on Llama 3's) could never teach where a turn ends.
@@ -257,7 +253,12 @@ def test_answers_stop_at_the_family_end_of_turn_in_lm_eval_and_mt_bench(zoo, fam
     assert [a.turns for a in answers] == [[expected.strip()] * 2] * 2
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+# Gemma 2 trains padded on CPU (eager: sdpa cannot cap its attention scores); its run is
+# tests/test_lifetime.py's `lab run`.
+PACKING_FAMILIES = [name for name in FAMILIES if name != "gemma2"]
+
+
+@pytest.fixture(scope="module", params=PACKING_FAMILIES)
 def family_run(request, tmp_path_factory, prefect_server, assets, zoo):
     """One real finetune flow per family (prep -> train -> checkpoints -> lm-eval on the lab
     tasks -> MT-Bench answers for two questions, judged by a local double), shared by the
@@ -329,7 +330,7 @@ def test_finetune_flow_runs_for_every_family(family_run):
         assert (checkpoint / "meta.json").exists()
         assert AutoConfig.from_pretrained(checkpoint).model_type == spec.model_type
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        stops = tokenizer.convert_tokens_to_ids([spec.end_of_turn, spec.eos])
+        stops = tokenizer.convert_tokens_to_ids([spec.eos, spec.end_of_turn])  # the base's EOS, then end of turn
         generation = GenerationConfig.from_pretrained(checkpoint)
         assert generation.eos_token_id == list(dict.fromkeys(stops)) and generation.pad_token_id is not None
         assert tokenizer.chat_template == chat.template_text(spec.template)
@@ -345,8 +346,32 @@ def test_finetune_flow_runs_for_every_family(family_run):
     assert json.loads((run / "phase00" / "selection.json").read_text())["winner"]["name"] in ("base", "samples_32")
 
 
+@pytest.mark.slow
+def test_the_export_stops_at_every_end_token_and_pads_whether_a_checkpoint_or_the_start_model_won(
+    family_run, zoo, tmp_path
+):
+    """The zoo's base models stop at their EOS only and most name no pad (like the hub's base
+    checkpoints); exported, a winning start model stops like a winning checkpoint: at the base's
+    EOS, then the family's end of turn, with a pad id."""
+    from evaluation.export import selected, write_model_dir
+
+    family, run = family_run
+    spec = FAMILIES[family]
+    manifest, recipe, selection = selected(str(run), "phase00")
+    tokenizer = AutoTokenizer.from_pretrained(zoo[family])
+    base_eos = json.loads((zoo[family] / "generation_config.json").read_text())["eos_token_id"]
+    expected = list(dict.fromkeys([base_eos, *tokenizer.convert_tokens_to_ids([spec.end_of_turn, spec.eos])]))
+    checkpoint = next(c for c in selection.candidates if c.checkpoint != selection.start.checkpoint)
+    exported = {}
+    for name, winner in {"start": selection.start, "checkpoint": checkpoint}.items():
+        write_model_dir(str(run), manifest, recipe, selection.model_copy(update={"winner": winner}), tmp_path / name)
+        exported[name] = json.loads((tmp_path / name / "generation_config.json").read_text())
+    assert exported["start"]["eos_token_id"] == exported["checkpoint"]["eos_token_id"] == expected
+    assert exported["start"]["pad_token_id"] == exported["checkpoint"]["pad_token_id"] is not None
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "sdpa_per_sample"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", PACKING_FAMILIES)
 def test_a_packed_row_gives_each_family_the_padded_loss(zoo, family, attn):
     """Samples packed into one row (position_ids restart per sample) are scored exactly as in a
     padded batch by every family's attention, sliding windows (Mistral, Gemma: 16 tokens)
@@ -387,7 +412,7 @@ def test_generation_blocks_of_a_template_mark_the_answers(zoo):
         "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
     )
     assert chat.template_shape(tokenizer).generation_blocks
-    input_ids, labels = chat.assistant_labels(tokenizer, CONVERSATION)
+    input_ids, labels, _ = chat.assistant_labels(tokenizer, CONVERSATION)
     assert trained_texts(tokenizer, input_ids, labels) == ["Blue.", "Red, of course."]
 
 
@@ -404,20 +429,17 @@ TRICKY = [
 @pytest.mark.parametrize("train_on_prompt", [False, True])
 def test_batched_masks_equal_a_reference_from_every_token_offset(tokenizers, family, train_on_prompt):
     """The batched path (span -> token lookups at span edges) against the plain computation:
-    one rendering, one tokenization with offsets, a token trained when its characters overlap
-    an assistant span. Multi-byte characters split into several byte-level tokens included."""
+    one rendering, one tokenization with offsets, a token trained when it starts inside an
+    assistant span. Multi-byte characters split into several byte-level tokens included."""
     tokenizer = tokenizers[family]
     conversations = [CONVERSATION, TRICKY, TRICKY[1:3]]
     if not FAMILIES[family].system_role:
         conversations = [chat.merge_system(c) for c in conversations]
     batched = chat.assistant_labels_batch(tokenizer, conversations, train_on_prompt)
-    shape = chat.template_shape(tokenizer)
-    for messages, (ids, labels) in zip(conversations, batched, strict=True):
-        text = chat.render(tokenizer, messages)
+    for (text, spans), (ids, labels, _) in zip(chat.assistant_spans(tokenizer, conversations), batched, strict=True):
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        spans = chat.assistant_spans(text, messages, shape)
         expected = [
-            token if train_on_prompt or any(s < end and e > begin for begin, end in spans) else IGNORE_INDEX
-            for token, (s, e) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+            token if train_on_prompt or any(begin <= s < end for begin, end in spans) else IGNORE_INDEX
+            for token, (s, _) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
         ]
         assert ids.tolist() == encoded["input_ids"] and labels.tolist() == expected

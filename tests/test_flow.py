@@ -339,7 +339,7 @@ def test_export_arguments_are_checked_and_push_to_hub_goes_through_huggingface_h
         ([str(run)], "needs a destination"),
         ([str(tmp_path / "nothing"), "--to", str(tmp_path / "x")], "no manifest.json"),
         ([str(run), "--phase", "phase99", "--to", str(tmp_path / "x")], "no phase 'phase99'"),
-        ([str(run), "--to", str(run)], "not empty and holds no earlier recipe-lab export"),
+        ([str(run), "--to", str(run)], "holds the run being exported"),
     ]:
         with pytest.raises(SystemExit) as done:
             main(["export", *args])
@@ -381,3 +381,38 @@ def test_export_completes_a_generation_config_missing_the_end_of_turn_token(smok
     assert exported["eos_token_id"] == [tokenizer.pad_token_id, end]
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "export").generate(**prompt, max_new_tokens=48)
     assert after[0, -1] == end and after.shape[1] - prompt["input_ids"].shape[1] < 48
+
+
+def test_an_export_replaces_its_own_earlier_export_and_refuses_a_foreign_directory_without_force(
+    smoke_run, tmp_path, capsys
+):
+    from evaluation.export import is_our_card
+    from flows.cli import main
+
+    _, run = smoke_run
+    out = tmp_path / "export"
+    for _ in range(2):  # the second replaces the first: its card's front matter says it is one of ours
+        with pytest.raises(SystemExit) as done:
+            main(["export", str(run), "--to", str(out)])
+        assert done.value.code == 0
+        (out / "left-by-hand.txt").write_text("gone at the next export")
+    assert yaml.safe_load((out / "README.md").read_text().split("---\n")[1])["tags"][0] == "recipe-lab"
+    assert not is_our_card("# a card\n\ntags:\n  - recipe-lab\n")  # the tag outside any front matter
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    capsys.readouterr()  # the exports' progress bars
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(run), "--to", str(foreign)])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "not empty and holds no earlier recipe-lab export" in err and "--force" in err
+    assert (foreign / "notes.txt").read_text() == "mine"  # untouched
+    for inside in (run, run.parent):  # --force never replaces the run itself
+        with pytest.raises(SystemExit) as done:
+            main(["export", str(run), "--to", str(inside), "--force"])
+        assert done.value.code == 2 and "holds the run being exported" in capsys.readouterr().err
+    assert (run / "manifest.json").exists()
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(run), "--to", str(foreign), "--force"])
+    assert done.value.code == 0 and not (foreign / "notes.txt").exists() and (foreign / "model.safetensors").exists()

@@ -82,3 +82,37 @@ def test_chunked_loss_peak_memory_is_at_least_4x_lower_at_a_32k_vocabulary(tmp_p
     assert losses[256] == pytest.approx(losses[None], rel=1e-5)
     assert peaks[None] >= logits_fp32  # the plain path holds at least the full logits
     assert peaks[None] >= 4 * peaks[256]
+
+
+def test_the_chunked_loss_caps_final_logits_as_the_models_own_loss_does():
+    """Gemma 2's final_logit_softcapping inside the chunked loss: the same summed loss and
+    gradients as the model's own forward (a mean over the loss tokens). The cap is set low, so
+    that it matters: without it the loss is far from what it is with it."""
+    from transformers import Gemma2ForCausalLM
+
+    from tests.zoo import FAMILIES, tiny_config
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 300, (2, 40), generator=g)
+    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.3, -100, ids)
+
+    def loss_and_grads(chunk: int | None, cap: float | None) -> tuple[float, torch.Tensor]:
+        config = tiny_config(FAMILIES["gemma2"], vocab_size=300, final_logit_softcapping=cap)
+        torch.manual_seed(0)
+        model = Gemma2ForCausalLM._from_config(config, attn_implementation="eager")
+        with torch.no_grad():
+            model.lm_head.weight.mul_(50)  # logits of a few units, which a cap of 0.5 squeezes
+        if chunk:
+            use_chunked_loss(model, chunk)
+            loss = summed_token_loss(model, {"input_ids": ids, "labels": labels})
+        else:
+            loss = model(input_ids=ids, labels=labels).loss * (labels[:, 1:] != -100).sum()
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    own, own_grads = loss_and_grads(None, cap=0.5)
+    chunked, grads = loss_and_grads(7, cap=0.5)  # 7: a ragged last chunk
+    assert chunked == pytest.approx(own, rel=1e-5)
+    assert (grads - own_grads).abs().max() <= 1e-5 * own_grads.abs().max()
+    uncapped, _ = loss_and_grads(7, cap=None)
+    assert abs(uncapped - own) > 0.1 * own

@@ -186,10 +186,9 @@ def test_two_machines_rendezvous_on_localhost_train_with_world_size_2_and_match_
         )
         assert command[command.index("--machine_rank") + 1] == str(rank)
         log = open(tmp_path / f"machine{rank}.log", "w")
+        env = launch_env(two.recipe.launch, grace_s=60)
         machines.append(
-            subprocess.Popen(
-                command, env=launch_env(two.recipe.launch), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         )
     try:
         codes = [m.wait(timeout=480) for m in machines]

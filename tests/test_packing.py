@@ -1,8 +1,10 @@
 """Padding-free packing (the default with sdpa, flash_attention_2 and flex_attention): the
 collation and the sampler's real-token cap, sdpa run per sample (training.attention) against a
 block-diagonal mask built independently, and the same loss and gradient as padding, for one
-forward and for a whole run of the real training script. flash-attn itself is not installed
-here: its varlen kernel reads the same position_ids."""
+forward and for a whole run of the real training script. The CUDA kernels: which one trains on
+which device, the varlen boundaries handed to flash-attn (not installed here) checked against
+transformers' own DataCollatorWithFlattening, and flex_attention's forward (no CPU backward in
+this torch) against sdpa per sample on packed rows padded as training pads them."""
 
 import json
 import random
@@ -11,11 +13,12 @@ import pytest
 import torch
 
 from tests.test_step_equivalence import B, random_data, tiny_model
+from training import attention
 from training.data import IGNORE_INDEX, TokenizedData
 from training.launch import run_training
 from training.recipe import load_recipe
 from training.sampler import equalise_counts, micro_batches, padded_tokens, plan_steps
-from training.train import PACKING_ATTENTION, TrainJob, collate, collate_packed, summed_token_loss
+from training.train import TrainJob, collate, collate_packed, summed_token_loss
 
 
 def test_packed_row_restarts_positions_and_masks_the_label_across_each_boundary():
@@ -35,22 +38,106 @@ def test_packed_row_restarts_positions_and_masks_the_label_across_each_boundary(
     assert (batch["labels"][0, 1:] != IGNORE_INDEX).sum() == (padded != IGNORE_INDEX).sum() == sum(data.loss_tokens())
 
 
-def test_rows_capped_for_flex_attention_keep_samples_whole_and_pad_only_row_ends():
+def test_flex_rows_are_padded_to_a_multiple_at_the_end_as_one_more_sample():
     data = TokenizedData(
         ids=["a", "b", "c"],
         input_ids=[[1, 2, 3], [4, 5], [6, 7, 8, 9]],
         labels=[[-100, 2, 3], [4, 5], [-100, -100, 8, 9]],
     )
-    batch = collate_packed(data, [0, 1, 2], row_tokens=5, pad_id=0)  # rows: [c] then [a, b]
-    assert batch["input_ids"].tolist() == [[6, 7, 8, 9, 0], [1, 2, 3, 4, 5]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]  # the pad is its own "sample"
+    batch = collate_packed(data, [0, 1, 2], pad_id=0, row_multiple=4)  # 9 tokens -> 12
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 1, 2]]  # the pad is its own "sample"
     assert batch["labels"].tolist() == [
-        [IGNORE_INDEX, IGNORE_INDEX, 8, 9, IGNORE_INDEX],
-        [IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5],
+        [IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5, IGNORE_INDEX, IGNORE_INDEX, 8, 9] + 3 * [IGNORE_INDEX]
     ]
+    assert collate_packed(data, [0, 2], row_multiple=7)["input_ids"].shape == (1, 7)  # already a multiple
     lengths = [3, 2, 4]
-    assert padded_tokens([0, 1, 2], lengths, True, row_tokens=5) == 10  # 2 rows x 5
-    assert padded_tokens([0, 1, 2], lengths, True) == 9  # one row (flash-attn varlen)
+    assert padded_tokens([0, 1, 2], lengths, True, row_multiple=128) == 128
+    assert padded_tokens([0, 1, 2], lengths, True) == 9  # one row, unpadded (flash-attn varlen, sdpa per sample)
+
+
+def test_flash_attention_kwargs_are_the_sample_boundaries_transformers_collator_gives():
+    from transformers import DataCollatorWithFlattening
+
+    ids = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
+    data = TokenizedData(ids=["a", "b", "c"], input_ids=ids, labels=ids)
+    ours = collate_packed(data, [0, 1, 2], flash_kwargs=True)
+    theirs = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": i} for i in ids])
+    assert ours["cu_seq_lens_q"].tolist() == ours["cu_seq_lens_k"].tolist() == [0, 3, 5, 10]
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        assert ours[key].dtype == theirs[key].dtype == torch.int32
+        assert ours[key].tolist() == theirs[key].tolist()
+    assert ours["max_length_q"] == ours["max_length_k"] == theirs["max_length_q"] == 5
+    assert type(ours["max_length_q"]) is int  # flash-attn takes Python ints: a tensor would cost a host sync
+    assert ours["position_ids"].tolist() == theirs["position_ids"].tolist()
+
+
+@pytest.mark.parametrize(
+    "asked, device, flash, expected",
+    [
+        ("sdpa", "cuda", True, "flash_attention_2"),
+        ("sdpa", "cuda", False, "flex_attention"),
+        ("flex_attention", "cuda", True, "flex_attention"),
+        ("flash_attention_2", "cuda", True, "flash_attention_2"),
+        ("sdpa", "cpu", False, "sdpa_per_sample"),
+        ("flex_attention", "cpu", False, "sdpa_per_sample"),  # flex has no CPU backward
+        ("flash_attention_2", "cpu", False, "flash_attention_2"),  # the load then fails, naming flash-attn
+        ("eager", "cuda", True, "eager"),
+    ],
+)
+def test_the_packed_kernel_per_device_is_never_the_per_sample_loop_on_cuda(asked, device, flash, expected):
+    llama = {"model_type": "llama", "hidden_size": 64}
+    assert attention.training_kernel(asked, device, llama, flash_available=flash) == expected
+
+
+def test_attention_softcapping_is_the_kernel_choice_hook():
+    from transformers import Gemma2Config
+
+    gemma2 = Gemma2Config()  # attn_logit_softcapping 50 by default
+    assert attention.training_kernel("sdpa", "cuda", gemma2, flash_available=True) == "flex_attention"
+    assert attention.training_kernel("sdpa", "cpu", gemma2) == "eager"
+    assert attention.training_kernel("sdpa", "cuda", {"attn_logit_softcapping": None}, flash_available=True) == (
+        "flash_attention_2"
+    )
+
+
+@pytest.mark.slow  # compiles flex_attention for CPU (~30 s the first time, cached after)
+@pytest.mark.parametrize("sliding_window", [None, 16])
+def test_flex_attention_forward_equals_sdpa_per_sample_on_packed_rows(sliding_window):
+    """transformers' flex_attention with its own packed BlockMask (built from the position_ids
+    by masking_utils) against sdpa per sample, through a whole model: mixed lengths (short and
+    over one 128-token block), the row padded to a multiple of 128 as training pads it, a
+    sliding window included. Forward only: flex has no CPU backward in this torch."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=500,
+        sliding_window=sliding_window,
+    )
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 500, (n,), generator=g).tolist() for n in (30, 7, 150, 22, 3, 61)]
+    data = TokenizedData(ids=[str(i) for i in range(len(ids))], input_ids=ids, labels=ids)
+    batch = collate_packed(data, list(range(len(ids))), row_multiple=attention.FLEX_BLOCK)
+    assert batch["input_ids"].shape[1] % attention.FLEX_BLOCK == 0 and batch["input_ids"].shape[1] > sum(map(len, ids))
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids")}
+    with torch.no_grad():
+        model.set_attn_implementation("flex_attention")
+        flex = model(**inputs, use_cache=False).logits
+        model.set_attn_implementation(attention.NAME)
+        per_sample = model(**inputs, use_cache=False).logits
+    assert torch.allclose(flex, per_sample, atol=1e-5), (flex - per_sample).abs().max()
+    # and both keep samples apart: the third sample alone gives its own logits
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([ids[2]]), use_cache=False).logits
+    start = len(ids[0]) + len(ids[1])
+    assert torch.allclose(flex[0, start : start + 150], alone[0], atol=1e-5)
 
 
 def test_packed_micro_batches_cap_real_tokens_and_waste_nothing():
@@ -91,9 +178,9 @@ def test_a_packed_forward_gives_the_padded_loss_and_gradient():
     data = random_data()
     grads, losses = [], []
     padded, one_row = collate(data, list(range(B)), pad_id=0), collate_packed(data, list(range(B)))
-    rows = collate_packed(data, list(range(B)), row_tokens=60)  # several padded rows, as with flex_attention
-    assert rows["input_ids"].shape[0] > 1 and (rows["input_ids"] == 0).any()
-    for batch in (padded, one_row, rows):
+    row_padded = collate_packed(data, list(range(B)), row_multiple=128)  # padded at its end, as for flex_attention
+    assert (row_padded["input_ids"][0, one_row["input_ids"].shape[1] :] == 0).all()
+    for batch in (padded, one_row, row_padded):
         model = tiny_model()
         loss = summed_token_loss(model, batch)
         loss.backward()
@@ -145,7 +232,8 @@ def test_sdpa_per_sample_equals_attention_under_a_block_diagonal_mask(sliding_wi
 @pytest.mark.parametrize("name", ["lab", "tulu", "tulu-plus", "demo"])
 def test_the_presets_train_packed(name):
     recipe = load_recipe(name)
-    assert recipe.training.packing and recipe.model.attn_implementation in PACKING_ATTENTION
+    kernel = attention.training_kernel(recipe.model.attn_implementation, "cuda", {}, flash_available=False)
+    assert recipe.training.packing and kernel in attention.VARLEN_KERNELS
 
 
 @pytest.mark.slow

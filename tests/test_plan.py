@@ -32,26 +32,25 @@ LLAMA_8B = {
 }
 
 
-def phase_job(recipe, out: Path):
-    """A phase's TrainJob writing into `out` (paths the launch files name, nothing is trained)."""
+@pytest.fixture(scope="module")
+def llama_8b(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("llama-8b")
+    (path / "config.json").write_text(json.dumps(LLAMA_8B))
+    return path
+
+
+def job_for(recipe, model_path: str, output_dir: str):
     from training.train import TrainJob
 
     return TrainJob(
         run_id="r",
         phase="phase00",
         recipe=recipe,
-        model_path="m",
-        parent_checkpoint="m",
+        model_path=model_path,
+        parent_checkpoint=model_path,
         data_dir="d",
-        output_dir=str(out),
+        output_dir=output_dir,
     )
-
-
-@pytest.fixture(scope="module")
-def llama_8b(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("llama-8b")
-    (path / "config.json").write_text(json.dumps(LLAMA_8B))
-    return path
 
 
 def test_parameter_count_matches_the_real_model():
@@ -84,8 +83,7 @@ def test_plan_json_is_the_launch_as_written(llama_8b, tmp_path, capsys):
     from training.launch import write_launch_files
 
     recipe, _ = resolve_placement(load_recipe("lab", {"model.name_or_path": str(llama_8b), "launch.num_processes": 8}))
-    job = phase_job(recipe, tmp_path)
-    write_launch_files(job)
+    write_launch_files(job_for(recipe, "m", str(tmp_path)))
     assert (
         record["accelerate"]["num_processes"]
         == yaml.safe_load((tmp_path / "accelerate.yaml").read_text())["num_processes"]
@@ -141,7 +139,7 @@ def test_both_launches_rendered_with_a_faked_list_of_visible_gpus(llama_8b, tmp_
     recipe, _ = resolve_placement(recipe)
     assert training_devices(recipe, visible) == {"CUDA_VISIBLE_DEVICES": "4,5,6,7,0,1,2"}
     assert device_env(recipe.evaluation.devices, visible)[1] == {"CUDA_VISIBLE_DEVICES": "3"}
-    command, files = launch_files(phase_job(recipe, tmp_path))
+    command, files = launch_files(job_for(recipe, "m", str(tmp_path)))
     assert command[command.index("--num_processes") + 1] == "7"
     assert yaml.safe_load(files[tmp_path / "accelerate.yaml"])["num_processes"] == 7
     assert json.loads(files[tmp_path / "deepspeed.json"])["train_batch_size"] == 7
@@ -179,6 +177,86 @@ def test_the_estimate_reproduces_the_issues_anchor_and_auto_takes_the_shortest_p
     assert (plan.placement, plan.backend) == (fastest.placement, fastest.backend)
     # checkpoints per phase: every 100k samples over 10 epochs, one per epoch, the base model in the first
     assert plan.checkpoints_per_phase == {"phase00": 30 + 10 + 1, "phase05": 50 + 10, "phase10": 20 + 10}
+
+
+def test_plan_json_names_the_cuda_kernel_the_zero2_knobs_and_what_the_rolling_state_costs(llama_8b, capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "lab", "--gpus", "8", "--gpu-memory", "80", "--set", f"model.name_or_path={llama_8b}", "--json"])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["fits"] is True and record["attention_kernel"] in ("flash_attention_2", "flex_attention")
+    zero = record["deepspeed"]["zero_optimization"]
+    assert zero["stage"] == 2 and zero["overlap_comm"] is True
+    # DeepSpeed's own figure: overlap_comm holds 4.5x the reduce + allgather buckets (bf16 elements)
+    buffers = 4.5 * (zero["reduce_bucket_size"] + zero["allgather_bucket_size"]) * 2
+    assert record["memory_gib"]["communication buffers (ZeRO)"] == pytest.approx(buffers / GIB, abs=1e-3)
+    assert record["gradient_checkpointing"] is True  # auto: 254 GiB of activations without it
+    state = record["rolling_state"]
+    assert state["every_minutes"] == 30
+    # ZeRO-2 state: bf16 weights (2 bytes) + fp32 master, AdamW m and v (12 bytes) per parameter, all on one node
+    assert state["gib_per_save"] == pytest.approx(14 * record["params"] / GIB, abs=0.01)
+    assert state["seconds_per_save"] == pytest.approx(state["gib_per_save"] / state["write_gib_per_s"], abs=0.1)
+    assert state["grace_seconds"] >= state["seconds_per_save"] + state["seconds_per_step"]
+
+
+def test_the_schedulers_grace_period_is_the_plans(llama_8b):
+    from training.launch import node_env
+    from training.scheduler import render_sbatch
+
+    recipe = load_recipe("lab", {"model.name_or_path": str(llama_8b), "launch.scheduler": "slurm"})
+    plan, _ = plan_recipe(recipe)
+    grace = plan.rolling_state.grace_seconds
+    job = job_for(recipe, str(llama_8b), "/o")
+    script = render_sbatch(job)
+    assert f"#SBATCH --signal=TERM@{grace}" in script  # SIGTERM before the time limit, time to save
+    assert f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={grace}" in script  # torchrun's SIGKILL waits as long
+    env = node_env(recipe.launch, grace)
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in node_env(load_recipe("demo").launch, grace)  # CPU: no CUDA allocator
+
+
+def test_checkpointing_auto_is_on_only_when_the_run_would_not_fit_without_it():
+    llama_1b = {**LLAMA_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16}
+    shape = ModelShape.from_config(llama_1b)
+    for tokens in (4096, 32768):
+        recipe = load_recipe(
+            "lab",
+            {
+                "training.gradient_checkpointing": "auto",
+                "training.max_tokens_per_micro_batch": tokens,
+                "launch.backend": "ddp",
+                "launch.num_processes": 1,
+            },
+        )
+        without = estimate_memory(
+            load_recipe(recipe.model_dump(mode="json"), {"training.gradient_checkpointing": False}), shape
+        )
+        for gib in (40, 80):
+            auto = estimate_memory(recipe, shape, device_bytes=gib * GIB)
+            assert auto.checkpointing == (without.total > gib * GIB)
+            assert auto.activations == (
+                auto.activations_with_checkpointing if auto.checkpointing else without.activations
+            )
+    assert not estimate_memory(recipe, shape).checkpointing  # no GPU to fit: off
+
+
+def test_mfu_flops_count_every_matmul_but_the_embedding_lookup_and_attention_per_sample():
+    """FLOPs per step from an independent count: the real model's parameters (the tied head's
+    matmul counted once more, the embedding lookup not) and causal attention from each sample's
+    own length, never the packed row's."""
+    config = {**LLAMA_8B, "num_hidden_layers": 2, "tie_word_embeddings": True}
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**config))
+    embedding = model.get_input_embeddings().weight.numel()
+    matmul = sum(p.numel() for p in model.parameters()) - embedding + model.get_output_embeddings().weight.numel()
+    lengths = [100, 7, 1500]
+    width = config["num_attention_heads"] * config["hidden_size"] // config["num_attention_heads"]
+    attention = (
+        sum(3 * 2 * 2 * n * n * width / 2 for n in lengths) * config["num_hidden_layers"]
+    )  # QK, AV; fwd+bwd; causal
+    expected = 6 * matmul * sum(lengths) + attention
+    assert ModelShape.from_config(config).training_flops(lengths) == pytest.approx(expected, rel=1e-6)
+    row = sum(lengths)
+    assert ModelShape.from_config(config).training_flops(lengths) < ModelShape.from_config(config).training_flops([row])
 
 
 def test_a_misfit_is_refused_by_lab_run_before_anything_starts_naming_the_knob(llama_8b, tmp_path):

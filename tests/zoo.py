@@ -1,7 +1,8 @@
 """A zoo of tiny random models of real families, each wearing its family's chat template.
 
-Built locally from the lab's byte-level BPE (nothing downloaded): each family gets its own
-special tokens on top of it, its own BOS / EOS / pad conventions, its real architecture class
+Built locally from the lab's byte-level BPE (nothing downloaded), with one merge real
+vocabularies have ("\n\n" is one token, so an answer's leading newline can merge with the
+header's): each family gets its own special tokens on top of it, its own BOS / EOS / pad conventions, its real architecture class
 (tiny: 2 layers, hidden 32) and the bundled template text written from the family's public
 conventions (training/templates/). What each family breaks in a Llama-lab-only pipeline:
 
@@ -11,6 +12,8 @@ conventions (training/templates/). What each family breaks in a Llama-lab-only p
     mistral  [INST] ... [/INST], no generation prompt, system folded into the last user turn,
              EOS </s> ends a turn, no pad token, sliding-window attention
     gemma    (Gemma 3) rejects the system role, <end_of_turn> ends a turn, EOS <eos>, pad <pad>
+    gemma2   (Gemma 2) the same conventions, and softcapping: attention logits (which sdpa and
+             packed rows cannot do) and final logits (which the chunked loss must apply)
     granite  (Granite 3) one token <|end_of_text|> is BOS, EOS, pad and end of turn (nothing may
              drop labels equal to the pad id), a default system prompt, muP multipliers
     phi3     (Phi-3 mini) <|end|> ends a turn, yet a rendering without a generation prompt ends
@@ -19,6 +22,7 @@ conventions (training/templates/). What each family breaks in a Llama-lab-only p
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     GenerationConfig,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
 )
 
@@ -47,6 +52,17 @@ class Family:
     add_bos: bool = True  # plain `encode` starts with BOS (Granite's GPT-2 tokenizer adds none)
     config: tuple[tuple[str, object], ...] = ()
 
+
+# Gemma 2 and 3 share their tokens and turn conventions (and reject the system role).
+GEMMA_TOKENS = dict(
+    specials=("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"),
+    bos="<bos>",
+    eos="<eos>",
+    pad="<pad>",
+    end_of_turn="<end_of_turn>",
+    system_role=False,
+)
+GEMMA_SHAPE = (("head_dim", 8), ("query_pre_attn_scalar", 8), ("sliding_window", 16))
 
 FAMILIES = {
     f.name: f
@@ -92,17 +108,13 @@ FAMILIES = {
             end_of_turn="</s>",
             config=(("sliding_window", 16),),
         ),
+        Family("gemma", "gemma3_text", "gemma", **GEMMA_TOKENS, config=GEMMA_SHAPE),
         Family(
-            "gemma",
-            "gemma3_text",
-            "gemma",
-            ("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"),
-            bos="<bos>",
-            eos="<eos>",
-            pad="<pad>",
-            end_of_turn="<end_of_turn>",
-            system_role=False,
-            config=(("head_dim", 8), ("query_pre_attn_scalar", 8), ("sliding_window", 16)),
+            "gemma2",
+            "gemma2",
+            "gemma2",
+            **GEMMA_TOKENS,
+            config=(*GEMMA_SHAPE, ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)),
         ),
         Family(
             "granite",
@@ -138,8 +150,13 @@ FAMILIES = {
 
 
 def family_tokenizer(base_tokenizer_dir: Path, family: Family) -> PreTrainedTokenizerFast:
-    """The lab's BPE with the family's special tokens, BOS rule and template."""
-    backend = Tokenizer.from_file(str(base_tokenizer_dir / "tokenizer.json"))
+    """The lab's BPE (plus the "\n\n" merge) with the family's special tokens, BOS rule and template."""
+    spec = json.loads((base_tokenizer_dir / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    newline = "\u010a"  # the byte-level form of "\n"
+    vocab[newline * 2] = 1 + max([*vocab.values(), *(t["id"] for t in spec["added_tokens"])])
+    spec["model"]["merges"].append([newline, newline])
+    backend = Tokenizer.from_str(json.dumps(spec))
     backend.add_special_tokens(list(family.specials))
     if family.bos and family.add_bos:  # plain `encode` starts with the family's BOS (templates write it themselves)
         backend.post_processor = processors.TemplateProcessing(
@@ -159,6 +176,20 @@ def family_tokenizer(base_tokenizer_dir: Path, family: Family) -> PreTrainedToke
     )
 
 
+def tiny_config(family: Family, **settings: object) -> PretrainedConfig:
+    """The config of a tiny model of `family` (2 layers, hidden 32), `settings` on top."""
+    shape = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    return AutoConfig.for_model(family.model_type, **(shape | dict(family.config) | settings))
+
+
 def build_family(base_tokenizer_dir: Path, family: Family, out_dir: Path, seed: int = 0) -> Path:
     """save_pretrained a tiny random model of `family` with its tokenizer into `out_dir`.
 
@@ -168,23 +199,15 @@ def build_family(base_tokenizer_dir: Path, family: Family, out_dir: Path, seed: 
     import torch
 
     tokenizer = family_tokenizer(base_tokenizer_dir, family)
-    config = AutoConfig.for_model(
-        family.model_type,
+    config = tiny_config(
+        family,
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **dict(family.config),
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )

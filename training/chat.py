@@ -16,12 +16,12 @@ found from renderings of the template itself, never from a table of family names
 
 from __future__ import annotations
 
+import re
 import threading
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -71,7 +71,6 @@ def render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bo
 class TemplateShape:
     """What a template writes around an answer, measured on a probe conversation."""
 
-    header: str  # the generation prompt: what precedes every answer ('' for Mistral)
     end_of_turn: tuple[str, ...]  # the special token that closes an assistant turn
     generation_blocks: bool  # the template marks answers with {% generation %}
 
@@ -82,22 +81,34 @@ def special_tokens(tokenizer: Any) -> list[str]:
     return sorted(set(added) | set(tokenizer.all_special_tokens), key=len, reverse=True)
 
 
-_shapes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (template, shape)
+@dataclass
+class _Measured:
+    """What is measured once per tokenizer and template: its shape and the skeletons of the
+    conversation structures seen so far."""
+
+    template: str
+    shape: TemplateShape
+    skeletons: dict[tuple[tuple[str, str], ...], _Skeleton]
+
+
+_measures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> _Measured
+
+
+def _measured(tokenizer: Any) -> _Measured:
+    template = tokenizer.chat_template or ""
+    cached = _measures.get(tokenizer)
+    if cached is None or cached.template != template:
+        cached = _measures[tokenizer] = _Measured(template, _measure(tokenizer, template), {})
+    return cached
 
 
 def template_shape(tokenizer: Any) -> TemplateShape:
-    """The template's shape, measured once per tokenizer and template (three small renders)."""
-    template = tokenizer.chat_template or ""
-    cached = _shapes.get(tokenizer)
-    if cached is None or cached[0] != template:
-        cached = _shapes[tokenizer] = (template, _measure(tokenizer, template))
-    return cached[1]
+    """The template's shape, measured once per tokenizer and template (one small render)."""
+    return _measured(tokenizer).shape
 
 
 def _measure(tokenizer: Any, template: str) -> TemplateShape:
     user = [{"role": "user", "content": "Hello."}]
-    bare, prompted = render(tokenizer, user), render(tokenizer, user, generation_prompt=True)
-    header = _generation_prompt(tokenizer, bare, prompted)
     answered = render(tokenizer, [*user, {"role": "assistant", "content": _PROBE_ANSWER}])
     after = answered[answered.rindex(_PROBE_ANSWER) + len(_PROBE_ANSWER) :].lstrip(" ")
     closing = next((s for s in special_tokens(tokenizer) if after.startswith(s)), None)
@@ -108,24 +119,7 @@ def _measure(tokenizer: Any, template: str) -> TemplateShape:
             f"model.chat_template: the template closes an assistant turn with {after[:20]!r}, which does "
             "not start with a special token of this tokenizer; use a template written for this model's tokens"
         )
-    return TemplateShape(header=header, end_of_turn=(closing,), generation_blocks="generation %}" in template)
-
-
-def _generation_prompt(tokenizer: Any, bare: str, prompted: str) -> str:
-    """What the generation prompt adds after the last turn ('' for Mistral, which has none).
-
-    Usually `prompted` is `bare` plus the prompt; Phi-3 ends `bare` with an EOS that the prompt
-    replaces (`<|endoftext|>` vs `<|assistant|>\n`). The two are then compared token by token
-    (a special token is one token; characters would match `<|` of both) and the prompt is what
-    follows the tokens they share.
-    """
-    if prompted.startswith(bare):
-        return prompted[len(bare) :]
-    a, b = (tokenizer.backend_tokenizer.encode(text, add_special_tokens=False) for text in (bare, prompted))
-    shared = next(
-        (i for i, (x, y) in enumerate(zip(a.ids, b.ids, strict=False)) if x != y), min(len(a.ids), len(b.ids))
-    )
-    return prompted[b.offsets[shared - 1][1] :] if shared else prompted
+    return TemplateShape(end_of_turn=(closing,), generation_blocks="generation %}" in template)
 
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
@@ -153,74 +147,147 @@ def pad_token_id(tokenizer: Any, config: Any = None) -> int:
 
 
 def configure_generation(model: Any, tokenizer: Any) -> None:
-    """Generation stops at the template's end-of-turn token(s) and at EOS, and pads with a real
-    id: set on the model's generation_config, so every checkpoint saved from it (and every
-    export copying its generation_config.json) stops where its answers end."""
-    model.generation_config.update(**generation_settings(tokenizer, model.config))
+    """Generation stops where the model already stopped (its generation_config's EOS id or ids), at
+    the template's end-of-turn token(s) and at EOS, and pads with a real id. Set on the model's
+    generation_config, so every checkpoint saved from it and every export stops where its answers
+    end, whether a trained checkpoint or the start model is exported (the same ids either way:
+    the ids already there come first, so applying it again changes nothing)."""
+    model.generation_config.update(**generation_settings(model.generation_config, tokenizer, model.config))
 
 
-def generation_settings(tokenizer: Any, config: Any) -> dict[str, Any]:
-    """The generation_config fields that end answers where the template ends a turn."""
-    return {"eos_token_id": stop_token_ids(tokenizer), "pad_token_id": pad_token_id(tokenizer, config)}
+def generation_settings(generation_config: Any, tokenizer: Any, config: Any) -> dict[str, Any]:
+    """The generation_config fields `configure_generation` sets (also for a served checkpoint)."""
+    eos = generation_config.eos_token_id
+    known = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return {
+        "eos_token_id": list(dict.fromkeys(known + stop_token_ids(tokenizer))),
+        "pad_token_id": pad_token_id(tokenizer, config),
+    }
 
 
-def _located(text: str, content: str, start: int) -> tuple[int, int] | None:
-    """(begin, end) of `content` in `text` at or after `start`, as the template wrote it.
-
-    Templates trim content (Llama 3, Gemma) or keep only the answer after a think block
-    (Qwen 3 on earlier turns); each form is tried, the exact one first.
-    """
-    for form in _forms(content):
-        at = text.find(form, start) if form else -1
-        if at >= 0:
-            return at, at + len(form)
-    return None
-
-
-def _forms(content: str) -> Iterator[str]:
-    """The forms of `content` a template may write, the exact one first (each made only when
-    the ones before it were not found: this runs for every message of every conversation)."""
-    yield content
-    yield content.strip()
-    yield content.split("</think>")[-1].strip()
+# Where each message's text lands in a rendering is found by construction, never by searching
+# for the text: the conversation is rendered once more with each content's text replaced by
+# markers (characters of a private-use plane, which no template writes and which cannot match
+# anything else), the markers are found in that skeleton, and the real texts spliced back in
+# must give the real rendering character for character. What a template may inspect or change
+# in a content stays in the skeleton as it is: leading and trailing whitespace (`| trim`) and
+# think tags (Qwen 3 splits on them and drops earlier turns' reasoning), so the skeleton takes
+# the same branches and transformations. A template that does anything else with a content
+# (upper-cases it, cuts it at a word) makes the splice differ from the real rendering: refused.
+_MARKER_BASE = 0xF0000  # Supplementary Private Use Area-A
+_MARKERS = re.compile("[\U000f0000-\U000ffffd]")
+_KEPT = re.compile(r"\A\s+|\s+\Z|\s*</?think>\s*")
+_MAX_SKELETONS = 65536  # cached conversation structures per tokenizer (each a few hundred characters)
 
 
-def assistant_spans(text: str, messages: list[dict[str, str]], shape: TemplateShape) -> list[tuple[int, int]]:
-    """Character spans of the assistant turns in one rendering of the whole conversation.
+class Labelled(NamedTuple):
+    """One conversation's token ids and labels (IGNORE_INDEX outside the answers), int32 arrays."""
 
-    A span runs from the end of the turn's header (the generation prompt) through the closing
-    end-of-turn token, so the model learns everything it must generate after the prompt,
-    stopping included, and nothing of the next turn. User turns are located too, in order, so
-    an answer is never matched inside a later question. System messages are skipped: templates
-    move them (Mistral folds the system message into the last user turn).
-    """
-    spans, cursor = [], 0
+    input_ids: np.ndarray
+    labels: np.ndarray
+    straddles: bool  # a token starts in an answer's header and ends in the answer (not trained)
+
+
+@dataclass(frozen=True)
+class _Skeleton:
+    """The rendering of a conversation whose texts are markers."""
+
+    text: str
+    markers: tuple[tuple[int, int], ...]  # (position in text, piece) of every marker, in order
+    turns: tuple[tuple[int, int], ...]  # (start, end) of each assistant turn in text
+
+
+def _sentinels(messages: list[dict[str, str]]) -> tuple[tuple[tuple[str, str], ...], list[str], list[int]]:
+    """(role, content with its texts replaced by markers) per message, the text each marker stands
+    for, and the number of markers before each message (so a message owns a known range)."""
+    skeleton, pieces, owned = [], [], []
     for j, message in enumerate(messages):
-        if message["role"] == "system":
+        content = message["content"]
+        if _MARKERS.search(content):
+            raise ValueError(
+                f"message {j} ({message['role']}) contains private-use characters U+F0000-U+FFFFD, with which "
+                "recipe-lab locates each message in the rendering; remove them"
+            )
+        owned.append(len(pieces))
+        parts, at = [], 0
+        for kept in _KEPT.finditer(content):
+            if kept.start() > at:
+                parts.append(chr(_MARKER_BASE + len(pieces)))
+                pieces.append(content[at : kept.start()])
+            parts.append(kept.group())
+            at = kept.end()
+        if at < len(content):
+            parts.append(chr(_MARKER_BASE + len(pieces)))
+            pieces.append(content[at:])
+        skeleton.append((message["role"], "".join(parts)))
+    return tuple(skeleton), pieces, [*owned, len(pieces)]
+
+
+def _skeleton(tokenizer: Any, sentinels: tuple[tuple[str, str], ...], owned: list[int]) -> _Skeleton:
+    """Render a sentinel conversation and find each assistant turn in it (cached per structure:
+    conversations whose contents differ only in their text share one).
+
+    A turn starts where the template's prompt for it ends: the prompt is rendered for the
+    messages before the turn (with the generation prompt), and its text after its last marker,
+    the part that is the template's own, is found between the turn's first marker and the
+    marker before it (Mistral folds the system message into the last user turn, so the prompt
+    as a whole need not be a prefix of the conversation). A turn ends with the first end-of-turn
+    token after its last marker. Between the two is everything the model generates after its
+    prompt: the answer as the template writes it (Mistral's leading space, Qwen 3's think block)
+    and the end-of-turn token.
+    """
+    measured = _measured(tokenizer)
+    if (cached := measured.skeletons.get(sentinels)) is not None:
+        return cached
+    messages = [{"role": role, "content": content} for role, content in sentinels]
+    text = render(tokenizer, messages)
+    markers = tuple((m.start(), ord(m.group()) - _MARKER_BASE) for m in _MARKERS.finditer(text))
+    (closing,) = measured.shape.end_of_turn
+    turns = []
+    for j, message in enumerate(messages):
+        if message["role"] != "assistant":
             continue
-        found = _located(text, message["content"], cursor)
-        if found is None:
-            raise ValueError(f"message {j} ({message['role']}) is not in the template's rendering of the conversation")
-        begin, end = found
-        if message["role"] == "assistant":
-            header_at = text.rfind(shape.header, cursor, begin) if shape.header else -1
-            if header_at >= 0:
-                begin = header_at + len(shape.header)
-            (closing,) = shape.end_of_turn
-            at = text.find(closing, end)
-            if at < 0:
-                raise ValueError(f"message {j} (assistant) is not closed by {closing!r} in the template's rendering")
-            end = at + len(closing)
-            spans.append((begin, end))
-        cursor = end
-    return spans
+        own = [at for at, piece in markers if owned[j] <= piece < owned[j + 1]]
+        if not own:
+            raise ChatTemplateError(f"message {j} (assistant) is not in the template's rendering of the conversation")
+        after_previous = max((at + 1 for at, _ in markers if at < own[0]), default=0)
+        start = _prompt_end(render(tokenizer, messages[:j], generation_prompt=True), text, after_previous, own[0])
+        if start is None:
+            raise ChatTemplateError(
+                f"message {j} (assistant): the end of the template's prompt for it is not before the answer in the "
+                "rendered conversation"
+            )
+        close = text.find(closing, own[-1] + 1)
+        if close < 0:
+            raise ChatTemplateError(f"message {j} (assistant) is not closed by {closing!r} in the template's rendering")
+        end = close + len(closing)
+        inside = [(at, piece) for at, piece in markers if start <= at < end]
+        if [at for at, _ in inside] != own or any(not owned[j] <= piece < owned[j + 1] for _, piece in inside):
+            raise ChatTemplateError(
+                f"message {j} (assistant): the template writes other messages' text into this answer's turn, or "
+                "this answer elsewhere; the turn cannot be told apart"
+            )
+        turns.append((start, end))
+    skeleton = _Skeleton(text, markers, tuple(turns))
+    if len(measured.skeletons) >= _MAX_SKELETONS:  # a bound, not an LRU: structures repeat
+        measured.skeletons.clear()
+    measured.skeletons[sentinels] = skeleton
+    return skeleton
 
 
-def assistant_labels(
-    tokenizer: Any, messages: list[dict[str, str]], train_on_prompt: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and labels (IGNORE_INDEX outside the answers) of one conversation, as int32 arrays."""
-    return assistant_labels_batch(tokenizer, [messages], train_on_prompt)[0]
+def _prompt_end(prompt: str, text: str, begin: int, end: int) -> int | None:
+    """Where the prompt for a turn ends in `text`, searched in text[begin:end] (the template's text
+    between the previous content and the answer). The prompt's own text after its last content
+    is looked for; when the template renders the earlier turns differently in the prompt (Mistral
+    moves the system message), the longest end of it that is there (at least one visible character)."""
+    tail = _MARKERS.split(prompt)[-1]
+    for cut in range(len(tail) + 1):
+        suffix = tail[cut:]
+        if cut and not suffix.strip():
+            return None
+        if (at := text.rfind(suffix, begin, end)) >= 0:
+            return at + len(suffix)
+    return None
 
 
 # transformers tracks {% generation %} blocks in state shared by every user of the compiled
@@ -228,58 +295,111 @@ def assistant_labels(
 _generation_lock = threading.Lock()
 
 
+def assistant_spans(
+    tokenizer: Any, conversations: list[list[dict[str, str]]]
+) -> list[tuple[str, list[tuple[int, int]]]]:
+    """(rendering, character spans of its assistant turns) of each conversation.
+
+    Templates with `{% generation %}` blocks mark the spans themselves; for the others each
+    span is everything the model generates for a turn: from the end of its prompt through the
+    end-of-turn token (see _skeleton), placed in the real rendering by splicing the texts back
+    into the skeleton.
+    """
+    if template_shape(tokenizer).generation_blocks:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        with _generation_lock:
+            texts, indices = render_jinja_template(
+                conversations=conversations,
+                chat_template=tokenizer.chat_template,
+                return_assistant_tokens_mask=True,
+                **tokenizer.special_tokens_map,
+            )
+        return list(zip(texts, [list(spans) for spans in indices], strict=True))
+    texts = tokenizer.apply_chat_template(conversations, tokenize=False)
+    return [(text, _spans(tokenizer, text, messages)) for text, messages in zip(texts, conversations, strict=True)]
+
+
+def _spans(tokenizer: Any, text: str, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
+    sentinels, pieces, owned = _sentinels(messages)
+    skeleton = _skeleton(tokenizer, sentinels, owned)
+    spliced, shift, shifts, at = [], 0, [], 0  # shifts: (skeleton position, shift after it)
+    for position, piece in skeleton.markers:
+        spliced += [skeleton.text[at:position], pieces[piece]]
+        shift += len(pieces[piece]) - 1
+        shifts.append((position, shift))
+        at = position + 1
+    spliced.append(skeleton.text[at:])
+    if "".join(spliced) != text:
+        raise ChatTemplateError(
+            "the chat template changes a message's text in a way recipe-lab cannot follow (it keeps texts as they "
+            "are, trims them, or splits think blocks); rendered with the texts spliced back in, the conversation "
+            f"differs from its real rendering from character {_first_difference(''.join(spliced), text)}"
+        )
+
+    def real(position: int) -> int:  # a skeleton position (never a marker's) in the real rendering
+        moved = [s for at, s in shifts if at < position]
+        return position + (moved[-1] if moved else 0)
+
+    return [(real(start), real(end)) for start, end in skeleton.turns]
+
+
+def _first_difference(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def assistant_labels(tokenizer: Any, messages: list[dict[str, str]], train_on_prompt: bool = False) -> Labelled:
+    """Token ids and labels of one conversation (see assistant_labels_batch)."""
+    return assistant_labels_batch(tokenizer, [messages], train_on_prompt)[0]
+
+
 def assistant_labels_batch(
     tokenizer: Any, conversations: list[list[dict[str, str]]], train_on_prompt: bool = False
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(token ids, labels) of each conversation, each from ONE rendering of it.
+) -> list[Labelled]:
+    """Token ids and labels of each conversation, each from ONE rendering of it.
 
-    Templates with `{% generation %}` blocks mark the answers themselves; for the others,
-    the assistant spans' character offsets become token offsets (a token is trained when it
-    overlaps a span: Mistral's answer starts with a token that carries the space before it;
-    tokens cover the text in order, so a span's tokens are one contiguous run).
-    The conversations are rendered and encoded as one batch: the batch encoder, most of the
-    work, releases the GIL, so batches encode in parallel threads.
+    The rule for tokens: a token is trained when it starts inside an assistant span. A token
+    that starts in the turn's header and ends in the answer (a leading newline merged with the
+    header's newline) belongs to the prompt the model is given, so it is not trained, and the
+    sample is flagged (data prep counts them). Tokens cover the text in order, so a span's
+    tokens are one contiguous run. The conversations are rendered and encoded as one batch: the
+    batch encoder, most of the work, releases the GIL, so batches encode in parallel threads.
     """
-    shape = template_shape(tokenizer)
-    if shape.generation_blocks and not train_on_prompt:
-        with _generation_lock:
-            out = tokenizer.apply_chat_template(
-                conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-            )
-        pairs = [
-            (np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool))
-            for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True)
-        ]
-        return [(ids, np.where(mask, ids, IGNORE_INDEX).astype(np.int32)) for ids, mask in pairs]
-    texts = tokenizer.apply_chat_template(conversations, tokenize=False)
+    if train_on_prompt:
+        rendered = [(text, []) for text in tokenizer.apply_chat_template(conversations, tokenize=False)]
+    else:
+        rendered = assistant_spans(tokenizer, conversations)
+    texts = [text for text, _ in rendered]
     # The backend tokenizer directly: the same ids and offsets as tokenizer(...), without the
     # wrapper's overhead (and without its padding/truncation settings, which it mutates per call).
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     out = []
-    for text, messages, encoding in zip(texts, conversations, encodings, strict=True):
+    for (text, turns), encoding in zip(rendered, encodings, strict=True):
         ids = np.asarray(encoding.ids, dtype=np.int32)
         labels = ids.copy() if train_on_prompt else np.full_like(ids, IGNORE_INDEX)
-        if not train_on_prompt:
-            for begin, end in assistant_spans(text, messages, shape):
-                first, stop = _first_token(encoding, begin, text), _first_token(encoding, end, text)
-                # A token that straddles the span's end overlaps it too (and so do its byte-level
-                # siblings, which share its offsets).
-                while stop < len(ids) and encoding.token_to_chars(stop)[0] < end:
-                    stop += 1
-                labels[first:stop] = ids[first:stop]
-        out.append((ids, labels))
+        straddles = False
+        for begin, end in turns:
+            first, stop = _first_token_from(encoding, begin, text), _first_token_from(encoding, end, text)
+            straddles |= first > 0 and first < len(ids) and _starts_before(encoding, first - 1, begin, text)
+            labels[first:stop] = ids[first:stop]
+        out.append(Labelled(ids, labels, straddles))
     return out
 
 
-def _first_token(encoding: Any, char: int, text: str) -> int:
-    """Index of the first token that covers a character at or after `char` (the token count if
-    none does). A few lookups per answer: reading every token's offsets into Python cost about
-    an eighth of the encoding, holding the GIL."""
-    for at in range(char, len(text)):
-        token = encoding.char_to_token(at)
-        if token is not None:
-            return token
-    return len(encoding)
+def _first_token_from(encoding: Any, char: int, text: str) -> int:
+    """Index of the first token that starts at or after `char` (the token count if none does).
+    A few lookups per answer: reading every token's offsets into Python cost about an eighth of
+    the encoding, holding the GIL. Byte-level siblings of a character share its offsets."""
+    token = next((t for t in map(encoding.char_to_token, range(char, len(text))) if t is not None), len(encoding))
+    while token < len(encoding) and encoding.token_to_chars(token)[0] < char:
+        token += 1
+    return token
+
+
+def _starts_before(encoding: Any, token: int, char: int, text: str) -> bool:
+    """Whether `token` starts before `char` and reaches past it (it straddles `char`)."""
+    begin, end = encoding.token_to_chars(token)
+    return begin < char < end
 
 
 def merge_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:

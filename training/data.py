@@ -30,7 +30,7 @@ from training import chat, storage
 from training.recipe import PhaseConfig
 
 IGNORE_INDEX = chat.IGNORE_INDEX
-PREP_FORMAT = 2  # bump when the prepared tokens of the same inputs change
+PREP_FORMAT = 3  # bump when the prepared tokens of the same inputs change
 SystemMessage = Literal["as_is", "merge_into_first_user"]
 ROLES = ("system", "user", "assistant")
 UNSUPPORTED_ROLES = ("tool", "function", "ipython")
@@ -94,8 +94,11 @@ def normalise(row: Any, where: str) -> list[dict[str, str]]:
         if msg.get("role") not in ROLES:
             raise DataError(f"{where}: message {j} has unknown role {msg.get('role')!r} (expected one of {ROLES})")
         content = message_text(msg.get("content"), f"{where}: message {j}")
-        if msg["role"] == "assistant" and not content.strip():
-            raise DataError(f"{where}: message {j} is an empty assistant turn")
+        if msg["role"] == "assistant" and not content.split("</think>")[-1].strip():
+            # An empty answer teaches the model to end its turn at once (a think block alone is
+            # no answer either: templates drop earlier turns' reasoning). Empty user and system
+            # turns are rendered as the template writes them.
+            raise DataError(f"{where}: message {j} is an empty assistant turn (nothing to learn but stopping)")
         out.append({"role": msg["role"], "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: no assistant turn to learn from")
@@ -114,7 +117,7 @@ def message_text(content: Any, where: str) -> str:
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else type(part).__name__
         if kind != "text" or not isinstance(part.get("text"), str):
-            raise DataError(f"{where} content part {k} is of type {kind!r} is not supported (text parts only)")
+            raise DataError(f"{where} content part {k} is of type {kind!r}, which is not supported (text parts only)")
         texts.append(part["text"])
     return "\n".join(texts)
 
@@ -128,7 +131,8 @@ def tokenize(
     """Token ids and labels (int32 arrays) of a conversation rendered once with the tokenizer's chat template
     (training.chat.assistant_labels: answers and their end-of-turn token carry the loss)."""
     settings = {"train_on_prompt": train_on_prompt, "system_message": system_message}
-    return _tokenize_batch(tokenizer, [messages], settings)[0]
+    labelled = _tokenize_batch(tokenizer, [messages], settings)[0]
+    return labelled.input_ids, labelled.labels
 
 
 @dataclass
@@ -138,6 +142,9 @@ class PrepStats:
     replayed: int = 0  # samples of earlier phases mixed in (PhaseConfig.replay)
     dropped_too_long: int = 0
     dropped_no_loss_tokens: int = 0
+    # samples where a token starts in an answer's header and ends in the answer (e.g. an answer's
+    # leading newline merged with the header's): that token is the prompt's, not trained
+    straddling_header: int = 0
     tokens: int = 0
     loss_tokens: int = 0
     max_len: int = 0
@@ -227,25 +234,27 @@ class _Chunk:
     labels: np.ndarray
     dropped_too_long: int = 0
     dropped_no_loss_tokens: int = 0
+    straddling_header: int = 0
 
 
 def _tokenize_chunk(tokenizer: Any, settings: dict[str, Any], conversations: list[Conversation]) -> _Chunk:
     """Tokenize a chunk as one batch; keep the samples that fit and carry loss."""
     try:
-        pairs = _tokenize_batch(tokenizer, [c.messages for c in conversations], settings)
+        labelled = _tokenize_batch(tokenizer, [c.messages for c in conversations], settings)
     except (TemplateError, ValueError):
         for conversation in conversations:  # again one by one, for an error that names the row
             _tokenize_one(tokenizer, conversation, settings)
         raise
     ids, lengths, all_ids, all_labels = [], [], [], []
-    dropped_too_long = dropped_no_loss_tokens = 0
-    for conversation, (input_ids, labels) in zip(conversations, pairs, strict=True):
+    dropped_too_long = dropped_no_loss_tokens = straddling_header = 0
+    for conversation, (input_ids, labels, straddles) in zip(conversations, labelled, strict=True):
         if len(input_ids) > settings["max_seq_len"]:
             dropped_too_long += 1
             continue
         if (labels[1:] == IGNORE_INDEX).all():
             dropped_no_loss_tokens += 1
             continue
+        straddling_header += straddles
         ids.append(conversation.id)
         lengths.append(len(input_ids))
         all_ids.append(input_ids)
@@ -257,20 +266,19 @@ def _tokenize_chunk(tokenizer: Any, settings: dict[str, Any], conversations: lis
         labels=np.concatenate(all_labels) if all_labels else np.zeros(0, np.int32),
         dropped_too_long=dropped_too_long,
         dropped_no_loss_tokens=dropped_no_loss_tokens,
+        straddling_header=straddling_header,
     )
 
 
 def _tokenize_batch(
     tokenizer: Any, conversations: list[list[dict[str, str]]], settings: dict[str, Any]
-) -> list[tuple[np.ndarray, np.ndarray]]:
+) -> list[chat.Labelled]:
     if settings["system_message"] == "merge_into_first_user":
         conversations = [chat.merge_system(messages) for messages in conversations]
     return chat.assistant_labels_batch(tokenizer, conversations, settings["train_on_prompt"])
 
 
-def _tokenize_one(
-    tokenizer: Any, conversation: Conversation, settings: dict[str, Any]
-) -> tuple[np.ndarray, np.ndarray]:
+def _tokenize_one(tokenizer: Any, conversation: Conversation, settings: dict[str, Any]) -> chat.Labelled:
     """One conversation, with template errors turned into errors naming the row."""
     try:
         return _tokenize_batch(tokenizer, [conversation.messages], settings)[0]
@@ -364,6 +372,7 @@ def prepare(
             for chunk in _tokenized_chunks(conversations, tokenizer, settings, workers, chunk_size):
                 stats.dropped_too_long += chunk.dropped_too_long
                 stats.dropped_no_loss_tokens += chunk.dropped_no_loss_tokens
+                stats.straddling_header += chunk.straddling_header
                 if not chunk.ids:
                     continue
                 offsets = pa.array(np.concatenate([[0], np.cumsum(chunk.lengths)]).astype(np.int32))

@@ -392,6 +392,8 @@ def resolve_placement(recipe: Recipe, cuda: bool = True) -> tuple[Recipe, Evalua
     shape, samples, tokens_per_s = None, None, 0.0
     if node_gpus(recipe, cuda):  # on CPU there is nothing to estimate
         shape = ModelShape.from_config(read_model_config(resolve_embedded(recipe.model.name_or_path)))
-        samples, tokens_per_s = phase_samples(recipe), assumed_tokens_per_s(recipe, shape)
+        checkpointing = recipe.training.gradient_checkpointing is not False  # auto: as if on (launch-time figures)
+        samples = phase_samples(recipe)
+        tokens_per_s = assumed_tokens_per_s(shape, checkpointing, DEFAULT_MEAN_TOKENS)
     plan = plan_evaluation(recipe, shape, samples, tokens_per_s, DEFAULT_MEAN_TOKENS, vllm_found(recipe), cuda)
     return with_placement(recipe, plan), plan

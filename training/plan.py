@@ -10,19 +10,32 @@ mixed precision, else the model dtype; see training.precision):
     backend     weights                    gradients            optimizer (AdamW m, v [+ fp32 master])
     cpu / ddp   P x master (+ 2P autocast  P x master (twice     2 x P x master
                 copy of the weights)       with DDP's buckets)
-    deepspeed   2P (ZeRO-2) / 2P/N +       4P/N (+ bf16         12P/N (0 with offload_optimizer)
-                two gathered layers (ZeRO-3) reduce bucket)
+    deepspeed   2P (ZeRO-2) / 2P/N +       4P/N                 12P/N (0 with offload_optimizer)
+                two gathered layers (ZeRO-3)
     fsdp        4P/N + two gathered layers 4P/N + 4P (float32   8P/N
                                            grads accumulated unsharded between syncs)
+
+DeepSpeed's communication buffers: with launch.overlap_comm, ~4.5x the reduce (and, ZeRO-2,
+allgather) bucket sizes in the compute dtype (DeepSpeed's own figure: 9 GB at its 5e8 defaults);
+without it, one of each.
 
 Activations of one micro-batch of T tokens (the token budget, packed): without checkpointing
 every layer keeps ~(17h + 3kv + 4i) values per token in the compute dtype (34h + 6kv + 8i bytes
 in bf16: linear inputs / outputs, norms; h hidden, kv key/value width, i MLP width; attention by sdpa/flash keeps no T x T
 matrix); with checkpointing only each layer's input (the residual stream: float32 under
-autocast, else 2 bytes) plus one layer recomputed. Logits: the chunked loss holds one chunk's
+autocast, else 2 bytes) plus one layer recomputed; `gradient_checkpointing: auto` turns it on
+only when the estimate without it does not fit the GPU. Logits: the chunked loss holds one chunk's
 logits (bf16 + float32 + float32 gradient, 10 bytes per entry); the plain loss the whole
 micro-batch's (plus the float32 copies, 14 bytes per entry). These are estimates: the ratio to a
 measured peak is checked on CPU (tests/test_plan.py) and on a GPU by bench/gpu_check.sh.
+
+The rolling training state (checkpointing.rolling_state_minutes) costs, per save, the weights
+(compute dtype under DeepSpeed, else the masters) plus the optimizer state (float32 master and
+AdamW m, v: 12P under DeepSpeed; 2 x master x P otherwise): ~112 GB for an 8B model under ZeRO-2.
+A save takes the busiest node's share over a stated write bandwidth; a preempted rank finishes
+its step and then saves, so the grace period a scheduler must give (Kubernetes
+terminationGracePeriodSeconds, Slurm --signal, torchrun's shutdown timeout) is one step plus one
+save plus a margin.
 """
 
 from __future__ import annotations
@@ -43,8 +56,10 @@ if TYPE_CHECKING:
 
 GIB = 2**30
 CUDA_RUNTIME_BYTES = 2 * GIB  # CUDA context, cuBLAS / NCCL workspaces, allocator slack
-DEEPSPEED_BUCKET_BYTES = 2 * 500_000_000  # ZeRO's default reduce bucket, 5e8 elements in bf16
+OVERLAP_COMM_BUFFERS = 4.5  # DeepSpeed: overlap_comm holds ~4.5x the bucket sizes
 H100_BF16_FLOPS = 989e12
+GRACE_MARGIN_S = 60  # process exit, collective teardown, a slow file system's tail
+DEFAULT_GRACE_S = 600  # a run whose model config cannot be read (a scheduler's job rendered elsewhere)
 ASSUMED_MFU = 0.4
 DEFAULT_MEAN_TOKENS = 1024  # tokens per sample when the data is not at hand (`--mean-tokens`)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -92,15 +107,28 @@ class ModelShape:
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
         return embeddings + self.layers * self.layer_params + self.hidden
 
+    def training_flops(self, sample_lengths: list[int]) -> float:
+        """FLOPs of one forward + backward over packed samples of these lengths (MFU's numerator).
+
+        6 x (N - input-embedding params) per token, N counting the output head once even when it
+        is tied to the input embedding (the lookup is no compute, the head's matmul is), plus
+        causal attention per sample: 6 x layers x (heads x head_dim) x L^2 (QK^T and AV, forward
+        and backward, the unmasked half only), from each sample's own L, never the packed row's.
+        Activation recomputation is not counted: it is overhead, not useful work.
+        """
+        matmul_params = self.layers * self.layer_params + self.hidden + self.vocab * self.hidden
+        attention = 6 * self.layers * self.heads * self.head_dim * sum(n * n for n in sample_lengths)
+        return 6 * matmul_params * sum(sample_lengths) + attention
+
 
 def read_model_config(name_or_path: str) -> dict[str, Any]:
     """config.json of a local model directory, or of a hub model (only that file is fetched)."""
     local = Path(name_or_path) / "config.json"
     if local.is_file():
         return json.loads(local.read_text())
-    from transformers import AutoConfig
+    from training.preflight import model_config
 
-    return AutoConfig.from_pretrained(name_or_path).to_dict()
+    return model_config(name_or_path).to_dict()
 
 
 @dataclass
@@ -115,17 +143,28 @@ class MemoryEstimate:
     activations_with_checkpointing: int
     logits: int
     runtime: int
+    buffers: int = 0
+    checkpointing: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.runtime
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.buffers
+            + self.activations
+            + self.logits
+            + self.runtime
+        )
 
     def rows(self) -> list[tuple[str, int]]:
         return [
             ("weights", self.weights),
             ("gradients", self.gradients),
             ("optimizer state", self.optimizer),
+            ("communication buffers (ZeRO)", self.buffers),
             ("activations (as configured)", self.activations),
             ("logits / loss", self.logits),
             ("runtime (CUDA context, workspaces)", self.runtime),
@@ -133,14 +172,25 @@ class MemoryEstimate:
         ]
 
 
-def estimate_memory(recipe: Recipe, shape: ModelShape, on_gpu: bool = True) -> MemoryEstimate:
-    """Per-GPU memory of one rank of the recipe (see the module docstring for the model)."""
+def zero_buffer_bytes(recipe: Recipe) -> int:
+    """DeepSpeed's gradient reduce / allgather buffers (see the module docstring)."""
+    launch = recipe.launch
+    buckets = launch.bucket_elements * (2 if launch.zero_stage == 2 else 1) * DTYPE_BYTES[recipe.model.dtype]
+    return int(buckets * (OVERLAP_COMM_BUFFERS if launch.overlap_comm else 1))
+
+
+def estimate_memory(
+    recipe: Recipe, shape: ModelShape, on_gpu: bool = True, device_bytes: int | None = None
+) -> MemoryEstimate:
+    """Per-GPU memory of one rank of the recipe (see the module docstring for the model).
+    `device_bytes` decides `gradient_checkpointing: auto` (None: off)."""
     launch, cfg = recipe.launch, recipe.training
     n, p = launch.world_size, shape.params
     master = DTYPE_BYTES[weights_dtype(recipe)]
     compute = DTYPE_BYTES[recipe.model.dtype]
     gathered_layers = 2 * shape.layer_params * compute  # the layer computing and the one prefetched
     notes = []
+    buffers = 0
     if launch.backend in ("cpu", "ddp"):
         weights = p * master + (p * compute if is_mixed(recipe) else 0)
         gradients = p * master * (2 if n > 1 else 1)  # DDP's reduction buckets are a second copy
@@ -150,7 +200,8 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, on_gpu: bool = True) -> M
             weights = (0 if launch.offload_params else p * compute // n) + gathered_layers
         else:
             weights = p * compute
-        gradients = 4 * p // n + DEEPSPEED_BUCKET_BYTES
+        gradients = 4 * p // n
+        buffers = zero_buffer_bytes(recipe)
         optimizer = 0 if launch.offload_optimizer else 12 * p // n
         if launch.offload_optimizer:
             notes.append(f"optimizer state on CPU: {12 * p / n / GIB:.1f} GiB of host memory per rank")
@@ -166,20 +217,30 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, on_gpu: bool = True) -> M
     residual = 4 if is_mixed(recipe) and launch.backend in ("cpu", "ddp") else compute
     without = tokens * (shape.layers * per_layer + residual * h)
     with_checkpointing = tokens * ((shape.layers + 1) * residual * h + per_layer)
-    activations = with_checkpointing if cfg.gradient_checkpointing else without
     chunk = min(cfg.loss_chunk_tokens or tokens, tokens)
     logits = chunk * shape.vocab * (10 if cfg.loss_chunk_tokens else 14)
-    return MemoryEstimate(
+    estimate = MemoryEstimate(
         weights=weights,
         gradients=gradients,
         optimizer=optimizer,
-        activations=activations,
+        activations=without,
         activations_without_checkpointing=without,
         activations_with_checkpointing=with_checkpointing,
         logits=logits,
         runtime=CUDA_RUNTIME_BYTES if on_gpu else 0,
+        buffers=buffers,
         notes=notes,
     )
+    if cfg.gradient_checkpointing == "auto":
+        estimate.checkpointing = device_bytes is not None and estimate.total > device_bytes
+        against = "no GPU memory known (--gpu-memory)" if device_bytes is None else f"{device_bytes / GIB:.0f} GiB"
+        verdict = "on" if estimate.checkpointing else "off"
+        notes.append(f"gradient_checkpointing auto: {verdict} ({estimate.total / GIB:.1f} GiB without it vs {against})")
+    else:
+        estimate.checkpointing = cfg.gradient_checkpointing
+    if estimate.checkpointing:
+        estimate.activations = with_checkpointing
+    return estimate
 
 
 # Knobs tried in order, cumulatively, when a plan does not fit: the first ones cost least.
@@ -201,10 +262,10 @@ def knobs_to_fit(recipe: Recipe, shape: ModelShape, device_bytes: int) -> dict[s
     changes: dict[str, Any] = {}
     current = recipe
     for key, value in KNOBS:
-        if estimate_memory(current, shape).total <= device_bytes:
+        if estimate_memory(current, shape, device_bytes=device_bytes).total <= device_bytes:
             return changes
         if value == "half":
-            while estimate_memory(current, shape).total > device_bytes:
+            while estimate_memory(current, shape, device_bytes=device_bytes).total > device_bytes:
                 half = current.training.max_tokens_per_micro_batch // 2
                 if half < current.training.max_seq_len:
                     break
@@ -216,7 +277,79 @@ def knobs_to_fit(recipe: Recipe, shape: ModelShape, device_bytes: int) -> dict[s
             continue
         changes[key] = value
         current = load_recipe(data, changes)
-    return changes if estimate_memory(current, shape).total <= device_bytes else None
+    return changes if estimate_memory(current, shape, device_bytes=device_bytes).total <= device_bytes else None
+
+
+@dataclass(frozen=True)
+class RollingStateCost:
+    """What the rolling training state costs (see the module docstring)."""
+
+    every_minutes: float | None
+    bytes_per_save: int  # all ranks together
+    node_bytes_per_save: int  # the busiest node's share
+    write_gib_per_s: float
+    seconds_per_step: float
+
+    @property
+    def seconds_per_save(self) -> float:
+        return self.node_bytes_per_save / (self.write_gib_per_s * GIB)
+
+    @property
+    def grace_seconds(self) -> int:
+        """How long a preempted job needs between SIGTERM and SIGKILL: finish the step, save, exit."""
+        return math.ceil(self.seconds_per_step + self.seconds_per_save) + GRACE_MARGIN_S
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "every_minutes": self.every_minutes,
+            "gib_per_save": round(self.bytes_per_save / GIB, 2),
+            "seconds_per_save": round(self.seconds_per_save, 1),
+            "write_gib_per_s": self.write_gib_per_s,
+            "seconds_per_step": round(self.seconds_per_step, 1),
+            "grace_seconds": self.grace_seconds,
+            "time_spent_saving": round(self.seconds_per_save / (60 * self.every_minutes), 4)
+            if self.every_minutes
+            else None,
+        }
+
+
+def assumed_tokens_per_s(shape: ModelShape, checkpointing: bool, mean_tokens: float = 1024) -> float:
+    """Tokens/s per GPU at ASSUMED_MFU of an H100 (checkpointing: one more forward per step)."""
+    recompute = 4 / 3 if checkpointing else 1.0
+    flops_per_token = shape.training_flops([round(mean_tokens)]) / round(mean_tokens)
+    return ASSUMED_MFU * H100_BF16_FLOPS / (flops_per_token * recompute)
+
+
+def preemption_grace_seconds(recipe: Recipe, model_path: str) -> int:
+    """The grace period a preempted run of `recipe` on the model at `model_path` needs (see
+    rolling_state_cost); DEFAULT_GRACE_S when the model's config.json cannot be read."""
+    try:
+        shape = ModelShape.from_config(read_model_config(model_path))
+    except (OSError, ValueError, KeyError):
+        return DEFAULT_GRACE_S
+    return rolling_state_cost(recipe, shape).grace_seconds
+
+
+def rolling_state_cost(recipe: Recipe, shape: ModelShape) -> RollingStateCost:
+    """What a save costs and how long a preempted run needs. Launch-time figures only (what the
+    schedulers are given must not depend on `lab plan`'s flags): the recipe's write bandwidth, the
+    assumed throughput with activation recomputation unless it is off, 1,024 tokens per sample."""
+    launch, p = recipe.launch, shape.params
+    if launch.backend == "deepspeed":  # the engine's module in the compute dtype, its fp32 master + AdamW m, v
+        weights, optimizer = p * DTYPE_BYTES[recipe.model.dtype], 12 * p
+    else:  # the (master) weights and AdamW m, v in the same dtype
+        weights = p * DTYPE_BYTES[weights_dtype(recipe)]
+        optimizer = 2 * weights
+    sharded_optimizer = launch.backend in ("deepspeed", "fsdp")
+    node_optimizer = optimizer * launch.num_processes // launch.world_size if sharded_optimizer else optimizer
+    tokens_per_s = assumed_tokens_per_s(shape, recipe.training.gradient_checkpointing is not False)
+    return RollingStateCost(
+        every_minutes=recipe.checkpointing.rolling_state_minutes,
+        bytes_per_save=weights + optimizer,
+        node_bytes_per_save=weights + node_optimizer,  # rank 0 writes the weights
+        write_gib_per_s=recipe.checkpointing.write_gib_per_s,
+        seconds_per_step=recipe.training.effective_batch_size * 1024 / (tokens_per_s * launch.world_size),
+    )
 
 
 @dataclass
@@ -229,6 +362,8 @@ class Plan:
     mean_tokens: float
     tokens_per_s_per_gpu: float
     throughput_source: str
+    rolling_state: RollingStateCost
+    attention_kernel: str
     fix: dict[str, Any] | None = None
     launch_command: list[str] = field(default_factory=list)
     launch_files: dict[str, str] = field(default_factory=dict)  # file name -> text, as launch writes them
@@ -252,6 +387,9 @@ class Plan:
             "fix": self.fix,
             "memory_gib": {name: round(value / GIB, 3) for name, value in self.memory.rows()},
             "memory_notes": self.memory.notes,
+            "gradient_checkpointing": self.memory.checkpointing,
+            "attention_kernel": self.attention_kernel,
+            "rolling_state": self.rolling_state.record(),
             "tokens_per_s_per_gpu": round(self.tokens_per_s_per_gpu, 1),
             "launch_command": self.launch_command,
             "accelerate": yaml.safe_load(self.launch_files["accelerate.yaml"]),
@@ -271,12 +409,6 @@ class Plan:
         return f"{head}; it fits with: {sets}  (`lab plan` shows the breakdown)"
 
 
-def assumed_tokens_per_s(recipe: Recipe, shape: ModelShape) -> float:
-    """Training tokens/s per GPU at ASSUMED_MFU (6 FLOPs per parameter and token, 8 with recomputation)."""
-    recompute = 4 / 3 if recipe.training.gradient_checkpointing else 1.0  # one more forward
-    return ASSUMED_MFU * H100_BF16_FLOPS / (6 * shape.params * recompute)
-
-
 def make_plan(
     recipe: Recipe,
     model_config: dict[str, Any],
@@ -285,14 +417,34 @@ def make_plan(
     mean_tokens: float = 1024,
     tokens_per_s_per_gpu: float | None = None,
 ) -> Plan:
+    from training.attention import training_kernel
+
     shape = ModelShape.from_config(model_config)
-    memory = estimate_memory(recipe, shape)
+    memory = estimate_memory(recipe, shape, device_bytes=device_bytes)
     if tokens_per_s_per_gpu is None:
-        tokens_per_s_per_gpu = assumed_tokens_per_s(recipe, shape)
+        tokens_per_s_per_gpu = assumed_tokens_per_s(shape, memory.checkpointing, mean_tokens)
         source = f"assumed: {ASSUMED_MFU:.0%} MFU of an H100's 989 TFLOP/s bf16; pass --tokens-per-s"
     else:
         source = "stated"
-    plan = Plan(recipe, shape, memory, device_bytes, samples, mean_tokens, tokens_per_s_per_gpu, source)
+    requested = recipe.model.attn_implementation
+    plan = Plan(
+        recipe,
+        shape,
+        memory,
+        device_bytes,
+        samples,
+        mean_tokens,
+        tokens_per_s_per_gpu,
+        source,
+        rolling_state_cost(recipe, shape),
+        training_kernel(requested, "cuda", model_config) if recipe.training.packing else requested,
+    )
+    timeout_s = recipe.launch.collective_timeout_minutes * 60
+    if plan.rolling_state.seconds_per_save >= timeout_s:
+        memory.notes.append(
+            f"launch.collective_timeout_minutes ({timeout_s / 60:g}) is shorter than a rolling-state save "
+            f"(~{plan.rolling_state.seconds_per_save / 60:.1f} min): ranks waiting for rank 0 would time out"
+        )
     if not plan.fits:
         plan.fix = knobs_to_fit(recipe, shape, device_bytes)
     return plan
@@ -336,6 +488,17 @@ def render(plan: Plan, launch_command: list[str], files: dict[str, str]) -> str:
         f"{str(cfg.gradient_checkpointing).lower()})"
     )
     lines += [f"note: {note}" for note in m.notes]
+    lines.append(
+        f"attention on CUDA: {plan.attention_kernel} (model.attn_implementation {r.model.attn_implementation}; "
+        "training.attention.training_kernel)"
+    )
+    cost = plan.rolling_state
+    every = f"every {cost.every_minutes:g} min and on SIGTERM" if cost.every_minutes else "on SIGTERM only"
+    lines.append(
+        f"rolling state: {every}; {cost.bytes_per_save / GIB:.1f} GiB per save, ~{cost.seconds_per_save:.0f} s at "
+        f"{cost.write_gib_per_s:g} GiB/s per node (checkpointing.write_gib_per_s); preemption grace "
+        f"{cost.grace_seconds} s (a ~{cost.seconds_per_step:.0f} s step at the assumed MFU + the save + {GRACE_MARGIN_S} s)"
+    )
     if plan.device_bytes is not None:
         verdict = "fits" if plan.fits else plan.refusal()
         lines.append(f"device: {plan.device_bytes / GIB:.0f} GiB per GPU -> {verdict}")

@@ -37,8 +37,11 @@ class ModelConfig(Strict):
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         "sdpa",
-        description="sdpa, flash_attention_2 (gpu extra) and flex_attention keep packed samples apart "
-        "(training.packing); eager trains padded.",
+        description="sdpa (default), flash_attention_2 (the flash-attn extra) and flex_attention keep packed samples "
+        "apart (training.packing); eager trains padded. Packed rows train on a varlen kernel on CUDA (sdpa: "
+        "flash-attn when it imports, else flex_attention) and on sdpa per sample on CPU; checkpoints keep this value. "
+        "sdpa cannot cap attention scores: a softcapping family (Gemma 2) gets eager on CPU and flex_attention on "
+        "CUDA instead, said in the run's log.",
     )
     chat_template: str | None = Field(
         None,
@@ -145,10 +148,11 @@ class TrainingConfig(Strict):
         "adds loss scaling. false = everything in model.dtype: at SFT learning rates most bfloat16 "
         "updates round away (a negative control, not a recipe).",
     )
-    gradient_checkpointing: bool = Field(
+    gradient_checkpointing: bool | Literal["auto"] = Field(
         False,
         description="Recompute each decoder layer's activations in the backward pass: activation memory "
-        "drops from every layer's to one layer's (plus the layer inputs) for ~30% more compute.",
+        "drops from every layer's to one layer's (plus the layer inputs) for ~30% more compute. auto: on "
+        "only when `lab plan`'s memory estimate without it does not fit the GPU (off on CPU).",
     )
     loss_chunk_tokens: int | None = Field(
         4096,
@@ -205,11 +209,24 @@ class CheckpointConfig(Strict):
         "Phased training evaluates each one, so this sets the resolution of the search.",
     )
     save_every_epoch: bool = Field(True, description="Also save at the end of every epoch.")
-    state_every_steps: int | None = Field(
-        50,
+    rolling_state_minutes: float | None = Field(
+        30.0,
         gt=0,
-        description="Write the rolling full training state (model, optimizer, scheduler, RNG) every "
-        "K steps, for exact resume after a crash. Costs ~3x the model size on disk; None disables.",
+        description="Write the rolling full training state (model, optimizer, scheduler, RNG), for exact "
+        "resume, every this many minutes of rank 0's clock (all ranks at the same step), and at once on "
+        "SIGTERM (preemption). ~7x the bf16 model size per save (`lab plan` shows GiB and seconds): more "
+        "often loses less work to a crash and spends more time writing. None: only on SIGTERM.",
+    )
+    write_gib_per_s: float = Field(
+        1.0,
+        gt=0,
+        description="Assumed write bandwidth of one node to the storage root (GiB/s): sets `lab plan`'s save-time "
+        "estimate and from it the grace period schedulers give a preempted run to save.",
+    )
+    state_every_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Also write the rolling state every K optimizer steps (None: by time only).",
     )
     keep_last_n: int | None = Field(
         None,
@@ -422,6 +439,24 @@ class LaunchConfig(Strict):
         False, description="deepspeed: optimizer state and step on CPU (DeepSpeed's cpu_adam)."
     )
     offload_params: bool = Field(False, description="deepspeed ZeRO-3: weights on CPU between uses.")
+    overlap_comm: bool = Field(
+        True,
+        description="deepspeed: reduce gradients while backward still runs (DeepSpeed enables it by default "
+        "for ZeRO-3 only). Faster steps for ~4.5x the bucket sizes in buffers (`lab plan` counts them).",
+    )
+    bucket_elements: int = Field(
+        500_000_000,
+        gt=0,
+        description="deepspeed: elements per gradient reduce bucket (and ZeRO-2 allgather bucket). Bigger: "
+        "fewer, larger collectives; smaller: less buffer memory.",
+    )
+    collective_timeout_minutes: float = Field(
+        60.0,
+        gt=0,
+        description="How long a rank waits in a collective (NCCL / gloo) before the run fails. It must cover "
+        "the longest wait: the other ranks wait for rank 0 while it writes a save (`lab plan` warns when the "
+        "estimated save is longer); lower finds a hung rank sooner.",
+    )
     num_machines: int = Field(1, gt=0, description="Machines (nodes) in the job.")
     machine_rank: int = Field(
         0, ge=0, description="This machine's rank; under a scheduler pass it per node (e.g. $SLURM_NODEID)."
@@ -580,7 +615,9 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: dict[str, Any] |
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise RecipeError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
     try:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 # A padded micro-batch takes a shorter sample only while padding it wastes at most this
@@ -66,55 +65,21 @@ def split_across_ranks(samples: list[int], lengths: list[int], world_size: int) 
     return shares
 
 
-def padded_tokens(batch: list[int], lengths: list[int], packed: bool, row_tokens: int | None = None) -> int:
+def padded_tokens(batch: list[int], lengths: list[int], packed: bool, row_multiple: int | None = None) -> int:
     """Tokens a micro-batch computes on: count x longest when padded; packed, its real tokens in
-    one row, or rows x the longest row when rows are capped at `row_tokens` (see pack_rows)."""
+    one row, rounded up to a multiple of `row_multiple` when the kernel pads rows (flex_attention)."""
     if not packed:
         return len(batch) * max(lengths[i] for i in batch)
-    rows = pack_rows(batch, lengths, row_tokens)
-    return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+    real = sum(lengths[i] for i in batch)
+    return -(-real // row_multiple) * row_multiple if row_multiple else real
 
 
-def pack_rows(batch: list[int], lengths: Sequence[int] | Mapping[int, int], row_tokens: int | None) -> list[list[int]]:
-    """A packed micro-batch's rows: one row (row_tokens None: flash-attn's varlen kernel and sdpa
-    per sample compute each sample's attention alone), or first-fit-decreasing rows of at most
-    row_tokens tokens.
-
-    flex attention on a packed row computes (masked) attention across the whole row: one row of
-    T tokens costs T^2, rows of R tokens cost T x R, at the price of padding row ends.
-    """
-    if row_tokens is None:
-        return [list(batch)]
-    rows: list[list[int]] = []
-    load: list[int] = []
-    for i in sorted(batch, key=lambda s: (-lengths[s], s)):
-        r = next((r for r, used in enumerate(load) if used + lengths[i] <= row_tokens), None)
-        if r is None:
-            rows.append([i])
-            load.append(lengths[i])
-        else:
-            rows[r].append(i)
-            load[r] += lengths[i]
-    return rows
-
-
-def micro_batches(
-    samples: list[int], lengths: list[int], max_tokens: int, packed: bool = False, row_tokens: int | None = None
-) -> list[list[int]]:
+def micro_batches(samples: list[int], lengths: list[int], max_tokens: int, packed: bool = False) -> list[list[int]]:
     """Micro-batches of at most max_tokens computed tokens, each sorted longest first.
 
     Padded: consecutive runs of the length-sorted samples, each within MAX_PADDING of its
-    longest. Packed: first-fit decreasing on real tokens (no padding to care about, fewest rows);
-    with rows capped at row_tokens, the rank's samples are first packed into rows (first-fit
-    decreasing, so rows come out nearly full) and max_tokens // row_tokens rows make a micro-batch.
+    longest. Packed: first-fit decreasing on real tokens (no padding to care about, fewest rows).
     """
-    if packed and row_tokens is not None and row_tokens < max_tokens:
-        rows = pack_rows(samples, lengths, row_tokens)
-        per_batch = max(1, max_tokens // row_tokens)
-        return [
-            sorted((i for row in rows[k : k + per_batch] for i in row), key=lambda s: (-lengths[s], s))
-            for k in range(0, len(rows), per_batch)
-        ]
     batches: list[list[int]] = []
     for i in sorted(samples, key=lambda s: (-lengths[s], s)):
         if packed:
@@ -159,7 +124,6 @@ def plan_steps(
     max_tokens_per_micro_batch: int = 8192,
     packed: bool = False,
     equal_micro_batches: bool = False,
-    row_tokens: int | None = None,
 ) -> list[Step]:
     too_long = [i for i, n in enumerate(lengths) if n > max_tokens_per_micro_batch]
     if too_long:
@@ -172,7 +136,7 @@ def plan_steps(
     for k in range(math.ceil(len(stream) / effective_batch_size)):
         chunk = stream[k * effective_batch_size : (k + 1) * effective_batch_size]
         shares = split_across_ranks(chunk, lengths, world_size)
-        per_rank = [micro_batches(share, lengths, max_tokens_per_micro_batch, packed, row_tokens) for share in shares]
+        per_rank = [micro_batches(share, lengths, max_tokens_per_micro_batch, packed) for share in shares]
         if equal_micro_batches:
             per_rank = equalise_counts(per_rank, lengths, packed)
         seen = min((k + 1) * effective_batch_size, len(stream))

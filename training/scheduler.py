@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from training.launch import launch_command, node_env, write_launch_files
+from training.plan import preemption_grace_seconds
 from training.train import TrainJob
 
 REPO = Path(__file__).resolve().parents[1]  # every node runs from a checkout at the same path
@@ -39,6 +40,13 @@ def job_name(job: TrainJob) -> str:
     enough for the JobSet and pod names derived from it."""
     name = re.sub(r"[^a-z0-9-]+", "-", f"{job.run_id}-{job.phase}".lower()).strip("-")
     return name[:40].rstrip("-")
+
+
+def grace_seconds(job: TrainJob) -> int:
+    """Seconds between SIGTERM and SIGKILL that a preempted phase needs to save its rolling state
+    (the plan's estimate). Slurm gets it as --signal; on Kubernetes the runtime's pod template
+    must give terminationGracePeriodSeconds >= it (a TrainJob's podSpecOverrides cannot)."""
+    return preemption_grace_seconds(job.recipe, job.model_path)
 
 
 def node_gpus(job: TrainJob) -> int:
@@ -77,7 +85,7 @@ def render_trainjob(job: TrainJob) -> dict:
                 "resourcesPerNode": {"requests": {k8s.gpu_resource: gpus}, "limits": {k8s.gpu_resource: gpus}}
                 if gpus
                 else {},
-                "env": [{"name": k, "value": v} for k, v in node_env(launch).items()],
+                "env": [{"name": k, "value": v} for k, v in node_env(launch, grace_seconds(job)).items()],
             },
             "podSpecOverrides": [
                 {
@@ -105,17 +113,19 @@ def render_sbatch(job: TrainJob, python: str = "python") -> str:
     )
     # Quote every word but the node's references: the task's shell expands those, per node.
     node_line = " ".join(word if word in (SLURM_RANK, SLURM_MAIN_IP) else shlex.quote(word) for word in command)
+    grace = grace_seconds(job)
     options = [
         f"--job-name={job_name(job)}",
         f"--nodes={launch.num_machines}",
         "--ntasks-per-node=1",  # one launcher per node; accelerate starts the node's ranks
         *([f"--gpus-per-node={node_gpus(job)}"] if node_gpus(job) else []),
         f"--time={launch.slurm.time}",
+        f"--signal=TERM@{grace}",  # SIGTERM this long before the time limit: the ranks save the rolling state
         *([f"--partition={launch.slurm.partition}"] if launch.slurm.partition else []),
         f"--output={out / 'slurm-%j.log'}",
         *launch.slurm.sbatch_options,
     ]
-    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in node_env(launch).items())
+    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in node_env(launch, grace).items())
     return (
         "#!/bin/bash\n"
         + "".join(f"#SBATCH {option}\n" for option in options)
@@ -202,7 +212,10 @@ def node_launches(job: TrainJob) -> str:
 
     launch = job.recipe.launch
     if launch.scheduler == "kubernetes":
-        return yaml.safe_dump(render_trainjob(job), sort_keys=False)
+        return yaml.safe_dump(render_trainjob(job), sort_keys=False) + (
+            f"# preemption: the runtime {launch.kubernetes.runtime!r} must give its pods "
+            f"terminationGracePeriodSeconds >= {grace_seconds(job)} (TrainJob overrides cannot set it)\n"
+        )
     if launch.scheduler == "slurm":
         return render_sbatch(job)
     out = Path(job.output_dir)

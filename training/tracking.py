@@ -37,12 +37,16 @@ class TrackerUnavailable(RuntimeError):
     """A tracker named in training.report_to is not installed."""
 
 
+def missing_trackers(recipe: Recipe) -> list[str]:
+    """The trackers in training.report_to whose package is not installed here."""
+    return [name for name in recipe.training.report_to if importlib.util.find_spec(PACKAGES[name]) is None]
+
+
 def phase_trackers(recipe: Recipe, run_id: str, phase: str, phase_dir: Path) -> list[GeneralTracker]:
     """The phase's trackers, not started (accelerate starts them); runs recorded in
     `phase_dir/trackers.json` are reopened rather than created again."""
     ids = json.loads((phase_dir / TRACKERS_FILE).read_text()) if (phase_dir / TRACKERS_FILE).exists() else {}
-    missing = [name for name in recipe.training.report_to if importlib.util.find_spec(PACKAGES[name]) is None]
-    if missing:
+    if missing := missing_trackers(recipe):
         raise TrackerUnavailable(
             f"training.report_to names {missing}, not installed here: pip install {' '.join(missing)} "
             "(or the project's `trackers` extra)"

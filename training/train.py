@@ -9,8 +9,11 @@ prepared data and the output directory. Outputs, under `output_dir`:
 
     metrics.jsonl                       one line per optimizer step (rank 0)
     finished.json                       the last step is done (the rolling state/ is kept for the caller)
+    preempted.json                      a SIGTERM stopped the run after saving state/ (exit EXIT_PREEMPTED)
     samples/rank<r>.jsonl               the sample ids each rank trained on, per step
+    saves/rank<r>.jsonl                 each save on each rank: what, why, seconds, host memory it took
     checkpoints/samples_<N>/            save_pretrained + tokenizer + meta.json (written last)
+    state/                              the rolling training state, for exact resume (see RollingState)
 
 Batch arithmetic: each optimizer step takes exactly `effective_batch_size` samples, split
 across ranks and into token-capped micro-batches by `training.sampler.plan_steps`. The loss
@@ -23,7 +26,7 @@ DeepSpeed ZeRO-2/3 and FSDP. Under DeepSpeed the loop tells the engine where eac
 which clips and updates in one go. ZeRO-3 / FSDP checkpoints are gathered into one
 safetensors file that `from_pretrained` loads. With packing (the default), each micro-batch is
 one row of concatenated samples (position_ids restart per sample): no padding, and attention
-stays within each sample (flash-attn's varlen kernel, or sdpa run per sample: training.attention).
+stays within each sample (the kernel per device: training.attention.training_kernel).
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ import os
 import re
 import resource
 import shutil
+import signal
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn, TextIO
 
@@ -50,22 +55,25 @@ import torch.utils.checkpoint
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 from accelerate.tracking import GeneralTracker
 from pydantic import BaseModel, Field
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging as transformers_logging
 
 from training import attention, tracking
 from training.chat import apply_template, configure_generation
 from training.data import IGNORE_INDEX, TokenizedData, load_tokenized
+from training.lifetime import end_with_owner
+from training.plan import ModelShape, estimate_memory
 from training.precision import is_mixed, weights_dtype
-from training.recipe import Recipe, TrainingConfig, WatchdogConfig, warmup_steps
-from training.sampler import Step, pack_rows, padded_tokens, plan_steps, save_points
+from training.recipe import CheckpointConfig, Recipe, TrainingConfig, WatchdogConfig, warmup_steps
+from training.sampler import Step, padded_tokens, plan_steps, save_points
 
 EXIT_WATCHDOG = 3  # exit code of a run stopped by the watchdog (NaN/inf)
+EXIT_PREEMPTED = 4  # exit code of a run stopped by SIGTERM after saving its rolling state
 FINISHED = "finished.json"  # written by rank 0 after the last step (not after a probe's pause)
+STOPPED = "stopped.json"  # the watchdog's verdict (rank 0)
+PREEMPTED = "preempted.json"  # the step after which a SIGTERM's save was made (rank 0)
 PROBE_TOKENS = 64  # length of the logits probe recorded with each checkpoint
-# Attention implementations that keep the samples of a packed row apart (from its position_ids).
-PACKING_ATTENTION = ("sdpa", "flash_attention_2", "flex_attention")
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity), matched in order against the device name.
 PEAK_BF16_FLOPS = [
@@ -128,39 +136,42 @@ def collate(data: TokenizedData, indices: list[int], pad_id: int) -> dict[str, t
 
 
 def collate_packed(
-    data: TokenizedData, indices: list[int], row_tokens: int | None = None, pad_id: int = 0
-) -> dict[str, torch.Tensor]:
-    """Concatenated samples, no padding within a row: one row, or rows of <= row_tokens tokens
-    (`training.sampler.pack_rows`) right-padded to the longest row.
+    data: TokenizedData,
+    indices: list[int],
+    pad_id: int = 0,
+    row_multiple: int | None = None,
+    flash_kwargs: bool = False,
+) -> dict[str, torch.Tensor | int]:
+    """Concatenated samples in one row, no padding between them.
 
     position_ids restart at 0 for each sample: that is how transformers finds the sample
     boundaries and keeps attention within each sample (no attention_mask). The first label of
     each sample is masked: it would be the next-token target of the previous sample's last
-    token. Shifted as in the padded case, the loss covers exactly the same tokens. A row's
-    padding is one more "sample" (positions from 0, no labels): it attends only to itself.
+    token. Shifted as in the padded case, the loss covers exactly the same tokens.
+
+    `row_multiple` (flex_attention): the row is padded up to a multiple of it, the padding one
+    more "sample" (positions from 0, no labels) that attends only to itself. `flash_kwargs`
+    (flash_attention_2): also the varlen kernel's sample boundaries, as
+    `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` gives them (int32
+    cu_seq_lens_q/k, Python-int max_length_q/k); without them transformers derives them from
+    the position_ids in every layer, with a host sync each time.
     """
-    rows = []
-    for row in pack_rows(indices, {i: len(data.input_ids[i]) for i in indices}, row_tokens):
-        lengths = [len(data.input_ids[i]) for i in row]
-        labels = np.concatenate([np.asarray(data.labels[i]) for i in row])
-        labels[np.cumsum([0, *lengths[:-1]])] = IGNORE_INDEX  # a copy: the prepared buffers are untouched
-        input_ids = np.concatenate([np.asarray(data.input_ids[i]) for i in row])
-        rows.append((input_ids, labels, np.concatenate([np.arange(n) for n in lengths])))
-    width = max(len(ids) for ids, _, _ in rows)
-
-    def stacked(k: int, fill: int | None) -> torch.Tensor:
-        """Column k of the rows, right-padded to the widest row (fill None: positions 0, 1, ...)."""
-        padded = [
-            np.concatenate([r[k], np.arange(width - len(r[k])) if fill is None else np.full(width - len(r[k]), fill)])
-            for r in rows
-        ]
-        return torch.as_tensor(np.stack(padded), dtype=torch.long)
-
-    return {
-        "input_ids": stacked(0, pad_id),
-        "labels": stacked(1, IGNORE_INDEX),
-        "position_ids": stacked(2, None),
+    lengths = [len(data.input_ids[i]) for i in indices]
+    padding = -sum(lengths) % row_multiple if row_multiple else 0
+    labels = np.concatenate([np.asarray(data.labels[i]) for i in indices] + [np.full(padding, IGNORE_INDEX)])
+    labels[np.cumsum([0, *lengths[:-1]])] = IGNORE_INDEX  # a copy: the prepared buffers are untouched
+    input_ids = np.concatenate([np.asarray(data.input_ids[i]) for i in indices] + [np.full(padding, pad_id)])
+    positions = np.concatenate([np.arange(n) for n in [*lengths, padding]])
+    batch: dict[str, torch.Tensor | int] = {
+        "input_ids": torch.as_tensor(input_ids, dtype=torch.long)[None],
+        "labels": torch.as_tensor(labels, dtype=torch.long)[None],
+        "position_ids": torch.as_tensor(positions, dtype=torch.long)[None],
     }
+    if flash_kwargs:
+        boundaries = torch.as_tensor(np.cumsum([0, *lengths, *([padding] if padding else [])]), dtype=torch.int32)
+        batch |= {"cu_seq_lens_q": boundaries, "cu_seq_lens_k": boundaries}
+        batch |= {"max_length_q": max(lengths), "max_length_k": max(lengths)}
+    return batch
 
 
 def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -188,9 +199,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk_tokens: int, logit_scale: float = 1.0
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    labels: torch.Tensor,
+    chunk_tokens: int,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Summed next-token cross-entropy of `head(hidden) * logit_scale`, `chunk_tokens` rows at a time.
+    """Summed next-token cross-entropy of `head(hidden) * logit_scale`, `chunk_tokens` rows at a time;
+    with `softcap` (Gemma 2's final_logit_softcapping) the logits are capped first, as the model's
+    own forward does: softcap * tanh(logits / softcap).
 
     Only the loss tokens are projected, and each chunk but the last is checkpointed: its logits
     (and their float32 copy) are freed after its forward and recomputed in backward, so at most
@@ -202,23 +220,31 @@ def chunked_cross_entropy(
     targets = labels[:, 1:].flatten()
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[:, :-1].flatten(0, 1)[keep], targets[keep]
-    if hidden.is_cuda and LIGER_CE is not None and logit_scale == 1.0 and not hasattr(head.weight, "ds_id"):
+    plain = logit_scale == 1.0 and softcap is None
+    if hidden.is_cuda and LIGER_CE is not None and plain and not hasattr(head.weight, "ds_id"):
         return LIGER_CE(reduction="sum")(head.weight, hidden, targets)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), chunk_tokens):
         end = start + chunk_tokens
         if end < len(targets):
             chunk = torch.utils.checkpoint.checkpoint(
-                _chunk_loss, hidden[start:end], head, targets[start:end], logit_scale, use_reentrant=False
+                _chunk_loss, hidden[start:end], head, targets[start:end], logit_scale, softcap, use_reentrant=False
             )
         else:
-            chunk = _chunk_loss(hidden[start:end], head, targets[start:end], logit_scale)
+            chunk = _chunk_loss(hidden[start:end], head, targets[start:end], logit_scale, softcap)
         total = total + chunk
     return total
 
 
-def _chunk_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, scale: float) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float() * scale, targets, reduction="sum")
+def _chunk_loss(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, scale: float, softcap: float | None
+) -> torch.Tensor:
+    logits = head(hidden).float()
+    if scale != 1.0:  # Granite's logits_scaling, in place: no second float32 copy of the chunk's logits
+        logits.mul_(scale)
+    if softcap is not None:  # Gemma 2's final-logit softcapping (tanh keeps its output for backward)
+        logits = torch.tanh(logits.div_(softcap)) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
 
 
 def _liger_cross_entropy() -> type | None:
@@ -238,25 +264,24 @@ def use_chunked_loss(model: torch.nn.Module, chunk_tokens: int) -> None:
 
     The forward itself is replaced (before accelerate / DeepSpeed / FSDP wrap it), so the loss
     runs inside the wrapped forward, under its autocast, with the output weight gathered.
-    The decoder (`model.model`) is unchanged; Granite's logits_scaling is kept. Called without
-    labels (the checkpoint probe) it returns logits as before.
+    The decoder (`model.model`) is unchanged; Granite's logits_scaling and Gemma 2's final-logit
+    softcapping are kept. Called without labels (the checkpoint probe) it returns logits as before.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     logit_scale = 1.0 / getattr(model.config, "logits_scaling", 1.0)
-    if getattr(model.config, "final_logit_softcapping", None):
-        raise ValueError("training.loss_chunk_tokens does not support final_logit_softcapping models; set it to null")
+    softcap = getattr(model.config, "final_logit_softcapping", None)
 
     logits_forward = model.forward  # without labels (the checkpoint probe): the usual logits
 
-    def forward(input_ids, labels=None, position_ids=None, attention_mask=None, use_cache=False):
-        if labels is None:
-            return logits_forward(
-                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=use_cache
-            )
-        out = decoder(
+    def forward(input_ids, labels=None, position_ids=None, attention_mask=None, use_cache=False, **attention_kwargs):
+        """attention_kwargs: flash-attn's varlen boundaries (collate_packed), passed to every layer."""
+        inputs = dict(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=use_cache
         )
-        loss = chunked_cross_entropy(out.last_hidden_state, head, labels, chunk_tokens, logit_scale)
+        if labels is None:
+            return logits_forward(**inputs, **attention_kwargs)
+        out = decoder(**inputs, **attention_kwargs)
+        loss = chunked_cross_entropy(out.last_hidden_state, head, labels, chunk_tokens, logit_scale, softcap)
         return CausalLMOutputWithPast(loss=loss)
 
     model.forward = forward
@@ -331,9 +356,12 @@ def save_checkpoint(
     """save_pretrained + tokenizer, then meta.json last: a directory without meta.json is
     incomplete by contract and is never evaluated or selected.
 
-    The weights are gathered into one state dict on rank 0 (ZeRO-3 / FSDP shards included),
-    so the directory loads with plain `from_pretrained`. meta.json records the in-training
-    model's token log-probs on a fixed probe: a reload must reproduce them.
+    The directory loads with plain `from_pretrained`. Sharded weights (ZeRO-3 / FSDP) are
+    gathered into one state dict on rank 0, a collective; replicated ones (DDP, ZeRO-1/2) are
+    written by rank 0 from its own copy: no collective, and no copy at all on the other ranks
+    (accelerate's get_state_dict would copy the whole model to CPU on every ZeRO-1/2 rank).
+    meta.json records the in-training model's token log-probs on a fixed probe: a reload must
+    reproduce them.
     """
     path = Path(job.output_dir) / "checkpoints" / f"samples_{step.samples_seen}"
     if accelerator.is_main_process:
@@ -342,17 +370,27 @@ def save_checkpoint(
     model.eval()
     probe_logprobs = token_logprobs(model, probe)  # every rank: under ZeRO-3 / FSDP a forward is collective
     model.train()
-    state_dict = accelerator.get_state_dict(model)  # collective too: gathers the shards on rank 0
     dtype = getattr(torch, job.recipe.model.dtype)  # float32 masters are saved in the model's dtype
-    if state_dict is not None:  # None on ranks that do not write
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    accelerator.unwrap_model(model).save_pretrained(
-        path,
-        is_main_process=accelerator.is_main_process,
-        state_dict=state_dict,
-        save_function=accelerator.save,
-        safe_serialization=True,
-    )
+    if weights_sharded(job.recipe):
+        state_dict = accelerator.get_state_dict(model)  # collective: gathers the shards on rank 0
+        if state_dict is not None:  # None on ranks that do not write
+            state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        accelerator.unwrap_model(model).save_pretrained(
+            path,
+            is_main_process=accelerator.is_main_process,
+            state_dict=state_dict,
+            save_function=accelerator.save,
+            safe_serialization=True,
+        )
+    elif accelerator.is_main_process:
+        # A copy on the host: under DeepSpeed the weights are views of one flat buffer, which
+        # safetensors would take for shared tensors.
+        own = accelerator.unwrap_model(model)
+        state_dict = {
+            k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype, copy=True)
+            for k, v in own.state_dict().items()
+        }
+        own.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
     if accelerator.is_main_process:
         config_file = path / "config.json"  # save_pretrained records the in-memory (master) dtype
         config_file.write_text(
@@ -391,16 +429,26 @@ def write_line(message: str) -> None:
     sys.stdout.flush()
 
 
+def weights_sharded(recipe: Recipe) -> bool:
+    """Whether each rank holds only a shard of the weights (ZeRO-3, FSDP); else every rank has them all."""
+    launch = recipe.launch
+    return launch.backend == "fsdp" or (launch.backend == "deepspeed" and launch.zero_stage == 3)
+
+
 def make_accelerator(recipe: Recipe, trackers: list[GeneralTracker] = ()) -> Accelerator:
     """The Accelerator for the recipe's backend and precision, logging to `trackers`.
 
     Several CPU ranks (and DeepSpeed on CPU) need gloo named explicitly (NOTES.md); with one
     process, naming a backend makes accelerate look for a process group that does not exist.
+    Collectives time out after launch.collective_timeout_minutes: longer than a save, during
+    which the other ranks wait for rank 0.
     """
-    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    timeout = timedelta(minutes=recipe.launch.collective_timeout_minutes)
+    backend = {"backend": "gloo"} if distributed and not torch.cuda.is_available() else {}
     plugin = fsdp_plugin(recipe) if recipe.launch.backend == "fsdp" and is_mixed(recipe) else None
     return Accelerator(
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout, **backend)] if distributed else [],
         log_with=list(trackers) or None,
         fsdp_plugin=plugin,
     )
@@ -417,26 +465,40 @@ def fsdp_plugin(recipe: Recipe) -> FullyShardedDataParallelPlugin:
     )
 
 
-def load_model(job: TrainJob, packed: bool = False) -> torch.nn.Module:
+def load_model(job: TrainJob, kernel: str, checkpointing: bool) -> torch.nn.Module:
     """The model to train: weights in `weights_dtype` (float32 masters under mixed precision),
-    with activation checkpointing and the chunked loss when the recipe asks for them. Packed rows
-    on sdpa run sdpa per sample (training.attention) instead of through a row-wide mask.
+    attention by `kernel` (training.attention.training_kernel), with activation checkpointing and
+    the chunked loss when asked.
 
     Under ZeRO-3 the Accelerator (created first) makes from_pretrained load straight into
     shards; under FSDP with cpu_ram_efficient_loading only rank 0 reads the weights.
     """
     cfg = job.recipe.training
-    attn = job.recipe.model.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(
-        job.model_path,
-        dtype=getattr(torch, weights_dtype(job.recipe)),
-        attn_implementation=attention.NAME if packed and attn == "sdpa" else attn,
+        job.model_path, dtype=getattr(torch, weights_dtype(job.recipe)), attn_implementation=kernel
     )
-    if cfg.gradient_checkpointing:
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.loss_chunk_tokens:
         use_chunked_loss(model, cfg.loss_chunk_tokens)
     return model
+
+
+def activation_checkpointing(recipe: Recipe, config: PretrainedConfig, device: torch.device) -> bool:
+    """training.gradient_checkpointing, with `auto` decided by `lab plan`'s memory estimate for
+    this GPU (on when the run would not fit without it; off on CPU)."""
+    setting = recipe.training.gradient_checkpointing
+    if setting != "auto":
+        return setting
+    if device.type != "cuda":
+        return False
+    gpu_bytes = torch.cuda.get_device_properties(device).total_memory
+    return estimate_memory(recipe, ModelShape.from_config(config.to_dict()), device_bytes=gpu_bytes).checkpointing
+
+
+def on_device(batch: dict[str, torch.Tensor | int], device: torch.device) -> dict[str, torch.Tensor | int]:
+    """The batch's tensors on `device`; Python ints (flash-attn's max lengths) stay as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def train(job: TrainJob) -> None:
@@ -448,17 +510,19 @@ def train(job: TrainJob) -> None:
     world, rank = accelerator.num_processes, accelerator.process_index
     deepspeed = launch.backend == "deepspeed"
     sharded = launch.backend in ("deepspeed", "fsdp")  # collectives in every forward/backward
-    packed = cfg.packing and job.recipe.model.attn_implementation in PACKING_ATTENTION
-    # flash-attn's varlen kernel and sdpa per sample attend within each sample: one row. flex
-    # computes masked attention across a row, so its rows hold at most max_seq_len tokens.
-    row_tokens = cfg.max_seq_len if job.recipe.model.attn_implementation == "flex_attention" else None
+    model_config = AutoConfig.from_pretrained(job.model_path)
+    requested = job.recipe.model.attn_implementation
+    device = accelerator.device
+    kernel = attention.training_kernel(requested, device.type, model_config) if cfg.packing else requested
+    packed = cfg.packing and kernel in attention.VARLEN_KERNELS  # one row per micro-batch
+    row_multiple = attention.row_multiple(kernel) if packed else None
+    checkpointing = activation_checkpointing(job.recipe, model_config, device)
 
     # The recipe's template (if any) is saved with every checkpoint, like the stop tokens below.
     tokenizer = apply_template(AutoTokenizer.from_pretrained(job.model_path), job.recipe.model.chat_template)
-    model = load_model(job, packed)
+    model = load_model(job, kernel, checkpointing)
     configure_generation(model, tokenizer)
     pad_id = model.generation_config.pad_token_id  # Llama 3 / Mistral have no pad token: never None here
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 shards
     data = load_tokenized(job.data_dir)
     lengths, loss_tokens = data.lengths(), data.loss_tokens()
     steps = plan_steps(
@@ -470,7 +534,6 @@ def train(job: TrainJob) -> None:
         cfg.max_tokens_per_micro_batch,
         packed,
         sharded,
-        row_tokens,
     )
     total_steps = len(steps)
     warmup = warmup_steps(cfg, total_steps)
@@ -484,9 +547,16 @@ def train(job: TrainJob) -> None:
         f"batch arithmetic: {len(data)} samples x {cfg.epochs} epochs = {steps[-1].samples_seen} samples; "
         f"EBS {cfg.effective_batch_size} samples/step -> {total_steps} optimizer steps; "
         f"{world} rank(s) ({launch.backend}); micro-batches capped at {cfg.max_tokens_per_micro_batch} "
-        f"{('real (packed, rows <= ' + str(row_tokens or 'budget') + ')') if packed else 'padded'} tokens; "
+        f"{'real (packed, one row)' if packed else 'padded'} tokens; "
         f"precision: compute {job.recipe.model.dtype}, weights {weights_dtype(job.recipe)}; "
         f"warmup {warmup} steps, schedule {cfg.schedule}, peak lr {cfg.learning_rate:g}",
+    )
+    log(
+        accelerator,
+        f"attention: {kernel} on {device.type} (model.attn_implementation {requested}"
+        f"{'; rows padded to a multiple of ' + str(row_multiple) if row_multiple else ''}); "
+        f"activation checkpointing {'on' if checkpointing else 'off'}"
+        f"{' (auto: the memory plan)' if cfg.gradient_checkpointing == 'auto' else ''}",
     )
     if every and every % cfg.effective_batch_size:
         log(
@@ -501,6 +571,7 @@ def train(job: TrainJob) -> None:
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     peak_flops = peak_bf16_flops(accelerator.device)
+    shape = ModelShape.from_config(model_config.to_dict()) if peak_flops else None  # for MFU
 
     out = Path(job.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -518,9 +589,14 @@ def train(job: TrainJob) -> None:
     metrics_log = open_jsonl(out / "metrics.jsonl", done_steps) if accelerator.is_main_process else None
     # Each rank records the sample ids it trained on: proof of no repeats or gaps, and of disjoint ranks.
     samples_log = open_jsonl(out / "samples" / f"rank{rank}.jsonl", done_steps)
+    saves_log = open_jsonl(out / "saves" / f"rank{rank}.jsonl", done_steps)
+    rolling = RollingState(job.recipe.checkpointing, accelerator)
     watchdog = Watchdog(job.recipe.watchdog)
+    flash_kwargs = kernel == "flash_attention_2"
     to_batch = (
-        (lambda mb: collate_packed(data, mb, row_tokens, pad_id)) if packed else (lambda mb: collate(data, mb, pad_id))
+        (lambda mb: collate_packed(data, mb, pad_id, row_multiple, flash_kwargs))
+        if packed
+        else (lambda mb: collate(data, mb, pad_id))
     )
     started, cpu_started = time.perf_counter(), time.process_time()
     for step in steps[done_steps:]:
@@ -532,7 +608,7 @@ def train(job: TrainJob) -> None:
         # DDP's one all-reduce needs one; ZeRO / FSDP need as many as the busiest rank.
         fillers = max(0, (max(len(r) for r in step.micro_batches) if sharded else 1) - len(mine))
         filler = [min(step.samples, key=lambda i: lengths[i])]
-        batches = [{k: v.to(accelerator.device) for k, v in to_batch(mb).items()} for mb in mine + [filler] * fillers]
+        batches = [on_device(to_batch(mb), device) for mb in mine + [filler] * fillers]
         loss_sum = backward_step(
             model,
             batches,
@@ -559,7 +635,7 @@ def train(job: TrainJob) -> None:
 
         step_tokens = sum(lengths[i] for i in step.samples)
         computed = sum(
-            padded_tokens(mb, lengths, packed, row_tokens) for per_rank in step.micro_batches for mb in per_rank
+            padded_tokens(mb, lengths, packed, row_multiple) for per_rank in step.micro_batches for mb in per_rank
         )
         tokens_seen += step_tokens
         wall = time.perf_counter() - t0
@@ -573,7 +649,9 @@ def train(job: TrainJob) -> None:
             "lr": lr,
             "tokens_per_s": round(step_tokens / wall, 1),  # real tokens, padding excluded
             "samples_per_s": round(len(step.samples) / wall, 2),
-            "mfu": round(6 * n_params * step_tokens / wall / (world * peak_flops), 4) if peak_flops else None,
+            "mfu": round(shape.training_flops([lengths[i] for i in step.samples]) / wall / (world * peak_flops), 4)
+            if shape
+            else None,
             "padding_efficiency": round(step_tokens / computed, 4),
             "micro_batches": sum(len(per_rank) for per_rank in step.micro_batches),
             "wall_s": round(time.perf_counter() - started, 3),
@@ -599,11 +677,16 @@ def train(job: TrainJob) -> None:
         # pause also saves a checkpoint: a sweep may rank its runs by evaluating it.
         probe_done = job.stop_after_samples is not None and step.samples_seen >= job.stop_after_samples
         if step.index in saves or probe_done:
-            save_checkpoint(accelerator, model, tokenizer, job, step, record, probe)
+            with recorded_save(saves_log, step.index, "checkpoint", "probe" if probe_done else "schedule"):
+                save_checkpoint(accelerator, model, tokenizer, job, step, record, probe)
             log(accelerator, f"checkpoint samples_{step.samples_seen}")
-        state_every = job.recipe.checkpointing.state_every_steps
-        if step.index < total_steps and (probe_done or (state_every and step.index % state_every == 0)):
-            save_state(accelerator, state_dir, step.index, tokens_seen)
+        reason = rolling.due(step.index)  # every rank, every step: they agree on the step
+        if step.index < total_steps and (probe_done or reason):
+            with recorded_save(saves_log, step.index, "state", reason or "probe"):
+                save_state(accelerator, state_dir, step.index, tokens_seen)
+            rolling.saved()
+            if reason == "sigterm":
+                preempted(accelerator, out, step)
         if probe_done and step.index < total_steps:
             log(accelerator, f"paused after step {step.index} ({step.samples_seen} samples): probe done")
             break
@@ -614,6 +697,7 @@ def train(job: TrainJob) -> None:
             finished = {"steps": total_steps, "samples_seen": steps[-1].samples_seen}
             (out / FINISHED).write_text(json.dumps(finished) + "\n")
     samples_log.close()
+    saves_log.close()
     if metrics_log:
         metrics_log.close()
     accelerator.end_training()
@@ -638,10 +722,8 @@ def peak_memory_bytes(device: torch.device) -> int:
     """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    status = Path("/proc/self/status")
-    if status.exists():
-        hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
-        return int(hwm.split()[1]) * 1024  # kB
+    if Path("/proc/self/status").exists():
+        return max(host_memory_bytes("VmHWM"), _host_peak_before_reset)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
@@ -680,12 +762,102 @@ def stop(accelerator: Accelerator, out: Path, metrics_log: TextIO | None, step: 
         assert metrics_log is not None
         metrics_log.write(json.dumps({"step": step.index, "samples_seen": step.samples_seen, "stopped": reason}) + "\n")
         metrics_log.close()
-        (out / "stopped.json").write_text(
+        (out / STOPPED).write_text(
             json.dumps({"step": step.index, "samples_seen": step.samples_seen, "reason": reason}) + "\n"
         )
     log(accelerator, f"watchdog: {reason}")
     accelerator.end_training()  # closes the tracker runs
     sys.exit(EXIT_WATCHDOG)
+
+
+class RollingState:
+    """When the ranks write the rolling training state: every `rolling_state_minutes` of rank 0's
+    clock, every `state_every_steps` steps, and at once after a SIGTERM (a preemption: the run
+    then stops with EXIT_PREEMPTED). Every rank asks at the end of every step, and one small
+    all-reduce (max) hands rank 0's time verdict and any rank's SIGTERM to all of them, so all
+    ranks save at the same step. SIGINT is left alone: it stops without a save (a user's cancel,
+    training.launch.kill_group)."""
+
+    def __init__(self, config: CheckpointConfig, accelerator: Accelerator) -> None:
+        self.minutes, self.every_steps = config.rolling_state_minutes, config.state_every_steps
+        self.accelerator = accelerator
+        self.last_save = time.monotonic()
+        self.sigterm = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self.sigterm = True  # acted on at the end of the step: a save needs the step's update done
+
+    def due(self, step: int) -> str | None:
+        """Why to save after `step` ("sigterm", "time", "steps"), or None. Collective."""
+        timed = (
+            self.accelerator.is_main_process
+            and self.minutes is not None
+            and time.monotonic() - self.last_save >= 60 * self.minutes
+        )
+        sigterm = self.sigterm
+        if self.accelerator.num_processes > 1:
+            flags = torch.tensor([timed, sigterm], dtype=torch.int32, device=self.accelerator.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            timed, sigterm = (bool(flag) for flag in flags.tolist())
+        if sigterm:
+            return "sigterm"
+        if timed:
+            return "time"
+        return "steps" if self.every_steps and step % self.every_steps == 0 else None
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+
+def preempted(accelerator: Accelerator, out: Path, step: Step) -> NoReturn:
+    """End the run after the save a SIGTERM asked for; preempted.json says where it stopped."""
+    if accelerator.is_main_process:
+        (out / PREEMPTED).write_text(json.dumps({"step": step.index, "samples_seen": step.samples_seen}) + "\n")
+    log(accelerator, f"preempted (SIGTERM): rolling state saved after step {step.index}; a relaunch resumes there")
+    accelerator.end_training()
+    sys.exit(EXIT_PREEMPTED)
+
+
+@contextmanager
+def recorded_save(saves_log: TextIO, step: int, what: str, reason: str) -> Iterator[None]:
+    """One line per save in this rank's saves log: what, why, how long, and how much the
+    process's peak host memory rose above its memory at the start (None where Linux's peak
+    reset is unavailable): a save must not copy the model into every rank's memory."""
+    measured = reset_host_peak()
+    before = host_memory_bytes("VmHWM")  # the memory at the reset
+    started = time.perf_counter()
+    yield
+    growth = host_memory_bytes("VmHWM") - before if measured else None
+    record = {"step": step, "what": what, "reason": reason, "seconds": round(time.perf_counter() - started, 3)}
+    saves_log.write(json.dumps(record | {"host_peak_growth_bytes": growth}) + "\n")
+    saves_log.flush()
+
+
+# The process's peak RSS before the last reset_host_peak(): peak_memory_bytes reports the run's peak.
+_host_peak_before_reset = 0
+
+
+def host_memory_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process, from /proc/self/status (Linux; 0 elsewhere)."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return 0
+    line = next(line for line in status.read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # kB
+
+
+def reset_host_peak() -> bool:
+    """Restart the peak RSS (VmHWM) from the current RSS, keeping the run's peak for
+    peak_memory_bytes; False where the kernel does not allow it."""
+    global _host_peak_before_reset
+    peak = host_memory_bytes("VmHWM")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (proc(5))
+    except OSError:
+        return False
+    _host_peak_before_reset = max(_host_peak_before_reset, peak)
+    return True
 
 
 def open_jsonl(path: Path, keep_through_step: int) -> TextIO:
@@ -743,6 +915,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="Path to the TrainJob JSON.")
     args = parser.parse_args(argv)
+    end_with_owner()  # a rank outlives no killed run (training.lifetime)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers_logging.disable_progress_bar()  # load/save bars would reach the run log as lines; steps are logged
     train(TrainJob.model_validate_json(Path(args.config).read_text()))
