@@ -11,7 +11,8 @@ done) and evaluates through it. A failed evaluation ends its worker: what it hel
 Model memory is released after each model (the worker keeps only its imports).
 
 `EvaluationWorkers` is the one owner of these processes: the flow run creates it and kills every
-process it started when the run ends, however it ends. It holds slots (shares of the machine: an
+process it started when the run ends, however it ends (a run killed with SIGKILL cannot: its
+workers watch its process and exit with it, training.lifetime). It holds slots (shares of the machine: an
 environment with CUDA_VISIBLE_DEVICES / OMP_NUM_THREADS), each with at most one worker, started
 when first needed and reused by later models and phases. `evaluate` takes a free slot (a started
 worker first: a new one pays its imports, ~6 CPU-s, about two lab evaluations, so it starts only
