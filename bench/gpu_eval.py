@@ -1,8 +1,9 @@
 """GPU check, evaluation part: one HF evaluation of one checkpoint of a ~1B Llama on one GPU, to
 calibrate `lab plan`'s estimate of minutes per checkpoint (training/placement.py).
 
-    python bench/gpu_eval.py [--model DIR] [--budget-s 240]     (a CUDA machine; bench/gpu_check.sh runs it)
-    python bench/gpu_eval.py --tiny                               (CPU dry run with a tiny model)
+    python bench/gpu_eval.py --out DIR [--model DIR] [--budget-s 35]   (a CUDA machine; bench/gpu_check.sh
+                                                                        runs it under a 70 s cap)
+    python bench/gpu_eval.py --out DIR --dry-run                        (CPU, a tiny model: the script's paths)
 
 The device machine has torch and transformers, but neither lm-eval nor a network, so this runs the
 work lm-eval's HFLM does for a checkpoint, with the project's own loading and generation settings
@@ -18,8 +19,9 @@ From the measured rates it projects one checkpoint of the lab preset's suite (if
 on this model, every generation batch to its cap: an UPPER BOUND (a trained model stops early),
 next to the estimate `lab plan` makes for the same model from its assumed rates (HF_MFU,
 HF_STEP_S, LOAD_BYTES_PER_S); the ratios say how to recalibrate them. Each part stops at its share
-of --budget-s (rates come from what was done); the JSON file (--out, default $OUT/gpu_eval.json)
-is rewritten after every part, so a kill keeps what was measured. The last line is the JSON.
+of --budget-s (rates come from what was done; building and loading the model come on top, so the
+default fits gpu_check.sh's 70 s cap); <--out>/gpu_eval.json is rewritten after every part, so a
+kill keeps what was measured. The last line is the JSON.
 """
 
 from __future__ import annotations
@@ -94,14 +96,19 @@ def generation_rate(model: torch.nn.Module, vocab: int, batch: int, prompt: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="CPU dry run with a tiny model")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model: the script's paths without a GPU")
     parser.add_argument("--model", type=Path, help="a saved checkpoint (default: a random 1B built here)")
-    parser.add_argument("--budget-s", type=float, default=240.0, help="time for the measurements (load excluded)")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_eval.json")
+    parser.add_argument(
+        "--budget-s", type=float, help="seconds for the measurements, build and load excluded (35; dry run 8)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="directory for gpu_eval.json"
+    )
     args = parser.parse_args()
-    on_gpu = torch.cuda.is_available() and not args.tiny
-    if not on_gpu and not args.tiny:
-        raise SystemExit("no CUDA device: run with --tiny for a CPU dry run of the script")
+    on_gpu = not args.dry_run
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --dry-run for the CPU dry run of the script")
+    budget_s = args.budget_s or (35.0 if on_gpu else 8.0)
 
     from evaluation.device import load_causal_lm
     from training.chat import configure_generation
@@ -113,16 +120,16 @@ def main() -> None:
     model_dir = args.model
     if model_dir is None:
         model_dir = Path(tempfile.mkdtemp(prefix="gpu-eval-")) / "model"
-        build_model(model_dir, TINY if args.tiny else LLAMA_1B)
-    batch = 4 if args.tiny else 16  # the lab preset's evaluation.batch_size
+        build_model(model_dir, LLAMA_1B if on_gpu else TINY, "cuda" if on_gpu else "cpu")
+    batch = 16 if on_gpu else 4  # the lab preset's evaluation.batch_size
     recipe = load_recipe(
         "lab", {"model.name_or_path": str(model_dir), "launch.num_processes": 1, "evaluation.batch_size": batch}
     )
-    prompt, cap = (32, 8) if args.tiny else (GENERATION_PROMPT_TOKENS, GENERATION_CAP)
+    prompt, cap = (GENERATION_PROMPT_TOKENS, GENERATION_CAP) if on_gpu else (32, 8)
     config = json.loads((model_dir / "config.json").read_text())
     shape = ModelShape.from_config(config)
     report = Report(
-        args.out,
+        args.out / "gpu_eval.json",
         device=torch.cuda.get_device_name(0) if on_gpu else "cpu (dry run)",
         params=shape.params,
         batch_size=batch,
@@ -139,9 +146,9 @@ def main() -> None:
     report.add(load_s=round(time.perf_counter() - start, 2), dtype=str(model.dtype).removeprefix("torch."))
 
     vocab = config["vocab_size"]
-    choices = choice_rate(model, vocab, batch, 16 if args.tiny else CHOICE_PROMPT_TOKENS, 0.35 * args.budget_s)
+    choices = choice_rate(model, vocab, batch, CHOICE_PROMPT_TOKENS if on_gpu else 16, 0.35 * budget_s)
     report.add(choices=choices)
-    generation = generation_rate(model, vocab, batch, prompt, cap, 0.6 * args.budget_s)
+    generation = generation_rate(model, vocab, batch, prompt, cap, 0.6 * budget_s)
     report.add(generation=generation)
 
     measured = HFRates(report.data["load_s"], choices["prefill_tokens_per_s"], generation["step_s"])

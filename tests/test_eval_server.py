@@ -1,6 +1,8 @@
 """The server backend over real HTTP: `transformers serve` (an OpenAI-compatible server that runs
 here) serves the lab model from an evaluation worker; lm-eval's generation tasks and MT-Bench
-answers go through it, and equal the HF path in the worker on the same items.
+answers go through it, and equal the HF path in the worker on the same items: each generation
+item's response (a task of the test's own, `lab_echo`, records them as lm-eval hands them over;
+the base model scores 0 on the lab's generation metrics, so equal scores alone would prove little).
 
 The model is the lab's base model as a hub base model may come: no chat template of its own (the
 recipe names one) and a generation config that does not stop at the end of a turn. So the server
@@ -12,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from evaluation.worker import EvalRequest, EvaluationWorkers
 from tests.conftest import mt_bench_settings
@@ -20,6 +23,33 @@ from training.recipe import resolve
 pytestmark = pytest.mark.slow
 MAX_GEN_TOKENS = 12
 MAX_NEW_TOKENS = 24
+ECHO = """\
+import json
+
+RECORD = {record!r}
+
+
+def process(doc, results):
+    with open(RECORD, "a") as f:
+        f.write(json.dumps({{"question": doc["question"], "response": results[0]}}) + "\\n")
+    return {{"chars": len(results[0])}}
+"""
+
+
+def echo_task(root: Path, curriculum: Path, record: Path) -> Path:
+    """An include directory with `lab_echo`: lab_skills's items and generation settings, each
+    response appended to `record` (from the evaluation worker, where lm-eval runs)."""
+    from evaluation.lm_eval_runner import LAB_RESULTS_MODULE, FunctionTag, lab_task_configs
+
+    root.mkdir(parents=True)
+    (root / "lab_results.py").write_text(LAB_RESULTS_MODULE)  # lab_skills's item functions
+    (root / "echo.py").write_text(ECHO.format(record=str(record)))
+    config = lab_task_configs(curriculum, MAX_GEN_TOKENS)["lab_skills"] | {
+        "process_results": FunctionTag("echo.process"),
+        "metric_list": [{"metric": "chars", "aggregation": "mean", "higher_is_better": True}],
+    }
+    (root / "lab_echo.yaml").write_text(yaml.safe_dump({"task": "lab_echo", **config}, sort_keys=False))
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +66,15 @@ def bare_model(tmp_path_factory, assets) -> tuple[Path, Path]:
     return model, template
 
 
-def recipe_for(backend: str, model: Path, template: Path):
+def recipe_for(backend: str, model: Path, template: Path, include: Path | None = None):
     return resolve(
         "demo",
         overrides={
             "model.name_or_path": str(model),
             "model.chat_template": str(template),
             "evaluation.backend": backend,
+            "evaluation.tasks": ["lab_instruction", "lab_knowledge", "lab_skills", "lab_echo"],
+            "evaluation.include_path": str(include) if include else None,
             "evaluation.limit": 10,
             "evaluation.max_gen_tokens": MAX_GEN_TOKENS,
             "evaluation.server.num_concurrent": 4,
@@ -55,28 +87,36 @@ def recipe_for(backend: str, model: Path, template: Path):
 
 
 @pytest.fixture(scope="module")
-def both_paths(tmp_path_factory, bare_model) -> dict[str, tuple[dict, list[dict], Path]]:
-    """backend -> (lm_eval.json, MT-Bench answers, the worker's log), each from one worker."""
+def both_paths(tmp_path_factory, bare_model, assets) -> dict[str, tuple[dict, list[dict], Path, list[dict]]]:
+    """backend -> (lm_eval.json, MT-Bench answers, the worker's log, lab_echo's responses), each from one worker."""
     model, template = bare_model
     out = {}
     for backend in ("hf", "transformers-serve"):
         work = tmp_path_factory.mktemp(backend)
-        recipe = recipe_for(backend, model, template)
+        record = work / "responses.jsonl"
+        recipe = recipe_for(backend, model, template, echo_task(work / "tasks", assets.root / "curriculum", record))
         with EvaluationWorkers(log=lambda _line: None) as workers:
             workers.open_slots("cpu", [{"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}])
             request = EvalRequest(recipe=recipe, name="bare", uri=str(model), samples=0, eval_dir=str(work / "eval"))
             workers.evaluate(request, work)
         answers = [json.loads(line) for line in (work / "eval" / "mt_bench_answers.jsonl").open()]
-        out[backend] = json.loads((work / "eval" / "lm_eval.json").read_text()), answers, work / "eval-worker-cpu-0.log"
+        responses = sorted((json.loads(line) for line in record.open()), key=lambda r: r["question"])
+        lm_eval = json.loads((work / "eval" / "lm_eval.json").read_text())
+        out[backend] = lm_eval, answers, work / "eval-worker-cpu-0.log", responses
     return out
 
 
 def test_generation_tasks_and_mt_bench_answers_through_the_server_equal_the_hf_path(both_paths):
-    (hf, hf_answers, _), (served, served_answers, log) = both_paths["hf"], both_paths["transformers-serve"]
+    (hf, hf_answers, _, hf_responses) = both_paths["hf"]
+    (served, served_answers, log, served_responses) = both_paths["transformers-serve"]
     assert "transformers.cli.transformers serve" in log.read_text()  # the worker started the server
+    # generation items went to the server's chat endpoint (the multiple-choice one stays on HF)
+    assert log.read_text().count("POST /v1/chat/completions") >= 3 * 10 + 4 * 2
     assert served["metrics"] == hf["metrics"]
     assert set(served["metrics"]) >= {"lab_instruction/rule_acc", "lab_skills/exact_match", "lab_knowledge/acc"}
     assert served["n_samples"] == hf["n_samples"]
+    assert len(hf_responses) == 10 and all(r["response"].strip() for r in hf_responses)
+    assert served_responses == hf_responses  # item by item, the same text
     assert served_answers == hf_answers and len(hf_answers) == 4
 
 
@@ -92,7 +132,7 @@ def test_the_plumbing_template_stop_ids_and_caps(both_paths, bare_model, tmp_pat
 
     model, template = bare_model
     tokenizer = apply_template(AutoTokenizer.from_pretrained(model), str(template), str(model))
-    _, hf_answers, _ = both_paths["hf"]
+    hf_answers = both_paths["hf"][1]
     lengths = [len(tokenizer(turn, add_special_tokens=False)["input_ids"]) for a in hf_answers for turn in a["turns"]]
     assert min(lengths) < MAX_NEW_TOKENS - 2 and max(lengths) >= MAX_NEW_TOKENS - 2, lengths  # both ends exercised
 
