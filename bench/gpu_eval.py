@@ -1,7 +1,7 @@
 """GPU check, evaluation part: one HF evaluation of one checkpoint of a ~1B Llama on one GPU, to
 calibrate `lab plan`'s estimate of minutes per checkpoint (training/placement.py).
 
-    python bench/gpu_eval.py --out DIR [--model DIR] [--budget-s 35]   (a CUDA machine; bench/gpu_check.sh
+    python bench/gpu_eval.py --out DIR [--model DIR] [--budget-s 30]   (a CUDA machine; bench/gpu_check.sh
                                                                         runs it under a 70 s cap)
     python bench/gpu_eval.py --out DIR --dry-run                        (CPU, a tiny model: the script's paths)
 
@@ -65,12 +65,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def fits_another(start: float, done: int, budget_s: float) -> bool:
+    """Whether one more batch, as long as the mean one so far, ends within the budget (no overrun of a cap)."""
+    elapsed = time.perf_counter() - start
+    return elapsed * (done + 1) / done <= budget_s
+
+
 def choice_rate(model: torch.nn.Module, vocab: int, batch: int, prompt: int, budget_s: float) -> dict:
     """Prompt tokens/s of lm-eval's loglikelihood batches: (prompt + 1 choice token) rows."""
     g = torch.Generator().manual_seed(2)
     rows, start = 0, time.perf_counter()
     with torch.no_grad():
-        while rows == 0 or time.perf_counter() - start < budget_s:
+        while rows == 0 or fits_another(start, rows // batch, budget_s):
             ids = torch.randint(2, vocab, (batch, prompt + 1), generator=g).to(model.device)
             logits = model(ids).logits[:, -2, :].float()
             torch.log_softmax(logits, dim=-1).gather(-1, ids[:, -1:]).sum().item()
@@ -85,7 +91,7 @@ def generation_rate(model: torch.nn.Module, vocab: int, batch: int, prompt: int,
     g = torch.Generator().manual_seed(3)
     batches, start = 0, time.perf_counter()
     with torch.no_grad():
-        while batches == 0 or time.perf_counter() - start < budget_s:
+        while batches == 0 or fits_another(start, batches, budget_s):
             ids = torch.randint(2, vocab, (batch, prompt), generator=g).to(model.device)
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cap, min_new_tokens=cap)
             batches += 1
@@ -99,7 +105,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model: the script's paths without a GPU")
     parser.add_argument("--model", type=Path, help="a saved checkpoint (default: a random 1B built here)")
     parser.add_argument(
-        "--budget-s", type=float, help="seconds for the measurements, build and load excluded (35; dry run 8)"
+        "--budget-s", type=float, help="seconds for the measurements, build and load excluded (30; dry run 8)"
     )
     parser.add_argument(
         "--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="directory for gpu_eval.json"
@@ -108,7 +114,7 @@ def main() -> None:
     on_gpu = not args.dry_run
     if on_gpu and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --dry-run for the CPU dry run of the script")
-    budget_s = args.budget_s or (35.0 if on_gpu else 8.0)
+    budget_s = args.budget_s or (30.0 if on_gpu else 8.0)
 
     from evaluation.device import load_causal_lm
     from training.chat import configure_generation
