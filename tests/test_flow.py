@@ -122,19 +122,25 @@ def test_lab_eval_on_a_run_evaluates_only_what_has_no_results(smoke_run):
 
 
 def test_training_failure_fails_the_flow_with_the_subprocess_error_in_the_run_log(tmp_path, prefect_server, assets):
+    import shutil
+
     from flows.finetune import finetune
 
-    # flash-attn is not installed on CPU machines: the training subprocess fails at model load.
+    # Weights that are not safetensors: the preflight (config, tokenizer) passes, the training
+    # subprocess fails at model load (and no evaluation beside it can fail first).
+    model = tmp_path / "truncated-model"
+    shutil.copytree(assets.base_model_dir, model)
+    (model / "model.safetensors").write_bytes(b"truncated")
     state = finetune(
         recipe="demo",
         storage_root=str(tmp_path),
-        overrides={"model.attn_implementation": "flash_attention_2", "training.epochs": 0.05},
+        overrides={"model.name_or_path": str(model), "training.epochs": 0.05, "evaluation.devices": None},
         run_id="broken",
         return_state=True,
     )
     assert state.is_failed()
     logs = flow_logs(state.state_details.flow_run_id)
-    assert "flash_attn" in logs or "FlashAttention" in logs
+    assert "training of phase phase00 failed" in logs and "safetensors" in logs.lower()
     assert "Traceback" in logs
     checkpoints = Path(tmp_path / "broken" / "phase00" / "checkpoints")
     assert not checkpoints.exists() or all((c / "meta.json").exists() for c in checkpoints.iterdir())

@@ -233,6 +233,47 @@ def test_one_owner_reuses_its_worker_across_phases_replaces_a_failed_one_and_kil
     assert not processes_mentioning(str(tmp_path))
 
 
+@pytest.mark.slow
+def test_a_failed_evaluation_stops_the_training_beside_it(tmp_path, assets, prepared_slice):
+    """run_training's `stop` (set by a phase's evaluation that failed for good): the launch is
+    killed at once, mid-phase, with nothing left running and no incomplete checkpoint."""
+    import threading
+
+    import psutil
+
+    from tests.stack import processes_mentioning
+    from training.launch import TrainingStopped, run_training
+    from training.recipe import load_recipe
+    from training.train import FINISHED, TrainJob
+
+    recipe = load_recipe("demo", {"training.epochs": 4, "checkpointing.save_every_samples": 64})
+    model = str(assets.base_model_dir)
+    out = tmp_path / "phase00"
+    job = TrainJob(
+        run_id="t",
+        phase="phase00",
+        recipe=recipe,
+        model_path=model,
+        parent_checkpoint=model,
+        data_dir=prepared_slice("phase00", 200),
+        output_dir=str(out),
+    )
+    stop, seen = threading.Event(), []
+
+    def on_checkpoint(path: Path) -> None:  # the first checkpoint's evaluation "failed"
+        seen.append(path.name)
+        stop.set()
+
+    with pytest.raises(TrainingStopped, match="phase00"):
+        run_training(job, on_line=lambda _: None, on_checkpoint=on_checkpoint, stop=stop)
+    assert seen and not (out / FINISHED).exists()
+    steps = len((out / "metrics.jsonl").read_text().splitlines())
+    assert steps < 4 * 200 // recipe.training.effective_batch_size  # stopped mid-phase
+    assert all((c / "meta.json").exists() for c in (out / "checkpoints").iterdir())
+    _, living = psutil.wait_procs(processes_mentioning(str(out)), timeout=15)  # the ranks had SIGINT
+    assert not living
+
+
 def test_device_split_gives_evaluation_its_own_share():
     assert device_env("cpu:1", []) == ({}, {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     visible = ["0", "1", "2", "3", "4", "5", "6", "7"]
