@@ -22,7 +22,7 @@ Per training run: real tokens/s and MFU over the steady steps (after WARMUP_STEP
 allocator warm-up), peak memory (max allocated) and, for ours, the plan's estimate. MFU =
 FLOPs / (seconds x peak), FLOPs = 6 x (N - input-embedding params) per token + causal attention
 per sample from each sample's own length (training.plan.ModelShape.training_flops; recomputation
-not counted), peak 989 TFLOP/s dense bf16 for an H100 SXM or an H200 (training.train.PEAK_BF16_FLOPS).
+not counted), peak 989 TFLOP/s dense bf16 for an H100 SXM or an H200 (training.logs.PEAK_BF16_FLOPS).
 A dry run has no GPU: its kernels are the CPU's (sdpa per sample; the peer on sdpa), no MFU, and
 it says "no GPU at hand". The last line is the summary, one JSON object.
 """
@@ -169,9 +169,11 @@ def memory_plan(recipe, config: dict, on_gpu: bool):
 
 def ours(kernel: str, work: Path, model_dir: Path, config: dict, samples: list, args: argparse.Namespace, cap: float):
     """Our trainer through the real launch, stopped at `cap` seconds if not done."""
-    from training.launch import run_training
+    from core import records
+    from core.records import SamplesLine, StepMetrics
+    from training.job import TrainJob
+    from training.launch.local import run_training
     from training.plan import GIB
-    from training.train import TrainJob
 
     on_gpu = not args.dry_run
     recipe = run_recipe(str(model_dir), kernel, args.ebs, args.budget, args.dry_run)
@@ -191,13 +193,13 @@ def ours(kernel: str, work: Path, model_dir: Path, config: dict, samples: list, 
         run_training(job, on_line=lines.append, timeout_s=cap)
     except subprocess.TimeoutExpired:
         capped = True
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [json.loads(line)["ids"] for line in (out / "samples" / "rank0.jsonl").read_text().splitlines()]
-    walls = [m["wall_s"] for m in metrics]
+    metrics = records.read_lines(StepMetrics, out / records.METRICS)
+    steps = [line.ids for line in records.read_lines(SamplesLine, out / "samples" / "rank0.jsonl")]
+    walls = [m.wall_s for m in metrics]
     step_seconds = [b - a for a, b in zip([0.0, *walls], walls, strict=False)]
     planned = memory_plan(recipe, config, on_gpu)
     planned_tensors = (planned.total - planned.runtime) / GIB  # max_memory_allocated excludes the CUDA context
-    measured = max(m["peak_memory_gb"] for m in metrics)
+    measured = max(m.peak_memory_gb for m in metrics)
     attention_line = next((line for line in lines if line.startswith("attention: ")), "")  # what the run used
     return {
         "system": "ours",
@@ -323,7 +325,7 @@ def peer_worker(spec_file: Path, result: Path) -> None:
 
 
 def peak_flops() -> float | None:
-    from training.train import peak_bf16_flops
+    from training.logs import peak_bf16_flops
 
     return peak_bf16_flops(torch.device("cuda")) if torch.cuda.is_available() else None
 

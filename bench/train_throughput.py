@@ -108,9 +108,11 @@ def make_samples(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
 
 def run_ours(model_dir: Path, samples: list[list[int]], ebs: int, cap: int, work: Path) -> dict:
     """Our trainer: packed micro-batches of <= cap real tokens (sdpa), fp32, no checkpointing."""
-    from training.launch import run_training
+    from core import records
+    from core.records import StepMetrics
+    from training.job import TrainJob
+    from training.launch.local import run_training
     from training.recipe import load_recipe
-    from training.train import TrainJob
 
     data_dir = work / "ours-data"
     data_dir.mkdir()
@@ -149,17 +151,16 @@ def run_ours(model_dir: Path, samples: list[list[int]], ebs: int, cap: int, work
         output_dir=str(work / "ours"),
     )
     run_training(job, on_line=lambda _: None)
-    metrics = [json.loads(line) for line in (work / "ours" / "metrics.jsonl").read_text().splitlines()]
-    real = metrics[-1]["tokens_seen"]
+    metrics = records.read_lines(StepMetrics, work / "ours" / records.METRICS)
+    real = metrics[-1].tokens_seen
     computed = sum(
-        (m["tokens_seen"] - (metrics[k - 1]["tokens_seen"] if k else 0)) / m["padding_efficiency"]
-        for k, m in enumerate(metrics)
+        (m.tokens_seen - (metrics[k - 1].tokens_seen if k else 0)) / m.padding_efficiency for k, m in enumerate(metrics)
     )
     last = metrics[-1]
     return {
         "tokens": real,
-        "seconds": last["wall_s"],
-        "cpu_seconds": last["cpu_s"],
+        "seconds": last.wall_s,
+        "cpu_seconds": last.cpu_s,
         "padding_efficiency": real / computed,
     }
 

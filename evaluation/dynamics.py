@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any
 
 from pydantic import BaseModel
+
+from core.records import StepMetrics
 
 
 class EarlyDynamics(BaseModel):
@@ -40,19 +41,17 @@ class EarlyDynamics(BaseModel):
         return not self.loss < self.first_loss
 
 
-def early_dynamics(run_id: str, metrics: list[dict[str, Any]], probe_samples: int) -> EarlyDynamics:
-    window = [m for m in metrics if "loss" in m and m["samples_seen"] <= probe_samples] or [
-        m for m in metrics if "loss" in m
-    ][:1]
+def early_dynamics(run_id: str, metrics: list[StepMetrics], probe_samples: int) -> EarlyDynamics:
+    window = [m for m in metrics if m.samples_seen <= probe_samples] or metrics[:1]
     if not window:
         raise ValueError(f"{run_id}: no training steps logged")
     return EarlyDynamics(
         run_id=run_id,
-        grad_norm=statistics.median(m["grad_norm"] for m in window),
-        loss=statistics.median(m["loss"] for m in window),
+        grad_norm=statistics.median(m.grad_norm for m in window),
+        loss=statistics.median(m.loss for m in window),
         steps=len(window),
-        samples=window[-1]["samples_seen"],
-        first_loss=window[0]["loss"],
+        samples=window[-1].samples_seen,
+        first_loss=window[0].loss,
     )
 
 

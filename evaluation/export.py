@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from core import records
+from core.records import PrepStats
 from evaluation.selection import CheckpointScore, Selection
 from training import storage
 from training.chat import apply_template, configure_generation, stop_token_ids
@@ -193,8 +195,8 @@ def model_card(
         "|---|---|---|---|---|---|---|",
     ]
     for phase in recipe.phases:
-        stats_uri = storage.join(run_uri, "data", phase.name, "stats.json")
-        stats = storage.read_json(stats_uri) if storage.exists(stats_uri) else {}
+        stats_uri = storage.join(run_uri, "data", phase.name, records.STATS)
+        stats = records.parse(PrepStats, storage.read_text(stats_uri), stats_uri) if storage.exists(stats_uri) else None
         parts = phase.stacked_from or [phase]
         data = "<br>".join(
             f"`{f}`" + (f" ({p.length_split} half)" if p.length_split else "") for p in parts for f in p.data
@@ -202,8 +204,8 @@ def model_card(
         selection_uri = storage.join(run_uri, phase.name, "selection.json")
         chosen = storage.read_json(selection_uri)["winner"]["name"] if storage.exists(selection_uri) else "-"
         lines.append(
-            f"| {phase.name} | {data} | {stats.get('samples', '-')} | {stats.get('replayed', '-')} | "
-            f"{stats.get('tokens', '-')} | {stats.get('dropped_too_long', '-')} | {chosen} |"
+            f"| {phase.name} | {data} | {stats.samples if stats else '-'} | {stats.replayed if stats else '-'} | "
+            f"{stats.tokens if stats else '-'} | {stats.dropped_too_long if stats else '-'} | {chosen} |"
         )
     keys = sorted({k for c in [selection.start, *selection.candidates] for k in c.metrics})
     objective = " + ".join(f"{w:g} x {k}" for k, w in selection.objective.items())

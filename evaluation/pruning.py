@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import BaseModel
 from scipy import stats
 
+from core.records import StepMetrics
 from evaluation.dynamics import EarlyDynamics, rank_runs
 
 Pruner = Literal["dynamics", "eval", "loss_slope"]
@@ -43,16 +44,16 @@ class RungResult(BaseModel):
     eval_score: float | None = None  # phase objective of the rung's checkpoint
 
 
-def loss_slope(metrics: list[dict], since_samples: int, until_samples: int) -> float | None:
+def loss_slope(metrics: list[StepMetrics], since_samples: int, until_samples: int) -> float | None:
     """Slope of the loss against samples (per 1,000) over the steps in (since, until]; None
     with fewer than 2 steps. A run with a non-finite loss gets +inf (worst)."""
-    window = [m for m in metrics if "loss" in m and since_samples < m["samples_seen"] <= until_samples]
+    window = [m for m in metrics if since_samples < m.samples_seen <= until_samples]
     if len(window) < 2:
         return None
-    losses = [m["loss"] for m in window]
+    losses = [m.loss for m in window]
     if not all(math.isfinite(v) for v in losses):
         return math.inf
-    return float(stats.linregress([m["samples_seen"] / 1000 for m in window], losses).slope)
+    return float(stats.linregress([m.samples_seen / 1000 for m in window], losses).slope)
 
 
 def rank(pruner: Pruner, results: list[RungResult]) -> list[str]:

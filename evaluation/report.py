@@ -16,24 +16,28 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from core import records
+from core.records import StepMetrics
 from evaluation.selection import Selection
 from training import storage
 
 
-def read_metrics(phase_uri: str) -> list[dict[str, Any]]:
-    uri = storage.join(phase_uri, "metrics.jsonl")
+def read_metrics(phase_uri: str) -> list[StepMetrics]:
+    """The phase's optimizer steps from its metrics.jsonl (a watchdog's closing line is left out:
+    stopped.json has the verdict)."""
+    uri = storage.join(phase_uri, records.METRICS)
     if not storage.exists(uri):
         return []
-    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+    lines = records.parse_lines(records.MetricsLine, storage.read_text(uri), uri)
+    return [m for m in lines if isinstance(m, StepMetrics)]
 
 
-def training_seconds(metrics: list[dict[str, Any]]) -> float:
+def training_seconds(metrics: list[StepMetrics]) -> float:
     """Training wall time from the cumulative wall_s of metrics.jsonl (a resume restarts it)."""
     total, previous = 0.0, 0.0
     for m in metrics:
-        if "wall_s" in m:
-            total += m["wall_s"] - previous if m["wall_s"] >= previous else m["wall_s"]
-            previous = m["wall_s"]
+        total += m.wall_s - previous if m.wall_s >= previous else m.wall_s
+        previous = m.wall_s
     return total
 
 
@@ -46,8 +50,7 @@ def phase_rows(run_uri: str, phases: list[str]) -> tuple[list[dict], list[dict],
         selection = Selection.model_validate(storage.read_json(storage.join(phase_uri, "selection.json")))
         metrics = read_metrics(phase_uri)
         for m in metrics:
-            if "loss" in m:
-                steps.append({"phase": phase, "run_samples": offset + m["samples_seen"], **m})
+            steps.append({"phase": phase, "run_samples": offset + m.samples_seen, **m.model_dump()})
         # A later phase's start is the previous phase's winner, already counted there.
         for c in [selection.start, *selection.candidates] if phase == phases[0] else selection.candidates:
             checkpoints.append({"phase": phase, "checkpoint": c.name, "run_samples": offset + c.samples, **c.metrics})
@@ -80,7 +83,7 @@ def phase_rows(run_uri: str, phases: list[str]) -> tuple[list[dict], list[dict],
                 **{k: round(v, 4) for k, v in w.metrics.items()},
             }
         )
-        offset += metrics[-1]["samples_seen"] if metrics else 0
+        offset += metrics[-1].samples_seen if metrics else 0
     return summary, steps, checkpoints
 
 
@@ -160,15 +163,14 @@ def write_table(out_uri: str, name: str, rows: list[dict[str, Any]] | pd.DataFra
     return table
 
 
-def plot_sweep(metrics: dict[str, list[dict[str, Any]]], stopped: set[str], uri: str) -> None:
+def plot_sweep(metrics: dict[str, list[StepMetrics]], stopped: set[str], uri: str) -> None:
     """Grad norm and loss of every run of a sweep (first phase); stopped runs dashed."""
     fig, (ax_grad, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for run_id, steps in metrics.items():
-        steps = [m for m in steps if "loss" in m]
         style = "--" if run_id in stopped else "-"
-        x = [m["samples_seen"] for m in steps]
-        ax_grad.plot(x, [m["grad_norm"] for m in steps], style, label=run_id)
-        ax_loss.plot(x, [m["loss"] for m in steps], style, label=run_id)
+        x = [m.samples_seen for m in steps]
+        ax_grad.plot(x, [m.grad_norm for m in steps], style, label=run_id)
+        ax_loss.plot(x, [m.loss for m in steps], style, label=run_id)
     ax_grad.set_yscale("log")
     ax_grad.set_title("grad norm (dashed: stopped early)")
     ax_loss.set_title("loss")

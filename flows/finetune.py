@@ -31,7 +31,7 @@ from tasks.finetune import (
 )
 from tasks.tracking import track_phase_results
 from training import preflight, storage
-from training.launch import visible_gpus
+from training.launch.devices import visible_gpus
 from training.placement import resolve_placement
 from training.recipe import PhaseConfig, Recipe, resolve
 

@@ -1,9 +1,10 @@
 """Progress bars for `lab` on a terminal.
 
-The train task logs every `step k/N ...` line of training (the Prefect UI and API keep them
-all). On a terminal that is a wall of scrolling lines, so `lab` routes them, on the console
-only, into one tqdm bar per training task (named `train-<run>-<phase>`) with the latest loss;
-every other log line is printed above the bars.
+The train task logs a line per optimizer step of training (the Prefect UI and API keep them
+all), carrying the step's typed record (`extra={"progress": core.records.ProgressEvent}`, read
+from the run's progress.jsonl). On a terminal that is a wall of scrolling lines, so `lab`
+routes the records that carry one, on the console only, into one tqdm bar per training task
+(named `train-<run>-<phase>`) with the latest loss; every other log line is printed above the bars.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from training.train import STEP_LINE
+from core.records import ProgressEvent
 
 
 class StepBars(logging.Filter):
-    """A console-handler filter: step lines update a bar and are not printed."""
+    """A console-handler filter: records carrying a ProgressEvent update a bar and are not printed."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__()
@@ -26,24 +27,25 @@ class StepBars(logging.Filter):
         self.bars: dict[str, tqdm] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        match = STEP_LINE.match(record.getMessage())
-        if not match:
+        event = getattr(record, "progress", None)
+        if not isinstance(event, ProgressEvent):
             return True
         name = getattr(record, "task_run_name", None) or record.name
-        step, total, samples, loss = int(match[1]), int(match[2]), match[3], match[4]
         bar = self.bars.get(name)
         if bar is None:
-            bar = self.bars[name] = tqdm(total=total, desc=name, unit="step", file=self.stream, dynamic_ncols=True)
-        bar.set_postfix_str(f"samples {samples} loss {loss}", refresh=False)
-        bar.update(step - bar.n)  # a resumed launch starts past 0
-        if step == total:
+            bar = self.bars[name] = tqdm(
+                total=event.total_steps, desc=name, unit="step", file=self.stream, dynamic_ncols=True
+            )
+        bar.set_postfix_str(f"samples {event.samples_seen} loss {event.loss:.4f}", refresh=False)
+        bar.update(event.step - bar.n)  # a resumed launch starts past 0
+        if event.step == event.total_steps:
             bar.close()
             del self.bars[name]
         return False
 
 
 def show_training_bars(stream: TextIO = sys.stderr) -> StepBars | None:
-    """Put step lines into bars on Prefect's console handler, when `stream` is a terminal."""
+    """Put training progress into bars on Prefect's console handler, when `stream` is a terminal."""
     if not stream.isatty():
         return None
     from prefect.logging.configuration import ensure_logging_setup

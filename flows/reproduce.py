@@ -53,7 +53,7 @@ def read_winner(run_uri: str, phases: list[str]) -> dict[str, Any]:
     offset = 0
     for phase in phases:
         selection = Selection.model_validate(storage.read_json(storage.join(run_uri, phase, "selection.json")))
-        samples_before, offset = offset, offset + report.read_metrics(storage.join(run_uri, phase))[-1]["samples_seen"]
+        samples_before, offset = offset, offset + report.read_metrics(storage.join(run_uri, phase))[-1].samples_seen
     w = selection.winner
     return {
         "objective": w.objective,

@@ -32,6 +32,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
+from core import records
+from core.records import StepMetrics, Stopped
 from evaluation import report
 from evaluation.dynamics import early_dynamics
 from evaluation.pruning import PRUNERS, Pruner, PrunerValidation, RungResult, loss_slope, rank, survivors, validate
@@ -98,7 +100,7 @@ def planned_samples(cfg: Recipe) -> int:
 
 
 @task(name="read-run-metrics")
-def run_metrics(run_uri: str, cfg: Recipe) -> list[list[dict[str, Any]]]:
+def run_metrics(run_uri: str, cfg: Recipe) -> list[list[StepMetrics]]:
     return [report.read_metrics(storage.join(run_uri, phase.name)) for phase in cfg.phases]
 
 
@@ -132,12 +134,16 @@ def probe(
     start = ModelRef(name="base", uri=cfg.model.name_or_path, samples=0)
     state = train_phase(cfg, phase, run_uri, run_id, start, stop_after_samples=rung, return_state=True)
     phase_uri = storage.join(run_uri, phase.name)
-    steps = [m for m in report.read_metrics(phase_uri) if "loss" in m]
-    samples = steps[-1]["samples_seen"] if steps else 0
+    steps = report.read_metrics(phase_uri)
+    samples = steps[-1].samples_seen if steps else 0
     result = RungResult(run_id=run_id, rung=rung, samples=samples)
     if not state.is_completed():
-        stopped = storage.join(phase_uri, "stopped.json")
-        result.stopped = storage.read_json(stopped)["reason"] if storage.exists(stopped) else str(state.message)
+        stopped = storage.join(phase_uri, records.STOPPED)
+        result.stopped = (
+            records.parse(Stopped, storage.read_text(stopped), stopped).reason
+            if storage.exists(stopped)
+            else str(state.message)
+        )
     elif steps:
         result.dynamics = early_dynamics(run_id, steps, samples)
         result.loss_slope = loss_slope(steps, previous_rung, samples)
@@ -274,7 +280,7 @@ def sweep(
 
     for run_id, r in runs.items():
         metrics = run_metrics(storage.join(root, run_id), configs[run_id])
-        r.samples_trained = sum(max((m["samples_seen"] for m in phase if "loss" in m), default=0) for phase in metrics)
+        r.samples_trained = sum(max((m.samples_seen for m in phase), default=0) for phase in metrics)
         r.train_seconds = round(sum(report.training_seconds(m) for m in metrics), 2)
     validation = []
     if validate_ranking and history:

@@ -29,31 +29,25 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
-from pydantic import BaseModel
 
+from core import records
+from core.records import FINISHED, TRAINED, ModelRef, PrepStats, ProgressEvent
 from evaluation import mt_bench, report, worker
 from evaluation.selection import CheckpointScore, Selection, gate_markdown, select
 from evaluation.worker import EvalRequest, EvaluationWorkers
 from training import storage
 from training.averaging import average_checkpoints
 from training.chat import apply_template
-from training.data import PrepStats, phase_conversations, prepare
-from training.launch import (
-    RunFiles,
-    TrainingFailed,
-    complete_checkpoints,
-    device_env,
-    keep_last_checkpoints,
-    prune_checkpoints,
-    run_training,
-    training_slots,
-    visible_gpus,
-)
+from training.data import phase_conversations, prepare
+from training.job import TrainJob
+from training.launch.checkpoints import complete_checkpoints, keep_last_checkpoints, prune_checkpoints
+from training.launch.devices import device_env, training_slots, visible_gpus
+from training.launch.files import RunFiles, TrainingFailed
+from training.launch.local import run_training
 from training.recipe import MTBenchConfig, PhaseConfig, Recipe
-from training.train import FINISHED, TrainJob
+from training.scheduler import run_scheduled
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINED = "trained.json"  # a phase's training finished: its checkpoints, written after everything else
 WATCH_POLL_S = 0.5  # how often the watcher looks for a newly complete checkpoint
 
 
@@ -70,20 +64,6 @@ def code_version() -> str:
         return sha.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-class ModelRef(BaseModel):
-    """A model to evaluate or start from: a checkpoint, or the recipe's base model."""
-
-    name: str  # samples_<N> or "base"
-    uri: str
-    samples: int
-
-    @classmethod
-    def checkpoint(cls, uri: str) -> ModelRef:
-        """The checkpoint at `uri` (.../checkpoints/samples_<N>)."""
-        name = uri.rstrip("/").rsplit("/", 1)[-1]
-        return cls(name=name, uri=uri, samples=int(name.removeprefix("samples_")))
 
 
 @task(name="init-run")
@@ -123,13 +103,13 @@ def mark_phase_done(run_uri: str, manifest: dict[str, Any], selection: Selection
 
 
 @task(name="prepare-data")
-def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> dict[str, Any]:
+def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> PrepStats:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(storage.resolve_embedded(recipe.model.name_or_path))
     apply_template(tokenizer, recipe.model.chat_template, recipe.model.name_or_path)
     conversations, replay_pool, files = phase_conversations(recipe.phases, recipe.phases.index(phase))
-    stats: PrepStats = prepare(
+    stats = prepare(
         conversations,
         tokenizer,
         storage.join(run_uri, "data", phase.name),
@@ -145,7 +125,7 @@ def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> dict[str, 
         f"{phase.name}: {stats.samples} samples ({stats.replayed} replayed from earlier phases), {stats.tokens} tokens "
         f"({stats.loss_tokens} with loss), dropped {stats.dropped_too_long} longer than {recipe.training.max_seq_len}"
     )
-    return stats.to_dict()
+    return stats
 
 
 @task(name="train-phase", task_run_name="train-{run_id}-{phase.name}", cache_policy=NO_CACHE)
@@ -163,14 +143,15 @@ def train_phase(
     With `stop_after_samples` the run pauses there (a sweep's probe); the next call resumes it.
     Training writes into the phase's local directory (for a remote root, its mirror in the
     staging directory, which also keeps the rolling state for resume). Progress comes from
-    metrics.jsonl and each checkpoint from its meta.json (the run's files, not its output): with
+    progress.jsonl and each checkpoint from its meta.json (the run's files, not its output): with
     a remote root it is uploaded as soon as it is complete. Setting `stop` (an evaluation beside
     training failed) kills the training. A finished phase gets trained.json and is never trained
     again: a re-run only uploads what is missing.
     """
     phase_uri = storage.join(run_uri, phase.name)
-    if storage.exists(storage.join(phase_uri, TRAINED)):
-        return [ModelRef.model_validate(m) for m in storage.read_json(storage.join(phase_uri, TRAINED))]
+    trained_uri = storage.join(phase_uri, TRAINED)
+    if storage.exists(trained_uri):
+        return records.parse(list[ModelRef], storage.read_text(trained_uri), trained_uri)
     logger = get_run_logger()
     local = storage.local_path(phase_uri)
     if (local / TRAINED).exists():
@@ -196,9 +177,10 @@ def train_phase(
 
     shown = 0.0  # the progress artifact's value: updated per whole percent, not per step (an API call each)
 
-    def on_metrics(record: dict[str, Any]) -> None:
+    def on_progress(event: ProgressEvent) -> None:
         nonlocal shown
-        percent = min(100.0, 100.0 * record["epoch"] / recipe.training.epochs)
+        logger.info(event.line(), extra={"progress": event})  # `lab` on a terminal draws it as a bar (flows.progress)
+        percent = min(100.0, 100.0 * event.epoch / recipe.training.epochs)
         if int(percent) > int(shown):
             shown = percent
             update_progress_artifact(progress, progress=percent)
@@ -218,7 +200,8 @@ def train_phase(
         stop_after_samples=stop_after_samples,
     )
     try:
-        run_training(job, on_line=logger.info, on_metrics=on_metrics, on_checkpoint=on_checkpoint, stop=stop)
+        launch = run_training if recipe.launch.scheduler == "local" else run_scheduled
+        launch(job, on_line=logger.info, on_progress=on_progress, on_checkpoint=on_checkpoint, stop=stop)
         for upload in uploads:
             upload.result()  # an upload error fails the task (a retry resumes the upload)
     except TrainingFailed:

@@ -26,7 +26,7 @@ def track_phase_results(recipe: Recipe, run_uri: str, run_id: str, selection: Se
     ids_uri = storage.join(phase_uri, tracking.TRACKERS_FILE)
     if not (local / tracking.TRACKERS_FILE).exists() and storage.exists(ids_uri):  # trained on another machine
         storage.write_text(str(local / tracking.TRACKERS_FILE), storage.read_text(ids_uri))
-    steps = {0: 0} | {m["samples_seen"]: m["step"] for m in report.read_metrics(phase_uri) if "loss" in m}
+    steps = {0: 0} | {m.samples_seen: m.step for m in report.read_metrics(phase_uri)}
     trackers = tracking.phase_trackers(recipe, run_id, selection.phase, local)
     for tracker in trackers:
         tracker.start()

@@ -4,9 +4,10 @@ import math
 import random
 
 import pytest
+import torch
 
 from training.sampler import plan_steps, sample_stream, save_points
-from training.train import lr_multiplier
+from training.setup import lr_multiplier
 
 
 @pytest.mark.parametrize(
@@ -70,3 +71,20 @@ def test_warmup_zero_starts_at_peak_and_schedules_differ():
 def test_warmup_is_linear_to_the_peak():
     values = [lr_multiplier(s, 100, 4, "constant") for s in range(6)]
     assert values == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "theirs"), [("constant", "constant_with_warmup"), ("linear", "linear"), ("cosine", "cosine")]
+)
+def test_the_schedules_are_transformers_own_after_warmup_and_one_step_ahead_during_it(schedule, theirs):
+    """Why training.setup.make_scheduler is not transformers' get_scheduler: transformers runs warmup
+    step k of W at k/W, so its first step trains at rate 0; ours runs it at (k+1)/W. After warmup they agree."""
+    from transformers import get_scheduler
+
+    total, warmup = 20, 4
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_scheduler(theirs, optimizer, num_warmup_steps=warmup, num_training_steps=total).lr_lambdas[0]
+    ours = [lr_multiplier(s, total, warmup, schedule) for s in range(total)]
+    assert [reference(s) for s in range(warmup)] == [0.0, 0.25, 0.5, 0.75]  # transformers: step 0 at rate 0
+    assert ours[:warmup] == [reference(s + 1) for s in range(warmup)] == [0.25, 0.5, 0.75, 1.0]
+    assert ours[warmup:] == pytest.approx([reference(s) for s in range(warmup, total)], abs=1e-12)

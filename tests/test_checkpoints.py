@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from training import storage
-from training.launch import complete_checkpoints, keep_last_checkpoints, prune_checkpoints
+from training.launch.checkpoints import complete_checkpoints, keep_last_checkpoints, prune_checkpoints
 
 
 def make_phase(root: Path) -> Path:

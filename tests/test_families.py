@@ -300,8 +300,8 @@ def family_run(request, tmp_path_factory, prefect_server, assets, zoo):
     run = root / family
     # The flow trained packed (training.packing, sdpa); the same phase is also trained padded,
     # through the same launcher, from the flow's own job file.
-    from training.launch import run_training
-    from training.train import TrainJob
+    from training.job import TrainJob
+    from training.launch.local import run_training
 
     job = TrainJob.model_validate_json((run / "phase00" / "job.json").read_text())
     recipe = job.recipe.model_copy(update={"training": job.recipe.training.model_copy(update={"packing": False})})
@@ -382,7 +382,7 @@ def test_a_packed_row_gives_each_family_the_padded_loss(zoo, family, attn):
 
     from training import attention
     from training.data import TokenizedData
-    from training.train import collate, collate_packed, summed_token_loss
+    from training.step import collate, collate_packed, summed_token_loss
 
     assert attention.NAME == "sdpa_per_sample"
     model = AutoModelForCausalLM.from_pretrained(zoo[family], dtype=torch.float32, attn_implementation="sdpa")

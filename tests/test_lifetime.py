@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO
+from tests.waiting import poll
 
 pytestmark = pytest.mark.slow
 PR_SET_CHILD_SUBREAPER = 36
@@ -26,17 +27,6 @@ ONE_PHASE = [
         "objective": {"lab_instruction/rule_acc": 1.0},
     }
 ]
-
-
-def poll(condition, timeout_s: float, interval_s: float = 0.2):
-    """condition()'s first truthy value, polled until `timeout_s`; None if it never came."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if value := condition():
-            return value
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(interval_s)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.test_step_equivalence import B, random_data, tiny_model
-from training.train import collate, collate_packed, summed_token_loss, use_chunked_loss
+from training.step import collate, collate_packed, summed_token_loss, use_chunked_loss
 
 
 def loss_and_grads(batch, checkpointing: bool, chunk: int | None) -> tuple[float, torch.Tensor]:

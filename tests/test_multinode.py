@@ -14,10 +14,11 @@ import yaml
 
 from tests.k8s_double import KubernetesDouble
 from tests.stack import free_port
-from training.launch import launch_command, launch_env, run_training, write_launch_files
+from training.job import TrainJob
+from training.launch.config import launch_command, write_launch_files
+from training.launch.local import launch_env, run_training
 from training.recipe import RecipeError, load_recipe
 from training.scheduler import render_sbatch, render_trainjob, run_on_kubernetes
-from training.train import TrainJob
 
 
 def cluster(scheduler: str, mount_path: str = "/shared", **launch) -> dict:
@@ -144,6 +145,29 @@ def test_a_cancelled_phase_deletes_its_trainjob(tmp_path):
         run_on_kubernetes(job, cancel_on_first_step, api_client=api.client(), poll_s=0.05)
     assert [name for name, _ in api.deleted] == ["r-phase00"]
     assert api.deleted[0][1]["propagationPolicy"] == "Foreground"  # the nodes' pods go with it
+
+
+def test_a_stopped_phase_deletes_its_trainjob(tmp_path, monkeypatch):
+    """run_scheduled's `stop` (set by a phase's evaluation that failed for good) ends a cluster phase
+    too: checked at the next poll, the TrainJob is deleted and TrainingStopped raised."""
+    import functools
+    import threading
+
+    from training import scheduler
+    from training.launch.files import TrainingStopped
+
+    job = job_for(str(tmp_path / "phase00"), cluster("kubernetes", mount_path=str(tmp_path)))
+    stop = threading.Event()
+
+    def stop_on_first_step(line: str) -> None:
+        if line.startswith("step 1/"):
+            stop.set()
+
+    with KubernetesDouble(LOG, hold_log=True) as api, pytest.raises(TrainingStopped, match="phase00"):
+        on_double = functools.partial(scheduler.run_on_kubernetes, api_client=api.client(), poll_s=0.05)
+        monkeypatch.setattr(scheduler, "run_on_kubernetes", on_double)
+        scheduler.run_scheduled(job, stop_on_first_step, stop=stop)
+    assert [name for name, _ in api.deleted] == ["r-phase00"]
 
 
 def read_jsonl(path: Path) -> list[dict]:

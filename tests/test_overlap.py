@@ -8,6 +8,7 @@ real Prefect server (one server, three runs), read back through the Prefect API 
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.launch import RunFiles, device_env
+from core.records import ProgressEvent, RecordError
+from training.launch.devices import device_env
+from training.launch.files import RunFiles
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = [
@@ -241,10 +244,12 @@ def test_a_failed_evaluation_stops_the_training_beside_it(tmp_path, assets, prep
 
     import psutil
 
+    from core.records import FINISHED
     from tests.stack import processes_mentioning
-    from training.launch import TrainingStopped, run_training
+    from training.job import TrainJob
+    from training.launch.files import TrainingStopped
+    from training.launch.local import run_training
     from training.recipe import load_recipe
-    from training.train import FINISHED, TrainJob
 
     recipe = load_recipe("demo", {"training.epochs": 4, "checkpointing.save_every_samples": 64})
     model = str(assets.base_model_dir)
@@ -285,34 +290,46 @@ def test_device_split_gives_evaluation_its_own_share():
         device_env("cuda:0", ["0"])
 
 
-def test_run_files_report_whole_metric_lines_and_each_complete_checkpoint_once(tmp_path):
+def progress_line(step: int) -> str:
+    event = ProgressEvent(
+        step=step, total_steps=9, samples_seen=32 * step, epoch=0.1 * step, loss=1.0, grad_norm=1.0, lr=0.1
+    )
+    return event.model_dump_json() + "\n"
+
+
+def test_run_files_report_whole_progress_lines_and_each_complete_checkpoint_once(tmp_path):
     files = RunFiles(tmp_path)
-    assert files.new_metrics() == [] and files.new_checkpoints() == []
-    metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text('{"step": 1}\n{"step": 2}\n{"ste')  # the last line is being written
-    assert files.new_metrics() == [{"step": 1}, {"step": 2}]
-    with open(metrics, "a") as f:
-        f.write('p": 3}\n')
-    assert files.new_metrics() == [{"step": 3}]
+    assert files.new_progress() == [] and files.new_checkpoints() == []
+    progress = tmp_path / "progress.jsonl"
+    third = progress_line(3)
+    progress.write_text(progress_line(1) + progress_line(2) + third[:10])  # the last line is being written
+    assert [e.step for e in files.new_progress()] == [1, 2]
+    with open(progress, "a") as f:
+        f.write(third[10:])
+    assert [e.step for e in files.new_progress()] == [3]
     (tmp_path / "checkpoints" / "samples_64").mkdir(parents=True)
     assert files.new_checkpoints() == []  # no meta.json yet: incomplete
     (tmp_path / "checkpoints" / "samples_64" / "meta.json").write_text("{}")
     assert [p.name for p in files.new_checkpoints()] == ["samples_64"]
     assert files.new_checkpoints() == []
-    metrics.write_text('{"step": 1}\n')  # a resumed launch rewrote it
-    assert files.new_metrics() == [{"step": 1}]
+    progress.write_text(progress_line(1))  # a resumed launch rewrote it
+    assert [e.step for e in files.new_progress()] == [1]
+    with open(progress, "a") as f:
+        f.write('{"step": 2}\n')  # not a ProgressEvent: named by its line in the file
+    with pytest.raises(RecordError, match=re.escape(f"{progress}:2: total_steps: Field required")):
+        files.new_progress()
 
 
 def test_run_files_read_a_resumed_log_from_its_start_even_when_it_grew_past_the_old_offset(tmp_path):
     """A resumed launch keeps steps 1-2 and redoes 3 onwards; by the next poll its log can be
     longer than the one already read (seen in CI: a mid-line offset gave 'Extra data')."""
-    from training.train import open_jsonl
+    from training.logs import open_jsonl
 
     files = RunFiles(tmp_path)
-    metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(f'{{"step": {i}}}\n' for i in range(1, 5)))
-    assert [m["step"] for m in files.new_metrics()] == [1, 2, 3, 4]
-    with open_jsonl(metrics, keep_through_step=2) as log:
-        log.write("".join(f'{{"step": {i}, "loss": {i / 10}}}\n' for i in range(3, 6)))
-    assert [m["step"] for m in files.new_metrics()] == [1, 2, 3, 4, 5]
-    assert files.new_metrics() == []
+    progress = tmp_path / "progress.jsonl"
+    progress.write_text("".join(progress_line(i) for i in range(1, 5)))
+    assert [e.step for e in files.new_progress()] == [1, 2, 3, 4]
+    with open_jsonl(progress, ProgressEvent, keep_through_step=2) as log:
+        log.write("".join(progress_line(i) for i in range(3, 6)))
+    assert [e.step for e in files.new_progress()] == [1, 2, 3, 4, 5]
+    assert files.new_progress() == []

@@ -15,10 +15,11 @@ import torch
 from tests.test_step_equivalence import B, random_data, tiny_model
 from training import attention
 from training.data import IGNORE_INDEX, TokenizedData
-from training.launch import run_training
+from training.job import TrainJob
+from training.launch.local import run_training
 from training.recipe import load_recipe
 from training.sampler import equalise_counts, micro_batches, padded_tokens, plan_steps
-from training.train import TrainJob, collate, collate_packed, summed_token_loss
+from training.step import collate, collate_packed, summed_token_loss
 
 
 def test_packed_row_restarts_positions_and_masks_the_label_across_each_boundary():
@@ -56,20 +57,15 @@ def test_flex_rows_are_padded_to_a_multiple_at_the_end_as_one_more_sample():
     assert padded_tokens([0, 1, 2], lengths, True) == 9  # one row, unpadded (flash-attn varlen, sdpa per sample)
 
 
-def test_flash_attention_kwargs_are_the_sample_boundaries_transformers_collator_gives():
-    from transformers import DataCollatorWithFlattening
-
+def test_flash_attention_kwargs_are_the_sample_boundaries():
     ids = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
     data = TokenizedData(ids=["a", "b", "c"], input_ids=ids, labels=ids)
-    ours = collate_packed(data, [0, 1, 2], flash_kwargs=True)
-    theirs = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": i} for i in ids])
-    assert ours["cu_seq_lens_q"].tolist() == ours["cu_seq_lens_k"].tolist() == [0, 3, 5, 10]
+    batch = collate_packed(data, [0, 1, 2], flash_kwargs=True)
     for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
-        assert ours[key].dtype == theirs[key].dtype == torch.int32
-        assert ours[key].tolist() == theirs[key].tolist()
-    assert ours["max_length_q"] == ours["max_length_k"] == theirs["max_length_q"] == 5
-    assert type(ours["max_length_q"]) is int  # flash-attn takes Python ints: a tensor would cost a host sync
-    assert ours["position_ids"].tolist() == theirs["position_ids"].tolist()
+        assert batch[key].dtype == torch.int32 and batch[key].tolist() == [0, 3, 5, 10]
+    assert batch["max_length_q"] == batch["max_length_k"] == 5
+    assert type(batch["max_length_q"]) is int  # flash-attn takes Python ints: a tensor would cost a host sync
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 4]]
 
 
 @pytest.mark.parametrize(

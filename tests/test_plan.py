@@ -40,7 +40,7 @@ def llama_8b(tmp_path_factory) -> Path:
 
 
 def job_for(recipe, model_path: str, output_dir: str):
-    from training.train import TrainJob
+    from training.job import TrainJob
 
     return TrainJob(
         run_id="r",
@@ -80,7 +80,7 @@ def test_plan_json_is_the_launch_as_written(llama_8b, tmp_path, capsys):
     assert record["memory_gib"]["total"] == pytest.approx(
         sum(v for k, v in record["memory_gib"].items() if k != "total"), abs=0.01
     )
-    from training.launch import write_launch_files
+    from training.launch.config import write_launch_files
 
     recipe, _ = resolve_placement(load_recipe("lab", {"model.name_or_path": str(llama_8b), "launch.num_processes": 8}))
     write_launch_files(job_for(recipe, "m", str(tmp_path)))
@@ -129,7 +129,8 @@ def test_both_launches_rendered_with_a_faked_list_of_visible_gpus(llama_8b, tmp_
     import random
 
     from evaluation.server import server_command
-    from training.launch import device_env, launch_files, training_devices
+    from training.launch.config import launch_files
+    from training.launch.devices import device_env, training_devices
     from training.sampler import plan_steps
 
     visible = ["4", "5", "6", "7", "0", "1", "2", "3"]  # CUDA_VISIBLE_DEVICES of the node, not in order
@@ -199,7 +200,7 @@ def test_plan_json_names_the_cuda_kernel_the_zero2_knobs_and_what_the_rolling_st
 
 
 def test_the_schedulers_grace_period_is_the_plans(llama_8b):
-    from training.launch import node_env
+    from training.launch.config import node_env
     from training.scheduler import render_sbatch
 
     recipe = load_recipe("lab", {"model.name_or_path": str(llama_8b), "launch.scheduler": "slurm"})
@@ -308,8 +309,8 @@ def test_plan_estimate_against_the_measured_peak_of_a_cpu_training_process(tmp_p
     """A 17M-parameter Llama (the lab tokenizer), fp32, no checkpointing, one step of 96 samples in
     full 1,024-token micro-batches: the plan's estimate vs the training process's peak RSS less
     the import baseline."""
-    from training.launch import run_training
-    from training.train import TrainJob
+    from training.job import TrainJob
+    from training.launch.local import run_training
 
     model_dir = tmp_path / "model"
     config = AutoConfig.from_pretrained(assets.base_model_dir)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.launch import run_training
+from training.job import TrainJob
+from training.launch.local import run_training
 from training.recipe import RecipeError, load_recipe
-from training.train import TrainJob
 
 
 def test_float16_without_loss_scaling_is_refused_naming_the_field():

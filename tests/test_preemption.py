@@ -20,9 +20,12 @@ import psutil
 import pytest
 import torch
 
-from training.launch import TrainingFailed, run_training
+from core.records import PREEMPTED
+from tests.waiting import poll
+from training.job import TrainJob
+from training.launch.files import TrainingFailed
+from training.launch.local import run_training
 from training.recipe import load_recipe
-from training.train import PREEMPTED, TrainJob
 
 pytestmark = pytest.mark.slow
 
@@ -145,9 +148,7 @@ def test_sigterm_on_one_rank_saves_on_all_at_the_same_step_and_the_relaunch_resu
     launch = threading.Thread(target=first_launch)
     launch.start()
     metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    poll(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, timeout_s=300, interval_s=0.02)
     launcher = next(p for p in psutil.Process().children() if "accelerate.commands.launch" in " ".join(p.cmdline()))
     rank_process(launcher, 1).send_signal(signal.SIGTERM)  # rank 0 is not told
     launch.join(timeout=300)

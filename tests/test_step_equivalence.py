@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from training.data import IGNORE_INDEX, TokenizedData, load_tokenized
 from training.sampler import sample_stream
-from training.train import backward_step, collate
+from training.step import backward_step, collate
 
 B = 8
 
@@ -123,9 +123,9 @@ def test_a_mean_of_micro_batch_means_would_differ():
 
 @pytest.mark.slow
 def test_training_script_matches_a_plain_pytorch_loop(tmp_path, assets, tokenizer, prepared_slice):
-    from training.launch import run_training
+    from training.job import TrainJob
+    from training.launch.local import run_training
     from training.recipe import load_recipe
-    from training.train import TrainJob
 
     data_dir = prepared_slice("phase05", 96)
     recipe = load_recipe(

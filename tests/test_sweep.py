@@ -6,9 +6,18 @@ from pathlib import Path
 
 import pytest
 
+from core.records import StepMetrics
 from evaluation.dynamics import EarlyDynamics, early_dynamics, rank_runs
 from evaluation.pruning import RungResult, keep_count, loss_slope, rank, survivors, validate
 from training.recipe import resolve
+
+
+def step(samples: int, loss: float, grad_norm: float = 1.0) -> StepMetrics:
+    """A metrics.jsonl step; the fields the sweep does not read are zero."""
+    zeros = {name: 0 for name in StepMetrics.model_fields} | {"mfu": None}
+    return StepMetrics.model_validate(
+        zeros | {"step": samples // 32, "samples_seen": samples, "loss": loss, "grad_norm": grad_norm}
+    )
 
 
 def dyn(run_id, grad_norm, loss, first_loss=10.0):
@@ -25,10 +34,7 @@ def test_rank_prefers_low_grad_norm_then_high_loss_among_learning_runs():
 
 
 def test_early_window_uses_medians_up_to_the_probe():
-    metrics = [
-        {"step": i, "samples_seen": 32 * i, "loss": float(i), "grad_norm": 100.0 if i == 1 else 1.0}
-        for i in range(1, 11)
-    ]
+    metrics = [step(32 * i, loss=float(i), grad_norm=100.0 if i == 1 else 1.0) for i in range(1, 11)]
     assert early_dynamics("r", metrics, probe_samples=160).diverging  # loss rose from 1 to a median of 3
     d = early_dynamics("r", metrics, probe_samples=160)
     assert (d.steps, d.samples, d.grad_norm, d.loss, d.first_loss) == (5, 160, 1.0, 3.0, 1.0)
@@ -36,11 +42,10 @@ def test_early_window_uses_medians_up_to_the_probe():
 
 def test_loss_slope_is_per_thousand_samples_over_the_rung_window():
     # loss = 5 - 0.002 * samples: -2 per 1,000 samples; the steps at or before 64 are outside the window
-    metrics = [{"samples_seen": s, "loss": 5 - 0.002 * s} for s in (32, 64, 96, 128, 160)]
-    metrics[0]["loss"] = 100.0
+    metrics = [step(s, loss=100.0 if s == 32 else 5 - 0.002 * s) for s in (32, 64, 96, 128, 160)]
     assert loss_slope(metrics, since_samples=64, until_samples=160) == pytest.approx(-2.0)
     assert loss_slope(metrics, since_samples=128, until_samples=160) is None  # one step
-    assert loss_slope([*metrics, {"samples_seen": 192, "loss": float("nan")}], 64, 192) == float("inf")
+    assert loss_slope([*metrics, step(192, loss=float("nan"))], 64, 192) == float("inf")
 
 
 def result(run_id, *, score=None, slope=None, grad_norm=1.0, loss=5.0, stopped="", samples=100):
@@ -102,8 +107,8 @@ def test_halving_stops_the_diverging_run_at_the_first_rung_and_resumes_the_other
     tmp_path, prefect_server, assets
 ):
     from flows.sweep import sweep
-    from training.launch import run_training
-    from training.train import TrainJob
+    from training.job import TrainJob
+    from training.launch.local import run_training
 
     data = tmp_path / "phase05-320.jsonl"
     with open(assets.train_file("phase05")) as f:

@@ -7,10 +7,10 @@ scores like or above the best single one at no training cost. It is saved like a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
+from core import records
+from core.records import AveragedMeta, CheckpointMeta
 
 
 def average_checkpoints(sources: list[Path], out: Path) -> Path:
@@ -19,6 +19,7 @@ def average_checkpoints(sources: list[Path], out: Path) -> Path:
     Summed in float32 and saved in the first source's dtype. Parameters are read through the
     model (tied weights counted once); buffers are the first source's (they are not trained).
     """
+    import torch  # here: the phase task imports this module, and only averaging touches a model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if len(sources) < 2:
@@ -36,15 +37,15 @@ def average_checkpoints(sources: list[Path], out: Path) -> Path:
         for param in total.values():
             param.div_(len(sources))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # complete only once meta.json is written again, last
+    (out / records.META).unlink(missing_ok=True)  # complete only once meta.json is written again, last
     model.to(saved_dtype).save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(sources[-1]).save_pretrained(out)
-    last = json.loads((sources[-1] / "meta.json").read_text())
-    meta = {
-        "phase": last["phase"],
-        "samples_seen": last["samples_seen"],  # what it cost: the training of the newest one
-        "averaged": [str(s) for s in sources],
-        "parent_checkpoint": last["parent_checkpoint"],
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    last = records.read(CheckpointMeta, sources[-1] / records.META)
+    meta = AveragedMeta(
+        phase=last.phase,
+        samples_seen=last.samples_seen,  # what it cost: the training of the newest one
+        averaged=[str(s) for s in sources],
+        parent_checkpoint=last.parent_checkpoint,
+    )
+    (out / records.META).write_text(records.dumps(meta, indent=2) + "\n")
     return out

@@ -16,7 +16,7 @@ import random
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, NamedTuple
 
@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from jinja2.exceptions import TemplateError
 
+from core import records
+from core.records import PrepStats
 from training import chat, storage
 from training.recipe import PhaseConfig
 
@@ -133,26 +135,6 @@ def tokenize(
     settings = {"train_on_prompt": train_on_prompt, "system_message": system_message}
     labelled = _tokenize_batch(tokenizer, [messages], settings)[0]
     return labelled.input_ids, labelled.labels
-
-
-@dataclass
-class PrepStats:
-    files: dict[str, int] = field(default_factory=dict)  # rows read per input file
-    samples: int = 0
-    replayed: int = 0  # samples of earlier phases mixed in (PhaseConfig.replay)
-    dropped_too_long: int = 0
-    dropped_no_loss_tokens: int = 0
-    # samples where a token starts in an answer's header and ends in the answer (e.g. an answer's
-    # leading newline merged with the header's): that token is the prompt's, not trained
-    straddling_header: int = 0
-    tokens: int = 0
-    loss_tokens: int = 0
-    max_len: int = 0
-    mean_len: float = 0.0
-    content_hash: str = ""  # of the conversations, tokenizer, template and settings: equal = reusable
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
 
 
 class Conversation(NamedTuple):
@@ -354,11 +336,11 @@ def prepare(
         conversations += replayed
     settings = {"max_seq_len": max_seq_len, "train_on_prompt": train_on_prompt, "system_message": system_message}
     stats.content_hash = content_hash(conversations, tokenizer, settings)
-    stats_uri, tokens_uri = storage.join(out_dir, "stats.json"), storage.join(out_dir, "tokens.parquet")
+    stats_uri, tokens_uri = storage.join(out_dir, records.STATS), storage.join(out_dir, "tokens.parquet")
     if storage.exists(stats_uri) and storage.exists(tokens_uri):
-        previous = storage.read_json(stats_uri)
-        if previous.get("content_hash") == stats.content_hash:
-            return PrepStats(**previous)
+        previous = records.parse(PrepStats, storage.read_text(stats_uri), stats_uri)
+        if previous.content_hash == stats.content_hash:
+            return previous
 
     fs, path = storage.filesystem(tokens_uri)
     directory = path.rsplit("/", 1)[0]
@@ -406,7 +388,7 @@ def prepare(
     every = np.concatenate(lengths)
     stats.samples, stats.tokens, stats.max_len = len(every), int(every.sum()), int(every.max())
     stats.mean_len = round(stats.tokens / stats.samples, 2)
-    storage.write_json(stats_uri, stats.to_dict())
+    storage.write_json(stats_uri, stats.model_dump())
     return stats
 
 

@@ -540,9 +540,13 @@ def device_memory_bytes(gpu_memory_gib: float | None) -> int | None:
     """The stated GPU memory, else the memory of this machine's first GPU, else None (unknown)."""
     if gpu_memory_gib is not None:
         return int(gpu_memory_gib * GIB)
+    from training.launch.devices import cuda_device_count
+
+    if not cuda_device_count():
+        return None
     import torch
 
-    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    return torch.cuda.get_device_properties(0).total_memory
 
 
 def plan_recipe(
@@ -555,10 +559,11 @@ def plan_recipe(
     """The plan of a resolved recipe and its rendering (what `lab plan` prints). The evaluation's
     placement is decided first, as `lab run` decides it: a GPU reserved for it trains no rank, so
     the memory, batch arithmetic and launch are those of the remaining ranks."""
-    from training.launch import launch_files, training_recipe
+    from training.job import TrainJob
+    from training.launch.config import launch_files
+    from training.launch.devices import training_recipe
     from training.placement import plan_evaluation, resolve_placement, vllm_found
     from training.storage import resolve_embedded
-    from training.train import TrainJob
 
     model_config = read_model_config(resolve_embedded(recipe.model.name_or_path))
     run, chosen = resolve_placement(recipe)

@@ -1,7 +1,7 @@
 """Multi-node phases under a cluster scheduler (`launch.scheduler: kubernetes | slurm`).
 
 A phase is one cluster job of `num_machines` nodes x `num_processes` GPUs. Every node runs the
-same `accelerate launch` as a local run (training/launch.py); only its node rank and the
+same `accelerate launch` as a local run (training.launch); only its node rank and the
 address of node 0 come from the scheduler:
 - Kubernetes: one Kubeflow Trainer `TrainJob` (trainer.kubeflow.org/v1alpha1) on the
   `torch-distributed` runtime, which sets PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT
@@ -20,19 +20,57 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from training.launch import launch_command, node_env, write_launch_files
+from core.records import ProgressEvent
+from training.job import TrainJob
+from training.launch.checkpoints import complete_checkpoints, remove_incomplete_checkpoints
+from training.launch.config import launch_command, node_env, write_launch_files
+from training.launch.files import RunFiles, TrainingFailed, TrainingStopped, ended_how, forget_early_end
 from training.plan import preemption_grace_seconds
-from training.train import TrainJob
 
 REPO = Path(__file__).resolve().parents[1]  # every node runs from a checkout at the same path
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 # (machine rank, main process ip, main process port) as the node's environment gives them.
 KUBERNETES_NODE = ("$(PET_NODE_RANK)", "$(PET_MASTER_ADDR)", "$(PET_MASTER_PORT)")
 SLURM_RANK, SLURM_MAIN_IP = "$SLURM_NODEID", "$MAIN_PROCESS_IP"
+
+
+def run_scheduled(
+    job: TrainJob,
+    on_line: Callable[[str], None],
+    on_progress: Callable[[ProgressEvent], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+    stop: threading.Event | None = None,
+) -> list[Path]:
+    """The phase as a cluster job (launch.scheduler: kubernetes | slurm), node 0's output streamed
+    to `on_line`; returns its complete checkpoints. Raises TrainingFailed, or TrainingStopped when
+    `stop` is set (checked at every poll; the job is deleted / scancelled). The nodes write the
+    run's files to the shared phase directory: `on_progress` gets each new progress event as the
+    job is polled, `on_checkpoint` each complete checkpoint once the job ended."""
+    scheduler = job.recipe.launch.scheduler
+    output_dir = Path(job.output_dir)
+    forget_early_end(output_dir)
+    files = RunFiles(output_dir)
+    run = run_on_kubernetes if scheduler == "kubernetes" else run_on_slurm
+
+    def on_poll() -> None:
+        if stop is not None and stop.is_set():
+            raise TrainingStopped(f"training of phase {job.phase} stopped by its run")
+        files.report(on_progress, None)
+
+    try:
+        succeeded = run(job, on_line, on_poll=on_poll)
+    finally:
+        remove_incomplete_checkpoints(output_dir)
+    files.report(on_progress, on_checkpoint)
+    if not succeeded:
+        what = ended_how(output_dir, f"failed under {scheduler} (node 0's log above)")
+        raise TrainingFailed(f"training of phase {job.phase} {what}")
+    return complete_checkpoints(output_dir)
 
 
 def job_name(job: TrainJob) -> str:
@@ -137,9 +175,16 @@ def render_sbatch(job: TrainJob, python: str = "python") -> str:
     )
 
 
-def run_on_kubernetes(job: TrainJob, on_line: Callable[[str], None], api_client=None, poll_s: float = 5.0) -> bool:
+def run_on_kubernetes(
+    job: TrainJob,
+    on_line: Callable[[str], None],
+    api_client=None,
+    poll_s: float = 5.0,
+    on_poll: Callable[[], None] = lambda: None,
+) -> bool:
     """Apply the phase's TrainJob, stream node 0's log, wait for its end; True if it completed.
-    Deleted on any interruption (cancel, timeout, error) so that no node outlives the caller."""
+    `on_poll` runs at every wait and log line. Deleted on any interruption (cancel, timeout,
+    error, `on_poll`'s) so that no node outlives the caller."""
     from kubernetes import client, config, watch
 
     write_launch_files(job, "python", KUBERNETES_NODE)
@@ -157,9 +202,11 @@ def run_on_kubernetes(job: TrainJob, on_line: Callable[[str], None], api_client=
             pods = core.list_namespaced_pod(namespace, label_selector=selector).items
             pod = next((p.metadata.name for p in pods if p.status.phase in ("Running", "Succeeded", "Failed")), None)
             if pod is None:
+                on_poll()
                 time.sleep(poll_s)
         for line in watch.Watch().stream(core.read_namespaced_pod_log, name=pod, namespace=namespace, container="node"):
             on_line(line)
+            on_poll()
         while True:
             status = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status", {})
             done = {c["type"]: c for c in status.get("conditions", []) if c.get("status") == "True"}
@@ -167,6 +214,7 @@ def run_on_kubernetes(job: TrainJob, on_line: Callable[[str], None], api_client=
                 if "Failed" in done:
                     on_line(f"kubernetes: TrainJob {name} failed: {done['Failed'].get('message', '')}")
                 return "Complete" in done
+            on_poll()
             time.sleep(poll_s)
     except BaseException:
         objects.delete_namespaced_custom_object(
@@ -176,9 +224,12 @@ def run_on_kubernetes(job: TrainJob, on_line: Callable[[str], None], api_client=
         raise
 
 
-def run_on_slurm(job: TrainJob, on_line: Callable[[str], None], poll_s: float = 2.0) -> bool:
+def run_on_slurm(
+    job: TrainJob, on_line: Callable[[str], None], poll_s: float = 2.0, on_poll: Callable[[], None] = lambda: None
+) -> bool:
     """Submit the phase's sbatch script and wait for it (`sbatch --wait`), following node 0's
-    output file; True if the job succeeded. scancel on any interruption."""
+    output file; True if the job succeeded. `on_poll` runs at every poll; scancel on any
+    interruption (`on_poll`'s too)."""
     write_launch_files(job)
     script = Path(job.output_dir) / "job.sbatch"
     script.write_text(render_sbatch(job, python="python"))
@@ -198,6 +249,7 @@ def run_on_slurm(job: TrainJob, on_line: Callable[[str], None], poll_s: float = 
                     position = f.tell()
             if exited:
                 return proc.returncode == 0
+            on_poll()
             time.sleep(poll_s)
     except BaseException:
         subprocess.run(["scancel", job_id], check=False)

@@ -23,11 +23,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker
-
+from core.records import StepMetrics
 from training.recipe import Recipe
+
+if TYPE_CHECKING:
+    from accelerate.tracking import GeneralTracker
 
 TRACKERS_FILE = "trackers.json"  # the phase's tracker run ids, to reopen the same runs
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
@@ -51,6 +53,8 @@ def phase_trackers(recipe: Recipe, run_id: str, phase: str, phase_dir: Path) -> 
             f"training.report_to names {missing}, not installed here: pip install {' '.join(missing)} "
             "(or the project's `trackers` extra)"
         )
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker  # torch: only where trackers run
+
     trackers: list[GeneralTracker] = []
     for name in recipe.training.report_to:
         if name == "tensorboard":
@@ -107,10 +111,10 @@ def recipe_params(recipe: Recipe, run_id: str, phase: str) -> dict[str, str | in
     return params
 
 
-def step_metrics(record: dict[str, Any]) -> dict[str, float]:
+def step_metrics(record: StepMetrics) -> dict[str, float]:
     """One metrics.jsonl line as tracker scalars: every number but the step itself (the x axis)."""
     return {
         f"train/{key}": value
-        for key, value in record.items()
+        for key, value in record.model_dump().items()
         if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)
     }
