@@ -35,10 +35,12 @@ demo: install
 serve: install
 	$(BIN)/lab serve
 
-# ruff (lint + format check, configured in pyproject.toml) runs first in `make test`.
+# ruff (lint + format check) and the import contracts (layers, no Prefect below tasks/, no cycles;
+# [tool.importlinter] in pyproject.toml) run first in `make test`.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff check --fix .

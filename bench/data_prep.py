@@ -75,9 +75,9 @@ def words_of(tokenizer_dir: Path) -> list[str]:
 
 def build_tokenizer(out_dir: Path) -> Path:
     """The lab's BPE with ChatML tokens and the bundled chatml template, saved to `out_dir`."""
+    from core.chat import apply_template
+    from embedded import build_assets
     from tests.zoo import FAMILIES, family_tokenizer
-    from training.chat import apply_template
-    from training.embedded import build_assets
 
     tokenizer = family_tokenizer(build_assets().base_model_dir, FAMILIES["qwen2.5"])
     apply_template(tokenizer, "chatml")

@@ -41,12 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prefect import flow  # noqa: E402
 
 import tasks.finetune  # noqa: E402
+from core import storage  # noqa: E402
+from core.recipe import resolve  # noqa: E402
+from embedded import build_assets  # noqa: E402
 from evaluation import worker  # noqa: E402
 from tasks.finetune import ModelRef, init_run, judge_and_write, prepare_data, train_phase  # noqa: E402
 from tests.judge_server import JudgeServer  # noqa: E402
-from training import storage  # noqa: E402
-from training.embedded import build_assets  # noqa: E402
-from training.recipe import resolve  # noqa: E402
 
 MT_BENCH_DATA = Path(__file__).resolve().parents[2] / "shared" / "mt_bench"
 

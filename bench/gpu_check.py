@@ -138,7 +138,7 @@ def throughput(step_lengths: list[list[int]], step_seconds: list[float], config:
 
 def run_recipe(model_dir: str, kernel: str, ebs: int, budget: int, dry_run: bool):
     """The recipe of the runs: bf16 over float32 masters, packed, checkpointing as the plan says."""
-    from training.recipe import load_recipe
+    from core.recipe import load_recipe
 
     overrides = {
         "model.name_or_path": model_dir,
@@ -357,11 +357,11 @@ def generation(checkpoint: Path, vocab: int, new_tokens: int) -> dict:
 
 def kernels(dry_run: bool) -> list[str]:
     """The packed-attention kernels this machine can train with (the dry run: the CPU's one)."""
-    from training import attention
+    from training import kernels
 
     if dry_run:
-        return [attention.NAME]
-    return ["flex_attention"] + (["flash_attention_2"] if attention.flash_attn_imports() else [])
+        return [kernels.SDPA_PER_SAMPLE]
+    return ["flex_attention"] + (["flash_attention_2"] if kernels.flash_attn_imports() else [])
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ calibrate `lab plan`'s estimate of minutes per checkpoint (training/placement.py
 
 The device machine has torch and transformers, but neither lm-eval nor a network, so this runs the
 work lm-eval's HFLM does for a checkpoint, with the project's own loading and generation settings
-(evaluation.device.load_causal_lm, training.chat.configure_generation), on synthetic token ids:
+(evaluation.device.load_causal_lm, core.chat.configure_generation), on synthetic token ids:
 
   1. load        the checkpoint (--model, else a random-init Llama 3.2 1B shape built here) onto the GPU
   2. choices     forward passes of evaluation.batch_size (prompt + choice) rows, log-probabilities of
@@ -116,11 +116,11 @@ def main() -> None:
         raise SystemExit("no CUDA device: run with --dry-run for the CPU dry run of the script")
     budget_s = args.budget_s or (30.0 if on_gpu else 8.0)
 
+    from core.chat import configure_generation
+    from core.recipe import load_recipe
     from evaluation.device import load_causal_lm
-    from training.chat import configure_generation
     from training.placement import HFRates, hf_checkpoint_s, suite
     from training.plan import ModelShape
-    from training.recipe import load_recipe
 
     t0 = time.perf_counter()
     model_dir = args.model

@@ -109,10 +109,10 @@ def make_samples(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
 def run_ours(model_dir: Path, samples: list[list[int]], ebs: int, cap: int, work: Path) -> dict:
     """Our trainer: packed micro-batches of <= cap real tokens (sdpa), fp32, no checkpointing."""
     from core import records
+    from core.recipe import load_recipe
     from core.records import StepMetrics
     from training.job import TrainJob
     from training.launch.local import run_training
-    from training.recipe import load_recipe
 
     data_dir = work / "ours-data"
     data_dir.mkdir()

@@ -17,7 +17,7 @@ and <root>/<run_id>/data/<phase>/stats.json: PrepStats.
 
 On disk each record is `json.dumps` of its `model_dump()` (`dumps`), field order as declared here.
 A reader gets the record or a RecordError naming the file (and line) and the field: `parse` /
-`parse_lines` take text (a remote file's, read through training.storage), `read` / `read_lines`
+`parse_lines` take text (a remote file's, read through core.storage), `read` / `read_lines`
 a local path. No torch here: the orchestrating process reads these.
 """
 

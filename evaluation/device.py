@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 
 def eval_device(choice: str) -> str:
     """`evaluation.device` resolved: auto = cuda when available, else cpu."""
+    import torch  # here, not at the top: the flow process imports this module only to orchestrate
+
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
@@ -23,6 +23,7 @@ def eval_device(choice: str) -> str:
 
 def load_causal_lm(model_dir: str, device_choice: str) -> Any:
     """The checkpoint's causal LM, in eval mode, on the chosen device."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     device = eval_device(device_choice)

@@ -2,7 +2,7 @@
 
     <to>/model.safetensors (+ config.json)   the weights in the recipe's training dtype
     <to>/tokenizer.json, tokenizer_config.json, chat_template.jinja   the tokenizer and its chat template
-    <to>/generation_config.json             stops at the template's end-of-turn token(s) (training.chat)
+    <to>/generation_config.json             stops at the template's end-of-turn token(s) (core.chat)
     <to>/README.md                          model card: base model, recipe, data, phases, scores
                                             with intervals, why the checkpoint was selected, plots
     <to>/training.png, scores.png           the run report's plots, when the run has them
@@ -13,7 +13,7 @@ is complete). Nothing in it depends on where it goes, so a local export and a bu
 byte for byte equal. Only an earlier export (its card's front matter tags `recipe-lab`) is
 replaced, unless `force`. The same export comes out whether a trained checkpoint or the phase's
 start model won: the recipe's chat template, and generation stopping at the model's own EOS
-id(s), the template's end of turn and EOS, with a pad id (training.chat.configure_generation).
+id(s), the template's end of turn and EOS, with a pad id (core.chat.configure_generation).
 `push_to_hub` uploads the same directory through huggingface_hub, with the token from the
 environment (HF_TOKEN or `huggingface-cli login`), never a parameter.
 """
@@ -27,12 +27,11 @@ from typing import Any
 
 import yaml
 
-from core import records
+from core import records, storage
+from core.chat import apply_template, configure_generation, stop_token_ids
+from core.recipe import Recipe
 from core.records import PrepStats
 from evaluation.selection import CheckpointScore, Selection
-from training import storage
-from training.chat import apply_template, configure_generation, stop_token_ids
-from training.recipe import Recipe
 
 PLOTS = ("training.png", "scores.png")
 

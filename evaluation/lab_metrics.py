@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from training.embedded.curriculum import check_rule
+from embedded.curriculum import check_rule
 
 
 def instruction(doc: dict[str, Any], results: list[str]) -> dict[str, float]:

@@ -21,11 +21,11 @@ from typing import Any
 
 import yaml
 
+from core import storage
+from core.chat import apply_template, configure_generation
+from core.recipe import EvaluationConfig
 from evaluation.device import load_causal_lm
 from evaluation.server import ServerEndpoint
-from training import storage
-from training.chat import apply_template, configure_generation
-from training.recipe import EvaluationConfig
 
 LAB_TASKS = ("lab_instruction", "lab_knowledge", "lab_skills")
 

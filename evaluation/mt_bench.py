@@ -41,9 +41,9 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, Field, ValidationError
 
-from training import chat, storage
-from training.recipe import MTBenchCategory as Category
-from training.recipe import MTBenchConfig
+from core import chat, storage
+from core.recipe import MTBenchCategory as Category
+from core.recipe import MTBenchConfig
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,9 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from core import records
+from core import records, storage
 from core.records import StepMetrics
 from evaluation.selection import Selection
-from training import storage
 
 
 def read_metrics(phase_uri: str) -> list[StepMetrics]:

@@ -35,7 +35,7 @@ from statistics import NormalDist
 
 from pydantic import BaseModel, Field
 
-from training.recipe import PhaseConfig
+from core.recipe import PhaseConfig
 
 
 class CheckpointScore(BaseModel):

@@ -9,7 +9,7 @@
 The server serves a *view* of the checkpoint: a directory linking its weights and config, with the
 tokenizer saved after the recipe's chat template is applied (`model.chat_template`) and a
 generation_config.json that stops at the template's end-of-turn token(s) and EOS and pads with a
-real id, as the HF path configures the loaded model (training.chat.generation_settings). So the
+real id, as the HF path configures the loaded model (core.chat.generation_settings). So the
 server applies the same template, stops at the same ids, and is asked for the same number of new
 tokens as the HF path generates.
 
@@ -32,9 +32,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from training.chat import apply_template, generation_settings
+from core.chat import apply_template, generation_settings
+from core.recipe import ServerConfig
 from training.lifetime import stop_with
-from training.recipe import ServerConfig
 
 HEALTH_POLL_S = 0.5
 STOP_GRACE_S = 30

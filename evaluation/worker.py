@@ -39,12 +39,12 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from core import storage
+from core.chat import apply_template, configure_generation
+from core.recipe import Recipe
 from evaluation import lm_eval_runner, mt_bench, server
 from evaluation.device import load_causal_lm
-from training import storage
-from training.chat import apply_template, configure_generation
 from training.lifetime import end_with_owner
-from training.recipe import Recipe
 
 LM_EVAL_FILE = "lm_eval.json"
 MT_BENCH_ANSWERS_FILE = "mt_bench_answers.jsonl"

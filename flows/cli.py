@@ -32,8 +32,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from core.recipe import Recipe, RecipeError, load_recipe, resolve
 from training.lifetime import own_children
-from training.recipe import Recipe, RecipeError, load_recipe, resolve
 
 
 class UsageError(ValueError):
@@ -96,7 +96,7 @@ def plan_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from training.plan import plan_recipe
+    from training.lab_plan import plan_recipe
 
     recipe = resolve(args.recipe, args.strategy, plan_overrides(args))
     plan, text = plan_recipe(recipe, args.gpu_memory, args.samples, args.mean_tokens, args.tokens_per_s)
@@ -111,7 +111,8 @@ def check_memory(recipe: Recipe, gpu_memory_gib: float | None) -> str | None:
 
     Only GPU backends are checked, against --gpu-memory or the GPU found here; a model whose
     config.json cannot be read is reported and not checked."""
-    from training.plan import device_memory_bytes, plan_recipe
+    from training.lab_plan import plan_recipe
+    from training.plan import device_memory_bytes
 
     if recipe.launch.backend == "cpu" or device_memory_bytes(gpu_memory_gib) is None:
         return None  # nothing to check against (no GPU here and no --gpu-memory)
@@ -169,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from training import storage
+    from core import storage
     from training.preflight import model_config
 
     overrides = parse_overrides(args.set)
@@ -252,7 +253,7 @@ def build_assets_meanwhile() -> None:
     cores) overlaps the start of Prefect's temporary server (~11 s), and the demo's build task
     then finds the assets built or waits on the build's lock. A failure here is left to that
     task, which builds again and reports it."""
-    from training.embedded import build_assets
+    from embedded import build_assets
 
     def build() -> None:
         try:
@@ -314,8 +315,8 @@ def print_summary(rows: list[dict[str, Any]], title: str) -> None:
 
 def expected_failures() -> tuple[type[Exception], ...]:
     """What a user fixes from one line naming the file, field or knob (any other failure shows its traceback)."""
+    from core.chat import ChatTemplateError
     from evaluation.export import ExportError
-    from training.chat import ChatTemplateError
     from training.data import DataError
     from training.preflight import PreflightError
 

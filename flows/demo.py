@@ -8,15 +8,15 @@ from typing import Any
 
 from prefect import flow, task
 
+from core import storage
+from core.recipe import resolve
 from evaluation import report
 from flows.finetune import GateFailed, finetune
-from training import storage
-from training.recipe import resolve
 
 
 @task(name="build-embedded-assets")
 def build_embedded_assets() -> str:
-    from training.embedded import build_assets
+    from embedded import build_assets
 
     return str(build_assets(progress=print).root)
 

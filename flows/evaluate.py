@@ -14,9 +14,9 @@ from typing import Any
 
 from prefect import flow
 
+from core import storage
+from core.recipe import load_recipe, resolve
 from tasks.finetune import ModelRef, evaluate_checkpoint, evaluation_without_training
-from training import storage
-from training.recipe import load_recipe, resolve
 
 
 @flow(name="evaluate")

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
+from core import storage
+from core.recipe import PhaseConfig, Recipe, resolve
 from evaluation.export import check_replaceable
 from evaluation.selection import CheckpointScore, Selection, best_reached
 from tasks.export import export_model
@@ -30,10 +32,9 @@ from tasks.finetune import (
     write_report,
 )
 from tasks.tracking import track_phase_results
-from training import preflight, storage
+from training import preflight
 from training.launch.devices import visible_gpus
 from training.placement import resolve_placement
-from training.recipe import PhaseConfig, Recipe, resolve
 
 
 class GateFailed(RuntimeError):

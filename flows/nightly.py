@@ -14,6 +14,8 @@ from typing import Any
 
 from prefect import flow
 
+from core import storage
+from core.recipe import resolve
 from evaluation.findings import regression_tolerance
 from flows.finetune import finetune
 from tasks.nightly import (
@@ -27,8 +29,6 @@ from tasks.nightly import (
     selected_metrics,
     spread_uri,
 )
-from training import storage
-from training.recipe import resolve
 
 
 class NightlyRegression(RuntimeError):

@@ -22,13 +22,13 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
+from core import storage
 from evaluation import findings as rules
 from evaluation import report
 from evaluation.pruning import PRUNERS
 from evaluation.selection import Selection
 from flows.finetune import finetune
 from flows.sweep import sweep
-from training import storage
 
 KNOWLEDGE = {
     "phases": [

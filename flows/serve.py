@@ -22,7 +22,7 @@ from typing import IO
 
 import httpx
 
-from training import storage
+from core import storage
 from training.lifetime import stop_with
 
 REPO = Path(__file__).resolve().parents[1]

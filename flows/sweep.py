@@ -32,7 +32,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from core import records
+from core import records, storage
+from core.recipe import Recipe, resolve
 from core.records import StepMetrics, Stopped
 from evaluation import report
 from evaluation.dynamics import early_dynamics
@@ -48,9 +49,7 @@ from tasks.finetune import (
     prepare_data,
     train_phase,
 )
-from training import storage
 from training.data import phase_conversations
-from training.recipe import Recipe, resolve
 
 PROBE_DEPLOYMENT = "sweep-probe/sweep-probe"
 FINISH_DEPLOYMENT = "finetune/sweep-run"

@@ -5,10 +5,10 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from core import storage
+from core.recipe import Recipe
 from evaluation.export import export_run
 from tasks.finetune import artifact_key
-from training import storage
-from training.recipe import Recipe
 
 
 @task(name="export-model")

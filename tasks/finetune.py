@@ -30,21 +30,21 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 
-from core import records
+from core import records, storage
+from core.chat import apply_template
+from core.recipe import MTBenchConfig, PhaseConfig, Recipe
 from core.records import FINISHED, TRAINED, ModelRef, PrepStats, ProgressEvent
 from evaluation import mt_bench, report, worker
 from evaluation.selection import CheckpointScore, Selection, gate_markdown, select
 from evaluation.worker import EvalRequest, EvaluationWorkers
-from training import storage
 from training.averaging import average_checkpoints
-from training.chat import apply_template
 from training.data import phase_conversations, prepare
 from training.job import TrainJob
 from training.launch.checkpoints import complete_checkpoints, keep_last_checkpoints, prune_checkpoints
 from training.launch.devices import device_env, training_slots, visible_gpus
 from training.launch.files import RunFiles, TrainingFailed
 from training.launch.local import run_training
-from training.recipe import MTBenchConfig, PhaseConfig, Recipe
+from training.plan import preemption_grace_seconds
 from training.scheduler import run_scheduled
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,16 +188,18 @@ def train_phase(
     def on_checkpoint(path: Path) -> None:
         uploads.append(uploader.submit(checkpoint_written, path.name))
 
+    model_path = storage.local_checkpoint(start.uri)
     job = TrainJob(
         run_id=run_id,
         phase=phase.name,
         recipe=recipe,
-        model_path=storage.local_checkpoint(start.uri),
+        model_path=model_path,
         parent_checkpoint=start.uri,
         data_dir=storage.join(run_uri, "data", phase.name),
         output_dir=str(local),
         code_version=code_version(),
         stop_after_samples=stop_after_samples,
+        grace_s=preemption_grace_seconds(recipe, model_path),
     )
     try:
         launch = run_training if recipe.launch.scheduler == "local" else run_scheduled
@@ -458,7 +460,7 @@ def judge_and_write(
 
 
 def mt_bench_cache_dir() -> Path:
-    from training.embedded import default_cache_dir
+    from embedded import default_cache_dir
 
     return default_cache_dir() / "mt_bench" / "judgments"
 

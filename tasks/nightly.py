@@ -19,10 +19,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel
 
+from core import storage
+from core.recipe import Recipe
 from evaluation import report
 from tasks.finetune import artifact_key
-from training import storage
-from training.recipe import Recipe
 
 DEFAULT_TOLERANCE = 0.05  # absolute drop allowed for a metric without its own tolerance
 REGRESSION_EVENT = "recipe-lab.nightly.regression"

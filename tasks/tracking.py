@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
+from core import storage
+from core.recipe import Recipe
 from evaluation import report
 from evaluation.selection import Selection
-from training import storage, tracking
-from training.recipe import Recipe
+from training import tracking
 
 
 @task(name="track-phase-results")

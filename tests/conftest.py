@@ -49,7 +49,7 @@ SECRET = "moto-secret-never-logged"  # its secret key: tests check it never reac
 @pytest.fixture(scope="session")
 def assets():
     """The embedded lab (tiny base model + curriculum), built once and cached across runs."""
-    from training.embedded import build_assets
+    from embedded import build_assets
 
     return build_assets()
 

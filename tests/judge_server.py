@@ -9,17 +9,20 @@ Actions, consumed one per authorised POST to /v1/chat/completions, in arrival or
     ("text", s)               200, the judgment text s (e.g. a malformed one)
     ("status", code)          that HTTP status with an OpenAI-style error body
     ("status", code, after)   the same with a Retry-After: <after> header
-    ("hang", seconds)         no answer for that long, then the connection is closed
-After the script, `default` answers every request. A wrong or missing key gets 401 and consumes
-nothing.
+    ("hang", seconds)         no answer until the client closes the connection (it timed out),
+                              or at most that long; then the connection is closed
+After the script, `default` answers every request: an action, or a function of the request's
+body giving one (a judge that answers by what it is asked, whatever the arrival order). A wrong
+or missing key gets 401 and consumes nothing.
 """
 
 from __future__ import annotations
 
 import json
+import select
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -39,7 +42,7 @@ class JudgeServer:
         self,
         api_key: str | None,
         script: Sequence[Action] = (),
-        default: Action = ("rating", 5),
+        default: Action | Callable[[dict[str, Any]], Action] = ("rating", 5),
         latency_s: float = 0.0,
     ) -> None:
         self.api_key = api_key
@@ -68,7 +71,10 @@ class JudgeServer:
 
     def _next_action(self, body: dict[str, Any], authorization: str | None) -> Action:
         with self._lock:
-            action = self.script.pop(0) if self.script else self.default
+            if self.script:
+                action = self.script.pop(0)
+            else:
+                action = self.default(body) if callable(self.default) else self.default
             self.requests.append(RecordedRequest(body, action, authorization))
             return action
 
@@ -100,7 +106,8 @@ class JudgeServer:
                         action[1], {"error": {"message": f"scripted {action[1]}", "type": "server_error"}}, headers
                     )
                 if kind == "hang":
-                    time.sleep(action[1])
+                    # Readable at end of file: wait for the client to give up and close the connection.
+                    select.select([self.connection], [], [], action[1])
                     self.close_connection = True
                     return None
                 raise ValueError(f"unknown judge server action {action!r}")

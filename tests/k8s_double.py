@@ -136,9 +136,9 @@ class KubernetesDouble:
                             data = line.encode() + b"\n"
                             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                             self.wfile.flush()
-                            time.sleep(0.05)
-                        while api.hold_log and not api.stopping.is_set():
-                            time.sleep(0.1)
+                            time.sleep(0.05)  # the simulated job writes its lines over time, as a running one does
+                        if api.hold_log:
+                            api.stopping.wait()
                         self.wfile.write(b"0\r\n\r\n")
                         api.log_read.set()
                     return

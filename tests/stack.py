@@ -9,13 +9,13 @@ import json
 import os
 import re
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 
 from flows import serve
+from tests.waiting import poll
 
 
 def free_port() -> int:
@@ -54,13 +54,16 @@ def read_flow_run(flow_run_id: str, env: dict[str, str]):
 
 
 def wait_for_state(flow_run_id: str, env: dict[str, str], done: set[str], timeout_s: float):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        run = read_flow_run(flow_run_id, env)
-        if run.state and run.state.type.value in done:
-            return run
-        time.sleep(1)
-    raise TimeoutError(f"flow run {flow_run_id} not in {done} after {timeout_s}s (last: {run.state})")
+    last = None
+
+    def finished():
+        nonlocal last
+        last = read_flow_run(flow_run_id, env)
+        return last if last.state and last.state.type.value in done else None
+
+    if run := poll(finished, timeout_s, interval_s=1):
+        return run
+    raise TimeoutError(f"flow run {flow_run_id} not in {done} after {timeout_s}s (last: {last and last.state})")
 
 
 def processes_mentioning(text: str) -> list[psutil.Process]:

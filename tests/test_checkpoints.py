@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from training import storage
+from core import storage
 from training.launch.checkpoints import complete_checkpoints, keep_last_checkpoints, prune_checkpoints
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.recipe import RecipeError, load_recipe
 from training.checkpoint import token_logprobs
 from training.job import TrainJob
 from training.launch.config import accelerate_config, deepspeed_config, launch_command
 from training.launch.local import run_training
 from training.precision import autocast_mode, weights_dtype
-from training.recipe import RecipeError, load_recipe
 from training.setup import fsdp_plugin
 
 # fp32 everywhere; the sharded runs sum the same terms in another order (and over gloo).

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import training.embedded as embedded
-from training.embedded import PHASES, EmbeddedAssets, build_assets
-from training.embedded.base_model import Pretraining, new_model, pretrain, train_tokenizer
-from training.embedded.curriculum import INSTRUCTION_KINDS, build_curriculum, check_rule, instruction_item, jsonl
-from training.embedded.world import encyclopedia, make_world
+import embedded
+from embedded import PHASES, EmbeddedAssets, Pretraining, build_assets
+from embedded.base_model import new_model, pretrain, train_tokenizer
+from embedded.curriculum import INSTRUCTION_KINDS, build_curriculum, check_rule, instruction_item, jsonl
+from embedded.world import encyclopedia, make_world
 
 # Same data, tokenizer and model shape as the real build; only a few pretraining steps, so
 # these tests take seconds (the pretraining budget is part of the cache key).

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.recipe import resolve
 from evaluation.worker import EvalRequest, EvaluationWorkers
 from tests.conftest import mt_bench_settings
-from training.recipe import resolve
 
 pytestmark = pytest.mark.slow
 MAX_GEN_TOKENS = 12
@@ -127,8 +127,8 @@ def test_the_plumbing_template_stop_ids_and_caps(both_paths, bare_model, tmp_pat
     import openai
     from transformers import AutoTokenizer
 
+    from core.chat import apply_template, stop_token_ids
     from evaluation import server
-    from training.chat import apply_template, stop_token_ids
 
     model, template = bare_model
     tokenizer = apply_template(AutoTokenizer.from_pretrained(model), str(template), str(model))

@@ -3,8 +3,8 @@
 import pytest
 import transformers
 
+from core.recipe import EvaluationConfig
 from evaluation.lm_eval_runner import LAB_TASKS, evaluate_model, flatten_results, write_lab_tasks
-from training.recipe import EvaluationConfig
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from core import chat
 from tests.zoo import FAMILIES
-from training import chat
 from training.data import IGNORE_INDEX, DataError, load_phase, load_tokenized, prepare
 
 CONVERSATION = [
@@ -92,7 +92,7 @@ def test_qwen3_rewritten_history_gets_correct_masks_without_train_on_prompt(toke
 
 
 def test_a_model_without_template_fails_naming_the_field_and_works_once_set(tmp_path, zoo, tokenizers):
-    from training.recipe import RecipeError, load_recipe
+    from core.recipe import RecipeError, load_recipe
 
     bare = AutoTokenizer.from_pretrained(zoo["qwen2.5"])
     bare.chat_template = None
@@ -223,8 +223,8 @@ def force_answers(model, answer_token: int, end_of_turn: int, k: int) -> None:
 def test_answers_stop_at_the_family_end_of_turn_in_lm_eval_and_mt_bench(zoo, family):
     from lm_eval.api.instance import Instance
 
+    from core.recipe import EvaluationConfig, MTBenchConfig
     from evaluation import lm_eval_runner, mt_bench
-    from training.recipe import EvaluationConfig, MTBenchConfig
 
     k = 3
     lm = lm_eval_runner.load_lm(str(zoo[family]), EvaluationConfig(tasks=["lab_skills"], batch_size=2))

@@ -176,8 +176,8 @@ def test_a_failed_gate_fails_the_flow_after_writing_why(tmp_path, prefect_server
 def test_a_demo_arm_stopped_by_a_gate_is_reported_not_raised(tmp_path, prefect_server, assets):
     """`make demo` on a machine where a phase misses its gate still compares the arms: the
     stopped arm is reported up to that phase, with the gate's reasons."""
+    from core.recipe import load_recipe
     from flows.demo import run_arm, write_comparison
-    from training.recipe import load_recipe
 
     recipe = load_recipe(
         "demo",

@@ -3,7 +3,7 @@
 The oracle: a hand-annotated copy of each template (tests/templates/, reviewed once) whose
 `{% generation %}` blocks hold what the model generates after its prompt, through the
 end-of-turn token, rendered by transformers' own `return_assistant_tokens_mask`. The masks under
-test come from the plain template (training.chat). One stated difference: a token that starts in
+test come from the plain template (core.chat). One stated difference: a token that starts in
 the header and ends in the answer is the prompt's (not trained); transformers trains it.
 """
 
@@ -14,9 +14,9 @@ import unicodedata
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from core import chat
 from tests.conftest import REPO
 from tests.zoo import FAMILIES, family_tokenizer
-from training import chat
 from training.data import IGNORE_INDEX
 
 ANNOTATED = REPO / "tests" / "templates"

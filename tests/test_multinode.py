@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.recipe import RecipeError, load_recipe
 from tests.k8s_double import KubernetesDouble
 from tests.stack import free_port
 from training.job import TrainJob
 from training.launch.config import launch_command, write_launch_files
 from training.launch.local import launch_env, run_training
-from training.recipe import RecipeError, load_recipe
 from training.scheduler import render_sbatch, render_trainjob, run_on_kubernetes
 
 
@@ -236,7 +236,7 @@ def test_two_machines_rendezvous_on_localhost_train_with_world_size_2_and_match_
 
 
 def test_lab_plan_prints_the_phase_on_its_nodes(assets):
-    from training.plan import plan_recipe
+    from training.lab_plan import plan_recipe
 
     recipe = load_recipe(
         "demo", cluster("kubernetes", **{"launch.backend": "ddp", "launch.num_processes": 2, "launch.num_machines": 3})

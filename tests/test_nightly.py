@@ -5,10 +5,11 @@ and both land in the history, its table artifact and its plot."""
 from __future__ import annotations
 
 import json
-import time
 from datetime import UTC, datetime
 
 import pytest
+
+from tests.waiting import poll
 
 pytestmark = pytest.mark.slow
 
@@ -36,17 +37,10 @@ def regression_events(since) -> list:
     from tasks.nightly import REGRESSION_EVENT
 
     EventsWorker.drain_all()
-    deadline = time.monotonic() + 30
+    wanted = EventFilter(event=EventNameFilter(name=[REGRESSION_EVENT]), occurred=EventOccurredFilter(since=since))
     with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:  # the server stores events in batches
-            wanted = EventFilter(
-                event=EventNameFilter(name=[REGRESSION_EVENT]), occurred=EventOccurredFilter(since=since)
-            )
-            page = client.read_events(wanted, limit=10)  # the client's default, 100, is over the server's maximum, 50
-            if page.events:
-                return page.events
-            time.sleep(1)
-    return []
+        # The server stores events in batches. The client's default limit, 100, is over the server's maximum, 50.
+        return poll(lambda: client.read_events(wanted, limit=10).events, timeout_s=30, interval_s=1) or []
 
 
 def test_nightly_passes_within_tolerance_and_fails_with_an_event_beyond_it(tmp_path, prefect_server, assets):
@@ -95,9 +89,9 @@ def test_nightly_passes_within_tolerance_and_fails_with_an_event_beyond_it(tmp_p
 
     # Tolerances from the recipe's measured seed spread: the same 0.2 drop is seed noise for a
     # recipe whose selected metric moved 0.2 .. 0.8 across seeds (tolerance 1.645 x sqrt2 x 0.3).
+    from core.recipe import resolve
     from evaluation.findings import regression_tolerance
     from tasks.nightly import fingerprint
-    from training.recipe import resolve
 
     spread = history.parent / "seed_spread.json"
     wide = regression_tolerance([0.2, 0.5, 0.8])

@@ -204,9 +204,9 @@ def test_one_owner_reuses_its_worker_across_phases_replaces_a_failed_one_and_kil
     """The run's owner of evaluation processes: the worker on evaluation.devices serves phase after
     phase (one model load each, logged in that phase's directory), a failed evaluation raises its own
     error and the next one gets a fresh worker, training's slots come and go, and nothing outlives it."""
+    from core.recipe import resolve
     from evaluation.worker import EvalRequest, EvaluationFailed, EvaluationWorkers
     from tests.stack import processes_mentioning
-    from training.recipe import resolve
 
     recipe = resolve("demo", overrides={"evaluation.tasks": ["lab_instruction"], "evaluation.limit": 4})
     broken = resolve("demo", overrides={"evaluation.tasks": ["no_such_task"]})
@@ -244,12 +244,12 @@ def test_a_failed_evaluation_stops_the_training_beside_it(tmp_path, assets, prep
 
     import psutil
 
+    from core.recipe import load_recipe
     from core.records import FINISHED
     from tests.stack import processes_mentioning
     from training.job import TrainJob
     from training.launch.files import TrainingStopped
     from training.launch.local import run_training
-    from training.recipe import load_recipe
 
     recipe = load_recipe("demo", {"training.epochs": 4, "checkpointing.save_every_samples": 64})
     model = str(assets.base_model_dir)

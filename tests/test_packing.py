@@ -12,12 +12,12 @@ import random
 import pytest
 import torch
 
+from core.recipe import load_recipe
 from tests.test_step_equivalence import B, random_data, tiny_model
-from training import attention
+from training import attention, kernels
 from training.data import IGNORE_INDEX, TokenizedData
 from training.job import TrainJob
 from training.launch.local import run_training
-from training.recipe import load_recipe
 from training.sampler import equalise_counts, micro_batches, padded_tokens, plan_steps
 from training.step import collate, collate_packed, summed_token_loss
 
@@ -83,16 +83,16 @@ def test_flash_attention_kwargs_are_the_sample_boundaries():
 )
 def test_the_packed_kernel_per_device_is_never_the_per_sample_loop_on_cuda(asked, device, flash, expected):
     llama = {"model_type": "llama", "hidden_size": 64}
-    assert attention.training_kernel(asked, device, llama, flash_available=flash) == expected
+    assert kernels.training_kernel(asked, device, llama, flash_available=flash) == expected
 
 
 def test_attention_softcapping_is_the_kernel_choice_hook():
     from transformers import Gemma2Config
 
     gemma2 = Gemma2Config()  # attn_logit_softcapping 50 by default
-    assert attention.training_kernel("sdpa", "cuda", gemma2, flash_available=True) == "flex_attention"
-    assert attention.training_kernel("sdpa", "cpu", gemma2) == "eager"
-    assert attention.training_kernel("sdpa", "cuda", {"attn_logit_softcapping": None}, flash_available=True) == (
+    assert kernels.training_kernel("sdpa", "cuda", gemma2, flash_available=True) == "flex_attention"
+    assert kernels.training_kernel("sdpa", "cpu", gemma2) == "eager"
+    assert kernels.training_kernel("sdpa", "cuda", {"attn_logit_softcapping": None}, flash_available=True) == (
         "flash_attention_2"
     )
 
@@ -120,8 +120,8 @@ def test_flex_attention_forward_equals_sdpa_per_sample_on_packed_rows(sliding_wi
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(1, 500, (n,), generator=g).tolist() for n in (30, 7, 150, 22, 3, 61)]
     data = TokenizedData(ids=[str(i) for i in range(len(ids))], input_ids=ids, labels=ids)
-    batch = collate_packed(data, list(range(len(ids))), row_multiple=attention.FLEX_BLOCK)
-    assert batch["input_ids"].shape[1] % attention.FLEX_BLOCK == 0 and batch["input_ids"].shape[1] > sum(map(len, ids))
+    batch = collate_packed(data, list(range(len(ids))), row_multiple=kernels.FLEX_BLOCK)
+    assert batch["input_ids"].shape[1] % kernels.FLEX_BLOCK == 0 and batch["input_ids"].shape[1] > sum(map(len, ids))
     inputs = {k: batch[k] for k in ("input_ids", "position_ids")}
     with torch.no_grad():
         model.set_attn_implementation("flex_attention")
@@ -228,8 +228,8 @@ def test_sdpa_per_sample_equals_attention_under_a_block_diagonal_mask(sliding_wi
 @pytest.mark.parametrize("name", ["lab", "tulu", "tulu-plus", "demo"])
 def test_the_presets_train_packed(name):
     recipe = load_recipe(name)
-    kernel = attention.training_kernel(recipe.model.attn_implementation, "cuda", {}, flash_available=False)
-    assert recipe.training.packing and kernel in attention.VARLEN_KERNELS
+    kernel = kernels.training_kernel(recipe.model.attn_implementation, "cuda", {}, flash_available=False)
+    assert recipe.training.packing and kernel in kernels.VARLEN_KERNELS
 
 
 @pytest.mark.slow

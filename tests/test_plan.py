@@ -11,10 +11,11 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from core.recipe import load_recipe
 from flows.cli import main
+from training.lab_plan import plan_recipe
 from training.placement import resolve_placement
-from training.plan import GIB, ModelShape, estimate_memory, plan_recipe
-from training.recipe import load_recipe
+from training.plan import GIB, ModelShape, estimate_memory
 
 # Llama 3 8B's config.json (architecture only: no weights are needed to plan).
 LLAMA_8B = {
@@ -200,19 +201,52 @@ def test_plan_json_names_the_cuda_kernel_the_zero2_knobs_and_what_the_rolling_st
 
 
 def test_the_schedulers_grace_period_is_the_plans(llama_8b):
+    from training.job import DEFAULT_GRACE_S
     from training.launch.config import node_env
+    from training.plan import preemption_grace_seconds
     from training.scheduler import render_sbatch
 
     recipe = load_recipe("lab", {"model.name_or_path": str(llama_8b), "launch.scheduler": "slurm"})
-    plan, _ = plan_recipe(recipe)
+    plan, text = plan_recipe(recipe)
     grace = plan.rolling_state.grace_seconds
-    job = job_for(recipe, str(llama_8b), "/o")
-    script = render_sbatch(job)
-    assert f"#SBATCH --signal=TERM@{grace}" in script  # SIGTERM before the time limit, time to save
-    assert f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={grace}" in script  # torchrun's SIGKILL waits as long
+    assert grace != DEFAULT_GRACE_S  # the model's own figure, not what a job without a model config gets
+    # The phase task's job gets its grace from the model at its path, as the plan does.
+    job = job_for(recipe, str(llama_8b), "/o").model_copy(
+        update={"grace_s": preemption_grace_seconds(recipe, str(llama_8b))}
+    )
+    for script in (render_sbatch(job), text):  # what the phase submits; what `lab plan` prints
+        assert f"#SBATCH --signal=TERM@{grace}" in script  # SIGTERM before the time limit, time to save
+        assert f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={grace}" in script  # torchrun's SIGKILL waits as long
     env = node_env(recipe.launch, grace)
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     assert "PYTORCH_CUDA_ALLOC_CONF" not in node_env(load_recipe("demo").launch, grace)  # CPU: no CUDA allocator
+
+
+# What a flow process and `lab plan` import, in a fresh interpreter: whether torch came along.
+TORCH_FREE = """
+import json, sys
+import flows.finetune, flows.sweep, flows.nightly
+flows_torch = "torch" in sys.modules
+from flows.cli import main
+try:
+    main(["plan", "demo", "--set", "launch.backend=ddp", "--gpus", "2", "--gpu-memory", "80", "--json"])
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({"flows": flows_torch, "plan": "torch" in sys.modules, "exit": code}))
+"""
+
+
+def test_the_flows_and_lab_plan_of_the_embedded_recipe_leave_torch_unimported(assets):
+    """torch is imported only where a model is touched: not by the flows' orchestration modules,
+    not by a plan of the embedded recipe on a described GPU node (assets built: a cache hit)."""
+    done = subprocess.run([sys.executable, "-c", TORCH_FREE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    *plan_output, last = done.stdout.strip().splitlines()
+    plan = json.loads(plan_output[-1])
+    assert (
+        plan["fits"] and plan["world_size"] == 2 and plan["attention_kernel"] in ("flash_attention_2", "flex_attention")
+    )
+    assert json.loads(last) == {"flows": False, "plan": False, "exit": 0}
 
 
 def test_checkpointing_auto_is_on_only_when_the_run_would_not_fit_without_it():

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.recipe import RecipeError, load_recipe
 from training.job import TrainJob
 from training.launch.local import run_training
-from training.recipe import RecipeError, load_recipe
 
 
 def test_float16_without_loss_scaling_is_refused_naming_the_field():

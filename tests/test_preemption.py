@@ -9,23 +9,23 @@ says how much its peak host memory rose during each save: rank 1 must not copy t
 parameters (35 MB in float32) so that 10% of it stands well above the noise of a save.
 """
 
+import contextlib
 import json
 import shutil
 import signal
 import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
+from core.recipe import load_recipe
 from core.records import PREEMPTED
 from tests.waiting import poll
 from training.job import TrainJob
 from training.launch.files import TrainingFailed
 from training.launch.local import run_training
-from training.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -116,18 +116,21 @@ def test_state_by_time_is_written_by_every_rank_at_the_same_steps_without_a_copy
     assert all(g is not None and g < limit for g in growth), (growth, limit)
 
 
-def rank_process(launcher: psutil.Process, rank: int, timeout_s: float = 120) -> psutil.Process:
-    """The training process of `rank` under the launcher (torchrun sets RANK in its environment)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for child in launcher.children(recursive=True):
-            try:
-                if "training.train" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
+def child_process(parent: psutil.Process, text: str, rank: str | None = None) -> psutil.Process:
+    """A live descendant of `parent` whose command line contains `text` (and, given `rank`, whose
+    RANK is that: torchrun sets it in each rank's environment). Zombies left by other tests'
+    children are skipped: reading their command line raises."""
+
+    def find() -> psutil.Process | None:
+        for child in parent.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if text in " ".join(child.cmdline()) and (rank is None or child.environ().get("RANK") == rank):
                     return child
-            except psutil.NoSuchProcess:
-                continue
-        time.sleep(0.1)
-    raise AssertionError(f"no rank {rank} under {launcher.pid}")
+        return None
+
+    found = poll(find, timeout_s=120, interval_s=0.1)
+    assert found, f"no process with {text!r} (rank {rank}) under {parent.pid}"
+    return found
 
 
 def test_sigterm_on_one_rank_saves_on_all_at_the_same_step_and_the_relaunch_resumes_exactly(
@@ -149,8 +152,8 @@ def test_sigterm_on_one_rank_saves_on_all_at_the_same_step_and_the_relaunch_resu
     launch.start()
     metrics = out / "metrics.jsonl"
     poll(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, timeout_s=300, interval_s=0.02)
-    launcher = next(p for p in psutil.Process().children() if "accelerate.commands.launch" in " ".join(p.cmdline()))
-    rank_process(launcher, 1).send_signal(signal.SIGTERM)  # rank 0 is not told
+    launcher = child_process(psutil.Process(), "accelerate.commands.launch")
+    child_process(launcher, "training.train", rank="1").send_signal(signal.SIGTERM)  # rank 0 is not told
     launch.join(timeout=300)
 
     assert failure and "preempted (SIGTERM)" in str(failure[0]), lines[-20:]

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
+from core.recipe import load_recipe
 from tests.conftest import REPO
 from tests.zoo import FAMILIES, tiny_config
 from training.preflight import PreflightError, family_settings
-from training.recipe import load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def demo():
 
 
 def test_a_softcapping_family_trains_eager_padded_on_cpu_and_flex_attention_on_cuda_one_line_each(demo):
-    """The kernel is training.attention.training_kernel's (the trainer's own choice), said here;
+    """The kernel is training.kernels.training_kernel's (the trainer's own choice), said here;
     only an unpacked recipe names it, the trainer loading what an unpacked recipe names."""
     gemma2 = tiny_config(FAMILIES["gemma2"])
     on_cpu, cpu_lines = family_settings(gemma2, demo, "cpu")

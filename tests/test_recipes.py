@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.recipe import RECIPES_DIR, RecipeError, load_recipe, resolve
+from core.recipe import RECIPES_DIR, RecipeError, load_recipe, resolve
 
 ALL_RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 

@@ -10,7 +10,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from flows import serve
 from tests.conftest import BUCKET, SECRET
 from tests.stack import prefect_server, processes_mentioning
+from tests.waiting import poll
 
 pytestmark = pytest.mark.slow
 
@@ -110,10 +110,7 @@ def test_s3_run_killed_mid_upload_then_rerun_loses_and_duplicates_nothing(s3, tm
         partial = checkpoint_files(run_prefix)
         assert partial and all("meta.json" not in files for files in partial.values()), partial
         # The orphaned training dies on its broken stdout pipe; the re-run must not race it.
-        deadline = time.monotonic() + 60
-        while processes_mentioning(str(mirror)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not processes_mentioning(str(mirror))
+        assert poll(lambda: not processes_mentioning(str(mirror)), timeout_s=60), processes_mentioning(str(mirror))
 
         rerun = run_flow(params, env, tmp_path / "rerun.log")
         log = (tmp_path / "rerun.log").read_text()
@@ -176,7 +173,7 @@ def test_s3_run_killed_mid_upload_then_rerun_loses_and_duplicates_nothing(s3, tm
 def test_checkpoints_download_for_evaluation_refuse_when_incomplete_and_prune_meta_first(s3, tmp_path, monkeypatch):
     import fsspec
 
-    from training import storage
+    from core import storage
 
     monkeypatch.setenv("RECIPE_LAB_STAGING", str(tmp_path / "staging"))
     source = tmp_path / "ckpt"

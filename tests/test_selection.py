@@ -9,8 +9,8 @@ import math
 
 import pytest
 
+from core.recipe import PhaseConfig
 from evaluation.selection import CheckpointScore, SelectionError, best_reached, gate_markdown, select
-from training.recipe import PhaseConfig
 
 Z95 = 1.959964
 

@@ -123,9 +123,9 @@ def test_a_mean_of_micro_batch_means_would_differ():
 
 @pytest.mark.slow
 def test_training_script_matches_a_plain_pytorch_loop(tmp_path, assets, tokenizer, prepared_slice):
+    from core.recipe import load_recipe
     from training.job import TrainJob
     from training.launch.local import run_training
-    from training.recipe import load_recipe
 
     data_dir = prepared_slice("phase05", 96)
     recipe = load_recipe(

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from core.recipe import resolve
 from core.records import StepMetrics
 from evaluation.dynamics import EarlyDynamics, early_dynamics, rank_runs
 from evaluation.pruning import RungResult, keep_count, loss_slope, rank, survivors, validate
-from training.recipe import resolve
 
 
 def step(samples: int, loss: float, grad_norm: float = 1.0) -> StepMetrics:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from itertools import islice
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from flows import serve
 from tests.stack import free_port
+from tests.waiting import poll
 
 pytestmark = pytest.mark.slow
 
@@ -38,17 +38,16 @@ def mlflow_server(tmp_path):
         start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert proc.poll() is None, (store / "server.log").read_text()[-2000:]
+        try:
+            return httpx.get(f"{uri}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (store / "server.log").read_text()[-2000:]
-            try:
-                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server not healthy"
-            time.sleep(0.5)
+        assert poll(healthy, timeout_s=180, interval_s=0.5), "mlflow server not healthy"
         yield uri
     finally:
         serve.stop(proc)  # its process group: SIGTERM, then SIGKILL after a grace period

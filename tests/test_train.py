@@ -10,12 +10,12 @@ import torch
 from transformers import get_scheduler
 
 from core import records
+from core.recipe import load_recipe
 from core.records import FINISHED, StateProgress
 from tests.waiting import poll
 from training.job import TrainJob
 from training.launch.files import TrainingFailed
 from training.launch.local import run_training
-from training.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -240,8 +240,8 @@ def test_stacked_length_split_recipe_trains_each_sample_once_per_epoch(tmp_path,
     Stacked, every row of the file is trained exactly once per epoch, over both ranks."""
     from itertools import islice
 
+    from core.recipe import resolve
     from training.data import phase_conversations, prepare
-    from training.recipe import resolve
 
     source = tmp_path / "all.jsonl"
     with open(assets.train_file("phase00")) as f:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
+from core import storage
+from core.recipe import Recipe, resolve
 from core.records import FINISHED
 from tasks.finetune import TRAINED, ModelRef, prepare_data, train_phase
-from training import storage
-from training.recipe import Recipe, resolve
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

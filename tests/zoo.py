@@ -4,7 +4,7 @@ Built locally from the lab's byte-level BPE (nothing downloaded), with one merge
 vocabularies have ("\n\n" is one token, so an answer's leading newline can merge with the
 header's): each family gets its own special tokens on top of it, its own BOS / EOS / pad conventions, its real architecture class
 (tiny: 2 layers, hidden 32) and the bundled template text written from the family's public
-conventions (training/templates/). What each family breaks in a Llama-lab-only pipeline:
+conventions (core/templates/). What each family breaks in a Llama-lab-only pipeline:
 
     llama3   no pad token; a turn ends with <|eot_id|>, EOS is <|end_of_text|>
     qwen2.5  ChatML (<|im_end|>, EOS <|endoftext|>), a default system prompt, no pad token
@@ -35,7 +35,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from training.chat import template_text
+from core.chat import template_text
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ if (
 ):  # python -m tests.zoo DIR: the zoo on disk, e.g. for `lab run --set model.name_or_path=DIR/llama3`
     import sys
 
-    from training.embedded import build_assets
+    from embedded import build_assets
 
     for name, path in build_zoo(build_assets().base_model_dir, Path(sys.argv[1])).items():
         print(f"{name}: {path}")

@@ -24,10 +24,10 @@ import torch
 from accelerate import Accelerator
 
 from core import records
+from core.recipe import CheckpointConfig, Recipe
 from core.records import CheckpointMeta, Preempted, Probe, SaveLine, StateProgress, StepMetrics
 from training.job import TrainJob
 from training.logs import host_memory_bytes, log, reset_host_peak
-from training.recipe import CheckpointConfig, Recipe
 from training.sampler import Step
 
 EXIT_PREEMPTED = 4  # exit code of a run stopped by SIGTERM after saving its rolling state

@@ -26,10 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from jinja2.exceptions import TemplateError
 
-from core import records
+from core import chat, records, storage
+from core.recipe import PhaseConfig
 from core.records import PrepStats
-from training import chat, storage
-from training.recipe import PhaseConfig
 
 IGNORE_INDEX = chat.IGNORE_INDEX
 PREP_FORMAT = 3  # bump when the prepared tokens of the same inputs change
@@ -131,7 +130,7 @@ def tokenize(
     system_message: SystemMessage = "as_is",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and labels (int32 arrays) of a conversation rendered once with the tokenizer's chat template
-    (training.chat.assistant_labels: answers and their end-of-turn token carry the loss)."""
+    (core.chat.assistant_labels: answers and their end-of-turn token carry the loss)."""
     settings = {"train_on_prompt": train_on_prompt, "system_message": system_message}
     labelled = _tokenize_batch(tokenizer, [messages], settings)[0]
     return labelled.input_ids, labelled.labels

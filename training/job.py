@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from training.recipe import Recipe
+from core.recipe import Recipe
+
+DEFAULT_GRACE_S = 600  # a run whose model config cannot be read (a scheduler's job rendered elsewhere)
 
 
 class TrainJob(BaseModel):
@@ -22,4 +24,10 @@ class TrainJob(BaseModel):
         None,
         description="Probe: pause after the first step at or past this many samples, saving a "
         "checkpoint and the rolling state, so that a later launch of the same job continues exactly (sweeps).",
+    )
+    grace_s: int = Field(
+        DEFAULT_GRACE_S,
+        description="Seconds a preempted rank gets between SIGTERM and SIGKILL to finish its step and save the "
+        "rolling state (torchrun's shutdown timeout, Slurm --signal): training.plan.preemption_grace_seconds, "
+        "set by the phase task and `lab plan`.",
     )

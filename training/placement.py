@@ -37,8 +37,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from core.recipe import Recipe
 from training.plan import DTYPE_BYTES, H100_BF16_FLOPS, ModelShape
-from training.recipe import Recipe
 
 Placement = Literal["reserved", "data_parallel", "per_device"]
 Backend = Literal["hf", "vllm", "transformers-serve"]
@@ -386,8 +386,8 @@ def with_placement(recipe: Recipe, plan: EvaluationPlan) -> Recipe:
 def resolve_placement(recipe: Recipe, cuda: bool = True) -> tuple[Recipe, EvaluationPlan]:
     """The placement a run uses, decided alike by `lab plan` (cuda: planned for) and `lab run` (cuda:
     whether this machine has GPUs), from the recipe and the defaults (throughput, sample length)."""
+    from core.storage import resolve_embedded
     from training.plan import DEFAULT_MEAN_TOKENS, assumed_tokens_per_s, phase_samples, read_model_config
-    from training.storage import resolve_embedded
 
     shape, samples, tokens_per_s = None, None, 0.0
     if node_gpus(recipe, cuda):  # on CPU there is nothing to estimate
@@ -397,3 +397,37 @@ def resolve_placement(recipe: Recipe, cuda: bool = True) -> tuple[Recipe, Evalua
         tokens_per_s = assumed_tokens_per_s(shape, checkpointing, DEFAULT_MEAN_TOKENS)
     plan = plan_evaluation(recipe, shape, samples, tokens_per_s, DEFAULT_MEAN_TOKENS, vllm_found(recipe), cuda)
     return with_placement(recipe, plan), plan
+
+
+def render_evaluation(evaluation: EvaluationPlan) -> str:
+    """The evaluation section of `lab plan`: the placement chosen, its minutes, the alternatives."""
+
+    def minutes(option: PlacementEstimate) -> str:
+        if option.minutes_per_checkpoint is None:
+            return "not estimated on CPU (bench/eval_throughput.py measures it)"
+        text = f"~{option.minutes_per_checkpoint:g} min per checkpoint"
+        if option.minutes_per_interval is not None:
+            text += f", ~{option.minutes_per_interval:g} min per checkpoint interval with training"
+        if option.phase_minutes:
+            text += "; phases " + ", ".join(f"{k} ~{v:g} min" for k, v in option.phase_minutes.items())
+        return text
+
+    where = "beside training" if evaluation.beside_training else "after each phase's training"
+    lines = [
+        "-- evaluation (estimate)",
+        f"{evaluation.placement} ({evaluation.backend}) on {evaluation.devices}, {where}; training on "
+        f"{evaluation.training_ranks} rank(s); {minutes(evaluation)}",
+        f"why: {evaluation.reason}",
+    ]
+    if evaluation.checkpoints_per_phase:
+        lines.append(
+            "models evaluated per phase: " + ", ".join(f"{k} {v}" for k, v in evaluation.checkpoints_per_phase.items())
+        )
+    chosen = (evaluation.placement, evaluation.backend)
+    lines += [
+        f"  or {o.placement} ({o.backend}) on {o.devices}: {minutes(o)}"
+        for o in evaluation.alternatives
+        if (o.placement, o.backend) != chosen
+    ]
+    lines += [f"note: {note}" for note in evaluation.notes]
+    return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 From the recipe and the model's `config.json` (no weights, no data needed) this computes the
 batch arithmetic, a per-GPU memory estimate broken down by what holds it, a wall-time estimate
-from a stated throughput, and the launch command with its generated config files.
+from a stated throughput, and the launch command with its generated config files (training.lab_plan
+puts these together with the evaluation's placement, training.placement, which uses the shapes here).
 
 The memory model, per GPU, for P parameters on N ranks (bytes; "masters" are float32 under
 mixed precision, else the model dtype; see training.precision):
@@ -44,22 +45,21 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
+from core.recipe import Recipe
+from training.job import DEFAULT_GRACE_S
+from training.kernels import training_kernel
 from training.precision import is_mixed, weights_dtype
-from training.recipe import Recipe
-
-if TYPE_CHECKING:
-    from training.placement import EvaluationPlan
 
 GIB = 2**30
 CUDA_RUNTIME_BYTES = 2 * GIB  # CUDA context, cuBLAS / NCCL workspaces, allocator slack
 OVERLAP_COMM_BUFFERS = 4.5  # DeepSpeed: overlap_comm holds ~4.5x the bucket sizes
 H100_BF16_FLOPS = 989e12
 GRACE_MARGIN_S = 60  # process exit, collective teardown, a slow file system's tail
-DEFAULT_GRACE_S = 600  # a run whose model config cannot be read (a scheduler's job rendered elsewhere)
 ASSUMED_MFU = 0.4
 DEFAULT_MEAN_TOKENS = 1024  # tokens per sample when the data is not at hand (`--mean-tokens`)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -256,7 +256,7 @@ KNOBS: list[tuple[str, Any]] = [
 
 def knobs_to_fit(recipe: Recipe, shape: ModelShape, device_bytes: int) -> dict[str, Any] | None:
     """Overrides (cumulative, in KNOBS order) that make the estimate fit; None if none do."""
-    from training.recipe import load_recipe
+    from core.recipe import load_recipe
 
     data = recipe.model_dump(mode="json")
     changes: dict[str, Any] = {}
@@ -367,7 +367,7 @@ class Plan:
     fix: dict[str, Any] | None = None
     launch_command: list[str] = field(default_factory=list)
     launch_files: dict[str, str] = field(default_factory=dict)  # file name -> text, as launch writes them
-    evaluation: EvaluationPlan | None = None  # where checkpoints are evaluated (training.placement)
+    evaluation: BaseModel | None = None  # where checkpoints are evaluated (training.placement.EvaluationPlan)
 
     @property
     def fits(self) -> bool:
@@ -417,8 +417,6 @@ def make_plan(
     mean_tokens: float = 1024,
     tokens_per_s_per_gpu: float | None = None,
 ) -> Plan:
-    from training.attention import training_kernel
-
     shape = ModelShape.from_config(model_config)
     memory = estimate_memory(recipe, shape, device_bytes=device_bytes)
     if tokens_per_s_per_gpu is None:
@@ -490,7 +488,7 @@ def render(plan: Plan, launch_command: list[str], files: dict[str, str]) -> str:
     lines += [f"note: {note}" for note in m.notes]
     lines.append(
         f"attention on CUDA: {plan.attention_kernel} (model.attn_implementation {r.model.attn_implementation}; "
-        "training.attention.training_kernel)"
+        "training.kernels.training_kernel)"
     )
     cost = plan.rolling_state
     every = f"every {cost.every_minutes:g} min and on SIGTERM" if cost.every_minutes else "on SIGTERM only"
@@ -518,7 +516,7 @@ def count_samples(recipe: Recipe) -> int | None:
 
 def phase_samples(recipe: Recipe) -> dict[str, int] | None:
     """Samples of each phase's own data (replay not counted), when every file is readable here."""
-    from training.storage import resolve_embedded
+    from core.storage import resolve_embedded
 
     counts = {}
     for phase in recipe.phases:
@@ -547,98 +545,3 @@ def device_memory_bytes(gpu_memory_gib: float | None) -> int | None:
     import torch
 
     return torch.cuda.get_device_properties(0).total_memory
-
-
-def plan_recipe(
-    recipe: Recipe,
-    gpu_memory_gib: float | None = None,
-    samples: int | None = None,
-    mean_tokens: float = DEFAULT_MEAN_TOKENS,
-    tokens_per_s_per_gpu: float | None = None,
-) -> tuple[Plan, str]:
-    """The plan of a resolved recipe and its rendering (what `lab plan` prints). The evaluation's
-    placement is decided first, as `lab run` decides it: a GPU reserved for it trains no rank, so
-    the memory, batch arithmetic and launch are those of the remaining ranks."""
-    from training.job import TrainJob
-    from training.launch.config import launch_files
-    from training.launch.devices import training_recipe
-    from training.placement import plan_evaluation, resolve_placement, vllm_found
-    from training.storage import resolve_embedded
-
-    model_config = read_model_config(resolve_embedded(recipe.model.name_or_path))
-    run, chosen = resolve_placement(recipe)
-    plan = make_plan(
-        training_recipe(run),
-        model_config,
-        device_memory_bytes(gpu_memory_gib),
-        samples if samples is not None else count_samples(recipe),
-        mean_tokens,
-        tokens_per_s_per_gpu,
-    )
-    per_phase = (
-        phase_samples(recipe) if samples is None else {p.name: samples // len(recipe.phases) for p in recipe.phases}
-    )
-    # every option again with this plan's numbers (--samples, --tokens-per-s, ...); the run's choice among them
-    shown = plan_evaluation(recipe, plan.shape, per_phase, plan.tokens_per_s_per_gpu, mean_tokens, vllm_found(recipe))
-    option = next(o for o in shown.alternatives if (o.placement, o.backend) == (chosen.placement, chosen.backend))
-    plan.evaluation = shown.model_copy(update={**option.model_dump(), "reason": chosen.reason})
-    if samples is not None:
-        plan.evaluation.notes.append(f"--samples {samples}: split evenly across the {len(recipe.phases)} phase(s)")
-    phase = recipe.phases[0].name
-    k8s = recipe.launch.kubernetes if recipe.launch.scheduler == "kubernetes" else None
-    root = f"{k8s.mount_path.rstrip('/')}/STORAGE_ROOT" if k8s else "STORAGE_ROOT"  # on the nodes' shared volume
-    job = TrainJob(
-        run_id="RUN_ID",
-        phase=phase,
-        recipe=run,
-        model_path=recipe.model.name_or_path,
-        parent_checkpoint=recipe.model.name_or_path,
-        data_dir=f"{root}/RUN_ID/data/{phase}",
-        output_dir=f"{root}/RUN_ID/{phase}",
-    )
-    command, files = launch_files(job)
-    plan.launch_command, plan.launch_files = command, {path.name: text for path, text in files.items()}
-    shown_files = {
-        str(path): text for path, text in files.items() if path.suffix != ".json" or "deepspeed" in path.name
-    }
-    text = render(plan, command, shown_files) + "\n\n" + render_evaluation(plan.evaluation)
-    if recipe.launch.num_machines > 1 or recipe.launch.scheduler != "local":
-        from training.scheduler import node_launches
-
-        text += f"\n\n-- the phase on {recipe.launch.num_machines} node(s), scheduler {recipe.launch.scheduler}\n"
-        text += node_launches(job)
-    return plan, text
-
-
-def render_evaluation(evaluation: EvaluationPlan) -> str:
-    """The evaluation section of `lab plan`: the placement chosen, its minutes, the alternatives."""
-
-    def minutes(option: Any) -> str:
-        if option.minutes_per_checkpoint is None:
-            return "not estimated on CPU (bench/eval_throughput.py measures it)"
-        text = f"~{option.minutes_per_checkpoint:g} min per checkpoint"
-        if option.minutes_per_interval is not None:
-            text += f", ~{option.minutes_per_interval:g} min per checkpoint interval with training"
-        if option.phase_minutes:
-            text += "; phases " + ", ".join(f"{k} ~{v:g} min" for k, v in option.phase_minutes.items())
-        return text
-
-    where = "beside training" if evaluation.beside_training else "after each phase's training"
-    lines = [
-        "-- evaluation (estimate)",
-        f"{evaluation.placement} ({evaluation.backend}) on {evaluation.devices}, {where}; training on "
-        f"{evaluation.training_ranks} rank(s); {minutes(evaluation)}",
-        f"why: {evaluation.reason}",
-    ]
-    if evaluation.checkpoints_per_phase:
-        lines.append(
-            "models evaluated per phase: " + ", ".join(f"{k} {v}" for k, v in evaluation.checkpoints_per_phase.items())
-        )
-    chosen = (evaluation.placement, evaluation.backend)
-    lines += [
-        f"  or {o.placement} ({o.backend}) on {o.devices}: {minutes(o)}"
-        for o in evaluation.alternatives
-        if (o.placement, o.backend) != chosen
-    ]
-    lines += [f"note: {note}" for note in evaluation.notes]
-    return "\n".join(lines)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from training.recipe import Recipe
+from core.recipe import Recipe
 
 
 def is_mixed(recipe: Recipe) -> bool:

@@ -5,7 +5,7 @@ config, the optional packages its settings name, and what its model family needs
 knob, in seconds); the finetune flow calls it again in its own process before data prep and
 logs each setting it changed, one line each.
 
-Families: what trains a model's attention on each device is training.attention.training_kernel
+Families: what trains a model's attention on each device is training.kernels.training_kernel
 (the trainer's own choice); here it is said, one line per setting a family changes. Gemma 2 caps
 attention scores (attn_logit_softcapping: cap * tanh(score / cap)) and its final logits
 (final_logit_softcapping). sdpa cannot cap scores, so it trains on CPU with eager attention,
@@ -21,7 +21,8 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from training.recipe import EMBEDDED, Recipe
+from core.recipe import EMBEDDED, Recipe
+from training.kernels import training_kernel
 
 Device = Literal["cpu", "cuda"]
 
@@ -72,8 +73,6 @@ def family_settings(config: Any, recipe: Recipe, device: Device) -> tuple[Recipe
     lines, model = [], {}
     cap = getattr(config, "attn_logit_softcapping", None)
     if cap and requested != "eager":
-        from training.attention import training_kernel  # torch: only for a family that needs it
-
         kernel = training_kernel(requested, device, config)
         how = (
             "eager applies the cap, padded (it cannot keep packed samples apart)"

@@ -30,7 +30,6 @@ from training.job import TrainJob
 from training.launch.checkpoints import complete_checkpoints, remove_incomplete_checkpoints
 from training.launch.config import launch_command, node_env, write_launch_files
 from training.launch.files import RunFiles, TrainingFailed, TrainingStopped, ended_how, forget_early_end
-from training.plan import preemption_grace_seconds
 
 REPO = Path(__file__).resolve().parents[1]  # every node runs from a checkout at the same path
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
@@ -80,13 +79,6 @@ def job_name(job: TrainJob) -> str:
     return name[:40].rstrip("-")
 
 
-def grace_seconds(job: TrainJob) -> int:
-    """Seconds between SIGTERM and SIGKILL that a preempted phase needs to save its rolling state
-    (the plan's estimate). Slurm gets it as --signal; on Kubernetes the runtime's pod template
-    must give terminationGracePeriodSeconds >= it (a TrainJob's podSpecOverrides cannot)."""
-    return preemption_grace_seconds(job.recipe, job.model_path)
-
-
 def node_gpus(job: TrainJob) -> int:
     return 0 if job.recipe.launch.backend == "cpu" else job.recipe.launch.num_processes
 
@@ -123,7 +115,7 @@ def render_trainjob(job: TrainJob) -> dict:
                 "resourcesPerNode": {"requests": {k8s.gpu_resource: gpus}, "limits": {k8s.gpu_resource: gpus}}
                 if gpus
                 else {},
-                "env": [{"name": k, "value": v} for k, v in node_env(launch, grace_seconds(job)).items()],
+                "env": [{"name": k, "value": v} for k, v in node_env(launch, job.grace_s).items()],
             },
             "podSpecOverrides": [
                 {
@@ -151,7 +143,7 @@ def render_sbatch(job: TrainJob, python: str = "python") -> str:
     )
     # Quote every word but the node's references: the task's shell expands those, per node.
     node_line = " ".join(word if word in (SLURM_RANK, SLURM_MAIN_IP) else shlex.quote(word) for word in command)
-    grace = grace_seconds(job)
+    grace = job.grace_s
     options = [
         f"--job-name={job_name(job)}",
         f"--nodes={launch.num_machines}",
@@ -266,7 +258,7 @@ def node_launches(job: TrainJob) -> str:
     if launch.scheduler == "kubernetes":
         return yaml.safe_dump(render_trainjob(job), sort_keys=False) + (
             f"# preemption: the runtime {launch.kubernetes.runtime!r} must give its pods "
-            f"terminationGracePeriodSeconds >= {grace_seconds(job)} (TrainJob overrides cannot set it)\n"
+            f"terminationGracePeriodSeconds >= {job.grace_s} (TrainJob overrides cannot set it)\n"
         )
     if launch.scheduler == "slurm":
         return render_sbatch(job)

@@ -21,15 +21,15 @@ from accelerate import Accelerator, FullyShardedDataParallelPlugin, InitProcessG
 from accelerate.tracking import GeneralTracker
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from training import attention, tracking
-from training.chat import apply_template, configure_generation
+from core.chat import apply_template, configure_generation
+from core.recipe import Recipe, TrainingConfig, warmup_steps
+from training import attention, kernels, tracking  # noqa: F401 (attention: registers sdpa_per_sample)
 from training.checkpoint import PROBE_TOKENS
 from training.data import TokenizedData, load_tokenized
 from training.job import TrainJob
 from training.logs import peak_bf16_flops
 from training.plan import ModelShape, estimate_memory
 from training.precision import is_mixed, weights_dtype
-from training.recipe import Recipe, TrainingConfig, warmup_steps
 from training.sampler import Step, plan_steps, save_points
 from training.step import collate, collate_packed, use_chunked_loss
 
@@ -52,7 +52,7 @@ class Run:
     sharded: bool  # ZeRO / FSDP: collectives in every forward and backward
     packed: bool  # one row per micro-batch
     row_multiple: int | None  # packed rows padded to a multiple of this (flex_attention)
-    kernel: str  # attention (training.attention.training_kernel)
+    kernel: str  # attention (training.kernels.training_kernel)
     checkpointing: bool  # activation checkpointing
     probe: torch.Tensor  # a fixed sequence whose log-probs each checkpoint records
     shape: ModelShape | None  # for MFU, on a known GPU
@@ -92,9 +92,9 @@ def setup(job: TrainJob) -> Run:
     sharded = launch.backend in ("deepspeed", "fsdp")
     model_config = AutoConfig.from_pretrained(job.model_path)
     requested = recipe.model.attn_implementation
-    kernel = attention.training_kernel(requested, device.type, model_config) if cfg.packing else requested
-    packed = cfg.packing and kernel in attention.VARLEN_KERNELS
-    row_multiple = attention.row_multiple(kernel) if packed else None
+    kernel = kernels.training_kernel(requested, device.type, model_config) if cfg.packing else requested
+    packed = cfg.packing and kernel in kernels.VARLEN_KERNELS
+    row_multiple = kernels.row_multiple(kernel) if packed else None
     checkpointing = activation_checkpointing(recipe, model_config, device)
 
     # The recipe's template (if any) is saved with every checkpoint, like the stop tokens below.
@@ -191,7 +191,7 @@ def fsdp_plugin(recipe: Recipe) -> FullyShardedDataParallelPlugin:
 
 def load_model(job: TrainJob, kernel: str, checkpointing: bool) -> torch.nn.Module:
     """The model to train: weights in `weights_dtype` (float32 masters under mixed precision),
-    attention by `kernel` (training.attention.training_kernel), with activation checkpointing and
+    attention by `kernel` (training.kernels.training_kernel), with activation checkpointing and
     the chunked loss when asked.
 
     Under ZeRO-3 the Accelerator (created first) makes from_pretrained load straight into

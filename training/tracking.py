@@ -25,8 +25,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.recipe import Recipe
 from core.records import StepMetrics
-from training.recipe import Recipe
 
 if TYPE_CHECKING:
     from accelerate.tracking import GeneralTracker

@@ -11,9 +11,9 @@ from typing import NoReturn
 from accelerate import Accelerator
 
 from core import records
+from core.recipe import WatchdogConfig
 from core.records import Stopped, WatchdogStop
 from training.logs import RunLogs, log
-from training.recipe import WatchdogConfig
 from training.sampler import Step
 
 EXIT_WATCHDOG = 3  # exit code of a run stopped by the watchdog (NaN/inf, a loss spike)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import yaml
 
+from core.recipe import LaunchConfig, Recipe
 from training.job import TrainJob
 from training.launch.devices import cuda_device_count, training_recipe
 from training.precision import autocast_mode
-from training.recipe import LaunchConfig, Recipe
 
 
 def deepspeed_config(recipe: Recipe) -> dict:

@@ -11,7 +11,7 @@ import shutil
 from functools import cache
 from pathlib import Path
 
-from training.recipe import LaunchConfig, Recipe
+from core.recipe import LaunchConfig, Recipe
 
 
 def device_env(devices: str, visible: list[str]) -> tuple[dict[str, str], dict[str, str]]:

@@ -17,14 +17,13 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from core.recipe import LaunchConfig
 from core.records import ProgressEvent
 from training.job import TrainJob
 from training.launch.checkpoints import complete_checkpoints, remove_incomplete_checkpoints
 from training.launch.config import node_env, write_launch_files
 from training.launch.devices import cuda_device_count, training_devices, visible_gpus
 from training.launch.files import RunFiles, TrainingFailed, TrainingStopped, ended_how, forget_early_end
-from training.plan import preemption_grace_seconds
-from training.recipe import LaunchConfig
 
 
 def launch_env(launch: LaunchConfig, grace_s: int) -> dict[str, str]:
@@ -40,7 +39,7 @@ def launch_env(launch: LaunchConfig, grace_s: int) -> dict[str, str]:
 def start_training(job: TrainJob) -> subprocess.Popen:
     """Start the launch in its own process group (session), so that all ranks can be killed
     at once. GPUs that `evaluation.devices` gives to evaluation are hidden from it."""
-    env = launch_env(job.recipe.launch, preemption_grace_seconds(job.recipe, job.model_path))
+    env = launch_env(job.recipe.launch, job.grace_s)
     env.update(training_devices(job.recipe, visible_gpus()))
     return subprocess.Popen(
         write_launch_files(job),

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from training.embedded.world import COLOURS, GOODS, Kingdom
+from embedded.world import COLOURS, GOODS, Kingdom
 
 Row = dict[str, Any]
 

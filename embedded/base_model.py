@@ -18,12 +18,15 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from embedded import ModelSize, Pretraining
 
 BOS, EOS, PAD, START = "<|begin_of_text|>", "<|end|>", "<|pad|>", "<|start|>"
 CHAT_TEMPLATE = (
@@ -31,30 +34,6 @@ CHAT_TEMPLATE = (
     r"{% for message in messages %}{{ '<|start|>' + message['role'] + '\n' + message['content'] + '<|end|>' }}{% endfor %}"
     r"{% if add_generation_prompt %}{{ '<|start|>assistant\n' }}{% endif %}"
 )
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    vocab_size: int = 3000
-    hidden_size: int = 128
-    intermediate_size: int = 352
-    num_layers: int = 4
-    num_heads: int = 4
-    max_position_embeddings: int = 512
-
-
-@dataclass(frozen=True)
-class Pretraining:
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 96
-    learning_rate: float = 3e-3
-    warmup_steps: int = 20
-    # Torch threads while pretraining, whatever OMP_NUM_THREADS says: the build is all that runs
-    # when the lab first starts, and 2 threads took it from 54 s to 33 s on 2 cores. A fixed
-    # count, not one per core, because the count changes the float sums and so the weights:
-    # fixed, every machine of the same CPU kind builds the same model.
-    threads: int = 2
 
 
 def train_tokenizer(texts: list[str], size: ModelSize) -> PreTrainedTokenizerFast:

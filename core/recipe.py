@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from training.chat import BUNDLED, template_text
+from core.chat import BUNDLED, template_text
 
 EMBEDDED = "embedded://"  # prefix of references to the locally built lab assets
 

@@ -24,7 +24,7 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from training.recipe import EMBEDDED
+from core.recipe import EMBEDDED
 
 
 def join(root: str, *parts: str) -> str:
@@ -72,7 +72,7 @@ def write_json(uri: str, obj: Any) -> None:
 
 def staging_dir() -> Path:
     """Where remote URIs are mirrored locally: $RECIPE_LAB_STAGING, else <cache>/staging."""
-    from training.embedded import default_cache_dir
+    from embedded import default_cache_dir
 
     return Path(os.environ.get("RECIPE_LAB_STAGING") or default_cache_dir() / "staging")
 
@@ -169,7 +169,7 @@ def resolve_embedded(uri: str) -> str:
     """Map embedded://base-model and embedded://curriculum/... to the built lab assets."""
     if not uri.startswith(EMBEDDED):
         return uri
-    from training.embedded import build_assets  # builds once, then a cache hit
+    from embedded import build_assets  # builds once, then a cache hit
 
     assets = build_assets()
     rest = uri.removeprefix(EMBEDDED)
