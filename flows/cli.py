@@ -96,7 +96,7 @@ def plan_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from training.plan import plan_recipe
+    from training.lab_plan import plan_recipe
 
     recipe = resolve(args.recipe, args.strategy, plan_overrides(args))
     plan, text = plan_recipe(recipe, args.gpu_memory, args.samples, args.mean_tokens, args.tokens_per_s)
@@ -111,7 +111,8 @@ def check_memory(recipe: Recipe, gpu_memory_gib: float | None) -> str | None:
 
     Only GPU backends are checked, against --gpu-memory or the GPU found here; a model whose
     config.json cannot be read is reported and not checked."""
-    from training.plan import device_memory_bytes, plan_recipe
+    from training.lab_plan import plan_recipe
+    from training.plan import device_memory_bytes
 
     if recipe.launch.backend == "cpu" or device_memory_bytes(gpu_memory_gib) is None:
         return None  # nothing to check against (no GPU here and no --gpu-memory)

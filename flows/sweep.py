@@ -40,7 +40,15 @@ from evaluation.dynamics import early_dynamics
 from evaluation.pruning import PRUNERS, Pruner, PrunerValidation, RungResult, loss_slope, rank, survivors, validate
 from evaluation.selection import objective_value
 from flows.finetune import finetune
-from tasks.finetune import ModelRef, artifact_key, eval_uri, evaluate_model, init_run, prepare_data, train_phase
+from tasks.finetune import (
+    ModelRef,
+    artifact_key,
+    evaluate_checkpoint,
+    evaluation_without_training,
+    init_run,
+    prepare_data,
+    train_phase,
+)
 from training.data import phase_conversations
 
 PROBE_DEPLOYMENT = "sweep-probe/sweep-probe"
@@ -140,7 +148,8 @@ def probe(
         result.loss_slope = loss_slope(steps, previous_rung, samples)
         if evaluate:
             checkpoint = next(c for c in state.result() if c.samples == samples)
-            score = evaluate_model(cfg, checkpoint, eval_uri(run_uri, phase.name, checkpoint.name))
+            with evaluation_without_training(cfg) as evaluation:
+                score = evaluate_checkpoint(cfg, phase.name, phase_uri, checkpoint, evaluation)
             result.eval_score = objective_value(phase.objective, score.metrics, f"{run_id} {checkpoint.name}")
     storage.write_json(out, result.model_dump(mode="json"))
     return result.model_dump(mode="json")
