@@ -39,17 +39,16 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from core import storage
+from core import records, storage
 from core.chat import apply_template, configure_generation
 from core.recipe import Recipe
+from core.records import EvaluationRecord
 from evaluation import lm_eval_runner, mt_bench, server
 from evaluation.device import load_causal_lm
 from training.lifetime import end_with_owner
 
 LM_EVAL_FILE = "lm_eval.json"
 MT_BENCH_ANSWERS_FILE = "mt_bench_answers.jsonl"
-# <phase>/evaluations.jsonl: when, and by which worker (pid), each model was evaluated
-TIMELINE_FILE = "evaluations.jsonl"
 
 
 class EvaluationFailed(RuntimeError):
@@ -70,18 +69,6 @@ class WorkItem(BaseModel):
 
     request: EvalRequest
     log: str
-
-
-class EvaluationRecord(BaseModel):
-    """A worker's reply for one model, and one line of <phase>/evaluations.jsonl."""
-
-    model: str
-    started: str
-    finished: str
-    pid: int = Field(description="The worker process that evaluated the model.")
-    slot: str = Field("", description="The share of the machine it ran on (set by the owner).")
-    seconds: float
-    error: str | None = None
 
 
 def run_lm_eval(
@@ -195,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             seconds=round(time.perf_counter() - t0, 2),
             error=error,
         )
-        protocol.write(record.model_dump_json() + "\n")
+        protocol.write(records.dumps(record) + "\n")
         protocol.flush()
         if error is not None:
             sys.exit(1)
@@ -233,7 +220,7 @@ class Worker:
                 f"evaluation of {request.name} failed: its worker exited ({self.proc.returncode}):\n"
                 + server.tail(log_path)
             )
-        record = EvaluationRecord.model_validate_json(line)
+        record = records.parse(EvaluationRecord, line, f"the evaluation worker's reply for {request.name}")
         if record.error is not None:
             self.proc.wait()
             raise EvaluationFailed(f"evaluation of {request.name} failed:\n{record.error.strip()}")
@@ -338,8 +325,8 @@ class EvaluationWorkers:
                 slot.busy = False
                 self._cond.notify_all()
         record = record.model_copy(update={"slot": slot.name})
-        with self._timeline_lock, open(log_dir / TIMELINE_FILE, "a") as f:
-            f.write(record.model_dump_json() + "\n")
+        with self._timeline_lock, open(log_dir / records.EVALUATIONS, "a") as f:
+            f.write(records.dumps(record) + "\n")
         return record
 
     def _take(self) -> Slot:

@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import flow
 
-from core import storage
+from core import records, storage
 from core.recipe import load_recipe, resolve
 from tasks.finetune import ModelRef, evaluate_checkpoint, evaluation_without_training
 
@@ -29,10 +29,9 @@ def evaluate(
     """Evaluate run directories or single models; return one row per evaluated model."""
     rows = []
     for target in targets:
-        manifest_uri = storage.join(target, "manifest.json")
-        if storage.exists(manifest_uri):
-            run_recipe = storage.read_json(manifest_uri)["recipe"]
-            cfg = load_recipe(run_recipe, overrides) if recipe is None else resolve(recipe, overrides=overrides)
+        manifest = records.read_manifest(target)
+        if manifest is not None:
+            cfg = load_recipe(manifest.recipe, overrides) if recipe is None else resolve(recipe, overrides=overrides)
             with evaluation_without_training(cfg) as evaluation:
                 submitted = []  # every model at once: as many evaluate together as there are slots
                 for phase in cfg.phases:

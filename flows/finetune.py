@@ -12,10 +12,12 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
+from pydantic import BaseModel, Field
 
 from core import storage
 from core.recipe import PhaseConfig, Recipe, resolve
 from evaluation.export import check_replaceable
+from evaluation.report import PhaseSummary
 from evaluation.selection import CheckpointScore, Selection, best_reached
 from tasks.export import export_model
 from tasks.finetune import (
@@ -39,6 +41,16 @@ from training.placement import resolve_placement
 
 class GateFailed(RuntimeError):
     """A phase's selected checkpoint missed its gate; selection.json says by how much."""
+
+
+class RunResult(BaseModel):
+    """A finished run: where it is, and its summary (<run>/report/summary.csv)."""
+
+    run_id: str
+    run_uri: str
+    strategy: Literal["phased", "stacked"]
+    base: PhaseSummary = Field(description="The recipe's base model's scores.")
+    phases: list[PhaseSummary] = Field(description="Each phase's selected model, in order.")
 
 
 def default_run_id(recipe: Recipe) -> str:
@@ -84,7 +96,7 @@ def finetune(
     storage_root: str = "./runs",
     smoke: bool = False,
     run_id: str | None = None,
-) -> dict[str, Any]:
+) -> RunResult:
     """Fine-tune phase by phase; each phase starts from the previous phase's selected checkpoint.
 
     Args:
@@ -118,7 +130,7 @@ def finetune(
     carried: list[CheckpointScore] = []  # each phase's winner: the forgetting guard's reference
     with RunEvaluation(run_cfg, logger.info) as evaluation:
         for i, phase in enumerate(cfg.phases):
-            if phase.name in manifest["phases"]:
+            if phase.name in manifest.phases:
                 selection = Selection.model_validate(
                     storage.read_json(storage.join(run_uri, phase.name, "selection.json"))
                 )
@@ -150,5 +162,5 @@ def finetune(
     summary = write_report(run_uri, run_id, cfg)
     if cfg.export.to or cfg.export.push_to_hub:
         export_model(run_uri, run_id, cfg)
-    base, phases = summary[0], summary[1:]  # the report's first row is the base model
-    return {"run_id": run_id, "run_uri": run_uri, "strategy": cfg.strategy, "base": base, "phases": phases}
+    base, *phases = summary  # the report's first row is the base model
+    return RunResult(run_id=run_id, run_uri=run_uri, strategy=cfg.strategy, base=base, phases=phases)

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import (
@@ -33,7 +32,7 @@ from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from core import records, storage
 from core.chat import apply_template
 from core.recipe import MTBenchConfig, PhaseConfig, Recipe
-from core.records import FINISHED, TRAINED, ModelRef, PrepStats, ProgressEvent
+from core.records import FINISHED, MANIFEST, TRAINED, Manifest, ModelRef, PhaseDone, PrepStats, ProgressEvent
 from evaluation import mt_bench, report, worker
 from evaluation.selection import CheckpointScore, Selection, gate_markdown, select
 from evaluation.worker import EvalRequest, EvaluationWorkers
@@ -67,38 +66,32 @@ def code_version() -> str:
 
 
 @task(name="init-run")
-def init_run(run_uri: str, run_id: str, recipe: Recipe) -> dict[str, Any]:
+def init_run(run_uri: str, run_id: str, recipe: Recipe) -> Manifest:
     """Create or load the run journal (manifest.json). A re-run with the same run_id resumes."""
-    uri = storage.join(run_uri, "manifest.json")
-    if storage.exists(uri):
-        manifest = storage.read_json(uri)
+    uri = storage.join(run_uri, MANIFEST)
+    manifest = records.read_manifest(run_uri)
+    if manifest is not None:
         # Where the model is exported is not what the run trains: a finished run may be re-run to export it.
-        trained = {k: v for k, v in manifest["recipe"].items() if k != "export"}
+        trained = {k: v for k, v in manifest.recipe.items() if k != "export"}
         if trained != recipe.model_dump(mode="json", exclude={"export"}):
             raise ValueError(f"{uri}: run {run_id} exists with a different recipe; use a new run_id")
-        get_run_logger().info(f"resuming run {run_id}: phases done {list(manifest['phases'])}")
+        get_run_logger().info(f"resuming run {run_id}: phases done {list(manifest.phases)}")
         return manifest
-    manifest = {
-        "run_id": run_id,
-        "created": datetime.now(UTC).isoformat(),
-        "code_version": code_version(),
-        "recipe": recipe.model_dump(mode="json"),
-        "phases": {},
-    }
-    storage.write_json(uri, manifest)
+    manifest = Manifest(
+        run_id=run_id,
+        created=datetime.now(UTC).isoformat(),
+        code_version=code_version(),
+        recipe=recipe.model_dump(mode="json"),
+    )
+    storage.write_text(uri, records.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 @task(name="mark-phase-done")
-def mark_phase_done(run_uri: str, manifest: dict[str, Any], selection: Selection) -> dict[str, Any]:
-    manifest = {
-        **manifest,
-        "phases": {
-            **manifest["phases"],
-            selection.phase: {"selected": selection.winner.checkpoint, "objective": selection.winner.objective},
-        },
-    }
-    storage.write_json(storage.join(run_uri, "manifest.json"), manifest)
+def mark_phase_done(run_uri: str, manifest: Manifest, selection: Selection) -> Manifest:
+    done = PhaseDone(selected=selection.winner.checkpoint, objective=selection.winner.objective)
+    manifest = manifest.model_copy(update={"phases": {**manifest.phases, selection.phase: done}})
+    storage.write_text(storage.join(run_uri, MANIFEST), records.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -229,7 +222,7 @@ def record_trained(recipe: Recipe, local: Path, phase_uri: str) -> list[ModelRef
     """A finished phase: trained.json, then the rolling state goes (it is needed until the phase is
     recorded: a kill before this point resumes here, not from step 0), then the upload."""
     keep_last_n(recipe, local, phase_uri, get_run_logger())  # again: a kill may have cut the last pruning short
-    storage.write_json(str(local / TRAINED), [c.model_dump() for c in checkpoint_refs(local, phase_uri)])
+    storage.write_text(str(local / TRAINED), records.dumps(checkpoint_refs(local, phase_uri), indent=2) + "\n")
     shutil.rmtree(local / "state", ignore_errors=True)
     return publish_phase(local, phase_uri)
 
@@ -517,11 +510,13 @@ def prune_phase_checkpoints(recipe: Recipe, run_uri: str, phase: str, winner: st
 
 
 @task(name="write-report")
-def write_report(run_uri: str, run_id: str, recipe: Recipe, phases: list[str] | None = None) -> list[dict[str, Any]]:
+def write_report(
+    run_uri: str, run_id: str, recipe: Recipe, phases: list[str] | None = None
+) -> list[report.PhaseSummary]:
     """The run's report over `phases` (default: every phase of the recipe; a run stopped by a
     gate reports the phases it reached)."""
     metrics = sorted({k for p in recipe.phases for k in p.objective})
-    table, tidy = report.write_run_report(run_uri, phases or [p.name for p in recipe.phases], metrics)
+    summary, table, tidy = report.write_run_report(run_uri, phases or [p.name for p in recipe.phases], metrics)
     create_table_artifact(
         key=artifact_key(run_id, "results"),
         table=tidy.to_dict(orient="records"),
@@ -532,4 +527,4 @@ def write_report(run_uri: str, run_id: str, recipe: Recipe, phases: list[str] | 
         markdown=f"# Run `{run_id}`\n\n{table.to_markdown(index=False)}\n\nReport files: `{storage.join(run_uri, 'report')}`\n",
         description="per-phase summary",
     )
-    return table.to_dict(orient="records")
+    return summary

@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from core import records
+
 pytestmark = pytest.mark.slow
 
 
@@ -36,11 +38,11 @@ def smoke_run(tmp_path_factory, prefect_server, assets):
 
 def test_phased_smoke_run_writes_every_file_of_the_data_contract(smoke_run):
     result, run = smoke_run
-    assert result["run_uri"] == str(run)
+    assert result.run_uri == str(run)
 
-    manifest = json.loads((run / "manifest.json").read_text())
-    assert list(manifest["phases"]) == ["phase00", "phase05", "phase10"]
-    assert manifest["recipe"]["training"]["effective_batch_size"] == 32
+    manifest = records.read_manifest(str(run))
+    assert list(manifest.phases) == ["phase00", "phase05", "phase10"]
+    assert manifest.recipe["training"]["effective_batch_size"] == 32
 
     previous_winner = None
     for phase in ("phase00", "phase05", "phase10"):
@@ -101,7 +103,7 @@ def test_rerun_with_the_same_run_id_skips_done_phases(smoke_run):
     result, run = smoke_run
     mtime = (run / "phase00" / "metrics.jsonl").stat().st_mtime
     again = finetune(recipe="demo", storage_root=str(run.parent), smoke=True, run_id="e2e")
-    assert [p["selected"] for p in again["phases"]] == [p["selected"] for p in result["phases"]]
+    assert [p.selected for p in again.phases] == [p.selected for p in result.phases]
     assert (run / "phase00" / "metrics.jsonl").stat().st_mtime == mtime
 
 
@@ -191,8 +193,8 @@ def test_a_demo_arm_stopped_by_a_gate_is_reported_not_raised(tmp_path, prefect_s
     path = tmp_path / "gated.yaml"
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
     arm = run_arm.fn(str(path), "phased", str(tmp_path), "gated-phased")
-    assert [p["phase"] for p in arm["phases"]] == ["phase00"]
-    assert "phase phase00: gate failed" in arm["gate_failed"] and "missed by" in arm["gate_failed"]
+    assert [p.phase for p in arm.phases] == ["phase00"] and arm.phases[0].gate == "FAIL"
+    assert "phase phase00: gate failed" in arm.gate_failed and "missed by" in arm.gate_failed
     rows = write_comparison.fn(str(tmp_path / "report"), {"phased": arm}, ["lab_instruction/rule_acc"])
     assert [(r["phase"], r["gate"]) for r in rows] == [("base", ""), ("phase00", "FAIL")]
 
@@ -279,7 +281,7 @@ def test_demo_comparison_is_built_from_flow_results(smoke_run, tmp_path):
     metrics = ["lab_instruction/rule_acc", "lab_knowledge/acc", "lab_skills/exact_match"]
     rows = write_comparison.fn(str(tmp_path), {"phased": result}, metrics)
     assert [r["phase"] for r in rows] == ["base", "phase00", "phase05", "phase10"]
-    assert rows[0]["lab_instruction/rule_acc"] == result["base"]["lab_instruction/rule_acc"]
+    assert rows[0]["lab_instruction/rule_acc"] == result.base.metrics["lab_instruction/rule_acc"]
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     efficiency = pd.read_csv(tmp_path / "sample_efficiency.csv")
     assert list(efficiency["metric"]) == metrics
