@@ -2,19 +2,19 @@
 
     .venv/bin/python bench/eval_throughput.py [--epochs 2] [--limit 40] [--judge-latency 1.0]
 
-Both sides run the same `finetune` phase of the lab (phase00, the demo recipe's training) under
-Prefect, and score the start model and every checkpoint on the three lab lm-eval tasks and on
-MT-Bench, judged by the scripted OpenAI-compatible judge of tests/judge_server.py over real
-HTTP with the same fixed latency per request (like a hosted judge), each side with an empty
-judgment cache.
+Both sides run the same phase of the lab (phase00, the demo recipe's training) under Prefect, and
+score the start model and every checkpoint on the three lab lm-eval tasks and on MT-Bench, judged
+by the scripted OpenAI-compatible judge of tests/judge_server.py over real HTTP with the same
+fixed latency per request (like a hosted judge), each side with an empty judgment cache.
 
-  sequential  the honest peer: train, then per checkpoint one lm-eval call with the whole task
-              list (one model load) and its MT-Bench answers, then judging at 8 concurrent
-              requests (FastChat's `gen_judgment.py --parallel 8`); evaluation.devices unset
-  ours        evaluation.devices = cpu:1: each checkpoint is evaluated by a worker process on
-              the second core as soon as its meta.json lands, a second worker joins when
-              training ends with more than one model queued; each model's answers are judged
-              (8 concurrent requests) as soon as they are written, while training goes on
+  sequential  the honest peer, what one does by hand: train (the same training task), then per
+              model one lm-eval call with the whole task list (one model load) and its MT-Bench
+              answers, in the flow's process (no worker to start), then one judging pass over all
+              answers at 8 concurrent requests (FastChat's `gen_judgment.py --parallel 8`)
+  ours        `finetune` with evaluation.devices = cpu:1: each model's evaluation is a task run,
+              submitted as its checkpoint lands; a worker process on the second core evaluates it
+              beside training, training's core takes queued models once training ends, and each
+              model is judged (8 concurrent requests) as soon as its answers are written
 
 The scores of both sides are compared (they must be identical). The last line is one JSON
 object: both wall times and `speedup` (target >= 1.5 on 2 cores). Timings vary with the
@@ -38,8 +38,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from prefect import flow  # noqa: E402
+
 import tasks.finetune  # noqa: E402
+from core import storage  # noqa: E402
+from core.recipe import resolve  # noqa: E402
 from embedded import build_assets  # noqa: E402
+from evaluation import worker  # noqa: E402
+from tasks.finetune import ModelRef, init_run, judge_and_write, prepare_data, train_phase  # noqa: E402
 from tests.judge_server import JudgeServer  # noqa: E402
 
 MT_BENCH_DATA = Path(__file__).resolve().parents[2] / "shared" / "mt_bench"
@@ -72,6 +78,25 @@ def phase_overrides(args: argparse.Namespace, judge_url: str, devices: str | Non
     }
 
 
+@flow(name="sequential-peer")
+def sequential_peer(overrides: dict, storage_root: str, run_id: str) -> None:
+    """Train the phase; then each model's lm-eval tasks and MT-Bench answers here, one model after
+    the other; then one judging pass over every model's answers."""
+    cfg = resolve("demo", overrides=overrides)
+    run_uri = storage.join(storage_root, run_id)
+    init_run(run_uri, run_id, cfg)
+    phase = cfg.phases[0]
+    prepare_data(cfg, phase, run_uri)
+    start = ModelRef(name="base", uri=cfg.model.name_or_path, samples=0)
+    models = [start, *train_phase(cfg, phase, run_uri, run_id, start)]
+    eval_dirs = {m.name: storage.join(run_uri, phase.name, "eval", m.name) for m in models}
+    answers = {m.name: storage.join(eval_dirs[m.name], worker.MT_BENCH_ANSWERS_FILE) for m in models}
+    for m in models:
+        worker.run_lm_eval(cfg, m.uri, m.samples, storage.join(eval_dirs[m.name], worker.LM_EVAL_FILE))
+        worker.run_mt_bench_answers(cfg, m.uri, answers[m.name])
+    judge_and_write(cfg, answers, eval_dirs)
+
+
 def scores(run: Path) -> dict[str, dict[str, float]]:
     out = {}
     for suite in ("lm_eval.json", "mt_bench.json"):
@@ -101,16 +126,19 @@ def main() -> None:
         prefect_test_harness(server_startup_timeout=90),
         JudgeServer(api_key=None, latency_s=args.judge_latency) as judge,
     ):
-        for side, devices in (("sequential", None), ("ours", "cpu:1")):
+        for side in ("sequential", "ours"):
             cache = work / side / "judgments"  # each side pays for its own judgments
             tasks.finetune.mt_bench_cache_dir = lambda cache=cache: cache
             t0 = time.perf_counter()
-            finetune(
-                recipe="demo",
-                overrides=phase_overrides(args, judge.base_url, devices),
-                storage_root=str(work / side),
-                run_id="bench",
-            )
+            if side == "sequential":
+                sequential_peer(phase_overrides(args, judge.base_url, None), str(work / side), "bench")
+            else:
+                finetune(
+                    recipe="demo",
+                    overrides=phase_overrides(args, judge.base_url, "cpu:1"),
+                    storage_root=str(work / side),
+                    run_id="bench",
+                )
             timings[side] = round(time.perf_counter() - t0, 2)
             results[side] = scores(work / side / "bench")
             print(f"{side:>10}: {timings[side]:8.2f} s ({len(results[side])} models)", flush=True)

@@ -152,10 +152,17 @@ def configure_generation(model: Any, tokenizer: Any) -> None:
     generation_config, so every checkpoint saved from it and every export stops where its answers
     end, whether a trained checkpoint or the start model is exported (the same ids either way:
     the ids already there come first, so applying it again changes nothing)."""
-    eos = model.generation_config.eos_token_id
+    model.generation_config.update(**generation_settings(model.generation_config, tokenizer, model.config))
+
+
+def generation_settings(generation_config: Any, tokenizer: Any, config: Any) -> dict[str, Any]:
+    """The generation_config fields `configure_generation` sets (also for a served checkpoint)."""
+    eos = generation_config.eos_token_id
     known = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    model.generation_config.eos_token_id = list(dict.fromkeys(known + stop_token_ids(tokenizer)))
-    model.generation_config.pad_token_id = pad_token_id(tokenizer, model.config)
+    return {
+        "eos_token_id": list(dict.fromkeys(known + stop_token_ids(tokenizer))),
+        "pad_token_id": pad_token_id(tokenizer, config),
+    }
 
 
 # Where each message's text lands in a rendering is found by construction, never by searching

@@ -314,6 +314,24 @@ class MTBenchConfig(Strict):
     categories: list[MTBenchCategory] | None = Field(None, description="Keep only these categories (None = all 8).")
 
 
+class ServerConfig(Strict):
+    """An OpenAI-compatible server per checkpoint (evaluation.backend vllm / transformers-serve)."""
+
+    vllm_executable: str = Field(
+        "vllm",
+        description="The `vllm` command of vLLM's own environment (it pins its own torch / transformers): "
+        "create it with `uv tool install vllm==0.33.0`, or give the path of its bin/vllm.",
+    )
+    num_concurrent: int = Field(64, gt=0, description="Requests in flight at once (lm-eval and MT-Bench answers).")
+    startup_timeout_s: float = Field(
+        900.0, gt=0, description="Seconds the server may take to answer /health (weights load, CUDA graphs)."
+    )
+    extra_args: list[str] = Field(
+        default_factory=list,
+        description="More server arguments, e.g. ['--max-model-len', '8192', '--gpu-memory-utilization', '0.9'].",
+    )
+
+
 class EvaluationConfig(Strict):
     tasks: list[str] = Field(
         min_length=1,
@@ -340,10 +358,35 @@ class EvaluationConfig(Strict):
         None,
         pattern=r"^(cpu:[1-9][0-9]*|cuda:[0-9]+(,[0-9]+)*)$",
         description="Evaluate each checkpoint while training goes on, in a worker process of its own on these "
-        "resources: 'cpu:N' (N CPU threads; the lab on 2 cores: 'cpu:1') or 'cuda:I[,J...]' (those GPUs, taken "
-        "away from training, e.g. 'cuda:7' of eight; `device` still says cpu or cuda within that share). "
-        "None = evaluate after training, one model at a time.",
+        "resources: 'cpu:N' (N CPU threads; the lab on 2 cores: 'cpu:1') or 'cuda:I[,J...]' (those of the node's "
+        "launch.num_processes GPUs, taken away from training: 'cuda:7' of eight trains on 7 ranks, the effective "
+        "batch unchanged; `device` still says cpu or cuda within that share). None = as `placement` decides.",
     )
+    placement: Literal["auto", "reserved", "data_parallel", "per_device"] = Field(
+        "auto",
+        description="Where checkpoints are evaluated: reserved = on `devices` beside training (GPUs taken from "
+        "training); data_parallel = after each phase's training, all its GPUs on one checkpoint at a time (a "
+        "server backend); per_device = after training, one checkpoint per GPU (per training process on CPU). "
+        "auto = `devices` set: reserved; else the fastest whole phase by `lab plan`'s estimate.",
+    )
+    backend: Literal["auto", "hf", "vllm", "transformers-serve"] = Field(
+        "auto",
+        description="hf = transformers in the evaluation worker; vllm = `vllm serve` (its own environment, "
+        "server.vllm_executable) started per checkpoint, lm-eval and MT-Bench answers over its OpenAI API; "
+        "transformers-serve = the same over `transformers serve` (runs anywhere, slow: for checks); "
+        "multiple-choice tasks go to HF in the worker unless the server returns prompt logprobs (vllm). "
+        "auto = vllm when its executable is found and there are GPUs, else hf.",
+    )
+    server: ServerConfig = Field(default_factory=ServerConfig, description="The server backends' settings.")
+
+    @model_validator(mode="after")
+    def _placement_matches_devices(self) -> EvaluationConfig:
+        if self.devices is not None and self.placement in ("data_parallel", "per_device"):
+            raise ValueError(
+                f"evaluation.devices {self.devices!r} reserves resources beside training; placement "
+                f"{self.placement} evaluates after training: unset one of them"
+            )
+        return self
 
 
 SelectionPolicy = Literal["best", "earliest_within_noise", "smoothed", "last", "lowest_val_loss"]
@@ -518,6 +561,17 @@ class Recipe(Strict):
         names = [p.name for p in self.phases]
         if len(set(names)) != len(names):
             raise ValueError(f"phase names must be unique, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _reserved_gpus_are_on_the_training_node(self) -> Recipe:
+        devices, launch = self.evaluation.devices, self.launch
+        if devices and devices.startswith("cuda:") and (launch.num_machines > 1 or launch.scheduler != "local"):
+            raise ValueError(
+                f"evaluation.devices {devices!r} reserves GPUs of a single local training node; with "
+                f"launch.num_machines {launch.num_machines} / scheduler {launch.scheduler} evaluate after training "
+                "(unset evaluation.devices)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -8,17 +8,20 @@ Under a phase directory (<root>/<run_id>/<phase>/):
     stopped.json                      Stopped: the watchdog's verdict
     preempted.json                    Preempted: a SIGTERM's save was made after this step
     trained.json                      list[ModelRef]: the phase is recorded as trained (written by the phase task)
+    evaluations.jsonl                 EvaluationRecord per model evaluated: when, and by which worker (pid)
     checkpoints/samples_<N>/meta.json CheckpointMeta, written last: a directory without it is incomplete
     averaged/<name>/meta.json         AveragedMeta (training.averaging)
     state/progress.json               StateProgress: the step after which the rolling state was saved
     samples/rank<r>.jsonl             SamplesLine per step: the sample ids rank r trained on
     saves/rank<r>.jsonl               SaveLine per save on rank r
-and <root>/<run_id>/data/<phase>/stats.json: PrepStats.
+and <root>/<run_id>/data/<phase>/stats.json: PrepStats, <root>/<run_id>/manifest.json: Manifest,
+<root>/nightly/<recipe>/seed_spread.json: SeedSpread.
 
 On disk each record is `json.dumps` of its `model_dump()` (`dumps`), field order as declared here.
 A reader gets the record or a RecordError naming the file (and line) and the field: `parse` /
 `parse_lines` take text (a remote file's, read through core.storage), `read` / `read_lines`
-a local path. No torch here: the orchestrating process reads these.
+a local path; `read_manifest` a run's manifest wherever the run lives. No torch here: the
+orchestrating process reads these.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError
 
+from core import storage
+
 METRICS = "metrics.jsonl"
 PROGRESS = "progress.jsonl"
 FINISHED = "finished.json"
@@ -39,6 +44,8 @@ TRAINED = "trained.json"
 META = "meta.json"
 STATE_PROGRESS = "progress.json"
 STATS = "stats.json"
+MANIFEST = "manifest.json"
+EVALUATIONS = "evaluations.jsonl"
 
 T = TypeVar("T")
 
@@ -192,6 +199,18 @@ class ModelRef(Record):
         return cls(name=name, uri=uri, samples=int(name.removeprefix("samples_")))
 
 
+class EvaluationRecord(Record):
+    """An evaluation worker's reply for one model, and one line of <phase>/evaluations.jsonl."""
+
+    model: str
+    started: str
+    finished: str
+    pid: int = Field(description="The worker process that evaluated the model.")
+    slot: str = Field("", description="The share of the machine it ran on (set by the owner).")
+    seconds: float
+    error: str | None = None
+
+
 class PrepStats(Record):
     """Data preparation of one phase (training.data.prepare)."""
 
@@ -216,6 +235,43 @@ class PrepStats(Record):
         default_factory=list,
         description="The phase's held-out validation slice (validation.parquet): never trained on in the phase.",
     )
+
+
+class PhaseDone(Record):
+    """A phase the run has finished: its selection.json has the whole choice."""
+
+    selected: str = Field(description="URI of the selected model.")
+    objective: float
+    policy: str = Field("", description="The selection policy that chose it (selection.policy); empty in older runs.")
+    validation_ids: list[str] = Field(
+        default_factory=list,
+        description="The phase's held-out validation slice (PrepStats.validation_ids): never trained on in the phase.",
+    )
+
+
+class Manifest(Record):
+    """The run's journal (<run>/manifest.json, tasks.finetune.init_run): what it trains and which
+    phases are done; a re-run with the same run_id skips those."""
+
+    run_id: str
+    created: str = Field(description="UTC time, ISO 8601.")
+    code_version: str
+    recipe: dict[str, Any] = Field(description="The resolved recipe, as JSON.")
+    phases: dict[str, PhaseDone] = Field(default_factory=dict, description="Phases done, in the order they finished.")
+
+
+class MetricSpread(Record):
+    values: list[float] = Field(description="The metric of each seed's run.")
+    tolerance: float = Field(description="The regression tolerance derived from them (evaluation.findings).")
+
+
+class SeedSpread(Record):
+    """How much a nightly recipe's selected metrics move with the seed alone (flows.nightly.nightly_seed_spread)."""
+
+    recipe: str
+    fingerprint: str = Field(description="Of the measured recipe: another recipe version does not use it.")
+    seeds: int
+    metrics: dict[str, MetricSpread] = Field(description="<phase>/<metric> -> its spread.")
 
 
 def dumps(record: BaseModel | list[BaseModel], indent: int | None = None) -> str:
@@ -263,3 +319,9 @@ def read(kind: type[T] | Any, path: Path) -> T:
 
 def read_lines(kind: type[T] | Any, path: Path) -> list[T]:
     return parse_lines(kind, path.read_text(), str(path))
+
+
+def read_manifest(run_uri: str) -> Manifest | None:
+    """The manifest of the run at `run_uri` (a directory or URI), or None where no run is."""
+    uri = storage.join(run_uri, MANIFEST)
+    return parse(Manifest, storage.read_text(uri), uri) if storage.exists(uri) else None

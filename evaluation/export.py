@@ -30,7 +30,7 @@ import yaml
 from core import records, storage
 from core.chat import apply_template, configure_generation, stop_token_ids
 from core.recipe import Recipe
-from core.records import PrepStats
+from core.records import Manifest, PrepStats
 from evaluation.selection import CheckpointScore, Selection
 
 PLOTS = ("training.png", "scores.png")
@@ -40,18 +40,18 @@ class ExportError(ValueError):
     """The run cannot be exported (unknown phase, unfinished phase); the message says which."""
 
 
-def selected(run_uri: str, phase: str | None) -> tuple[dict[str, Any], Recipe, Selection]:
+def selected(run_uri: str, phase: str | None) -> tuple[Manifest, Recipe, Selection]:
     """(manifest, recipe, selection) of `phase`, by default the run's last phase."""
-    if not storage.exists(storage.join(run_uri, "manifest.json")):
+    manifest = records.read_manifest(run_uri)
+    if manifest is None:
         raise ExportError(f"{run_uri}: no manifest.json there; expected a run directory or URI")
-    manifest = storage.read_json(storage.join(run_uri, "manifest.json"))
-    recipe = Recipe.model_validate(manifest["recipe"])
+    recipe = Recipe.model_validate(manifest.recipe)
     names = [p.name for p in recipe.phases]
     name = phase or names[-1]
     if name not in names:
         raise ExportError(f"{run_uri}: no phase {name!r} (phases: {names})")
-    if name not in manifest["phases"]:
-        raise ExportError(f"{run_uri}: phase {name} has no selected checkpoint yet (done: {list(manifest['phases'])})")
+    if name not in manifest.phases:
+        raise ExportError(f"{run_uri}: phase {name} has no selected checkpoint yet (done: {list(manifest.phases)})")
     selection = Selection.model_validate(storage.read_json(storage.join(run_uri, name, "selection.json")))
     return manifest, recipe, selection
 
@@ -122,7 +122,7 @@ def is_our_card(card: str) -> bool:
     return isinstance(meta, dict) and "recipe-lab" in (meta.get("tags") or [])
 
 
-def write_model_dir(run_uri: str, manifest: dict, recipe: Recipe, selection: Selection, out: Path) -> None:
+def write_model_dir(run_uri: str, manifest: Manifest, recipe: Recipe, selection: Selection, out: Path) -> None:
     """Weights in the training dtype, tokenizer, generation config, plots, then README.md last."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -152,7 +152,7 @@ def score_cell(score: CheckpointScore, key: str) -> str:
 
 
 def model_card(
-    run_uri: str, manifest: dict, recipe: Recipe, selection: Selection, tokenizer: Any, plots: list[str]
+    run_uri: str, manifest: Manifest, recipe: Recipe, selection: Selection, tokenizer: Any, plots: list[str]
 ) -> str:
     """README.md: Hub metadata, then what was trained on what, how it scored, and why this one."""
     winner = selection.winner
@@ -172,7 +172,7 @@ def model_card(
         f"# {recipe.name}: {selection.phase} / {winner.name}",
         "",
         f"Supervised fine-tune of `{base}` with recipe-lab, recipe `{recipe.name}` ({recipe.strategy}). "
-        f"Run `{manifest['run_id']}`, code version `{manifest.get('code_version', 'unknown')}`. "
+        f"Run `{manifest.run_id}`, code version `{manifest.code_version}`. "
         f"This directory holds the checkpoint selected in phase `{selection.phase}`: **{winner.name}** "
         f"({winner.samples} samples into the phase).",
         "",

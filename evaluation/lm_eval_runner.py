@@ -29,6 +29,7 @@ from core import items, storage
 from core.chat import apply_template, configure_generation
 from core.recipe import EvaluationConfig
 from evaluation.device import load_causal_lm
+from evaluation.server import ServerEndpoint
 
 LAB_TASKS = ("lab_instruction", "lab_knowledge", "lab_skills")
 # The same tasks on each phase's test split (test.jsonl): never in a recipe's selection, only for
@@ -139,10 +140,15 @@ def load_lm(model_dir: str, config: EvaluationConfig, chat_template: str | None 
 
 
 def evaluate_model(
-    model_dir: str, config: EvaluationConfig, task_dir: Path | None, chat_template: str | None = None
+    model_dir: str,
+    config: EvaluationConfig,
+    task_dir: Path | None,
+    chat_template: str | None = None,
+    server: ServerEndpoint | None = None,
 ) -> dict[str, Any]:
     """Run every configured task on one model directory with a single model load, batched
-    (`evaluation.batch_size`), on `evaluation.device`."""
+    (`evaluation.batch_size`), on `evaluation.device`. With a `server` (the model behind an
+    OpenAI-compatible endpoint) the tasks it can serve go to it (`by_model`); the others run here."""
     import lm_eval
     import torch.utils.collect_env as collect_env
     from lm_eval.tasks import TaskManager
@@ -152,31 +158,42 @@ def evaluate_model(
     if not hasattr(collect_env.get_pretty_env_info, "cache_info"):
         collect_env.get_pretty_env_info = functools.cache(collect_env.get_pretty_env_info)
     include = [str(p) for p in (task_dir, config.include_path) if p]
-    only_local = all(t in LAB_TASKS + LAB_TEST_TASKS for t in config.tasks)
-    # Indexing lm-eval's ~15k built-in tasks costs seconds; skip it when all tasks are local.
-    manager = TaskManager(include_path=include or None, include_defaults=not only_local)
-    lm = load_lm(model_dir, config, chat_template)
-    output = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(config.tasks),
-        num_fewshot=config.num_fewshot,
-        limit=config.limit,
-        apply_chat_template=config.apply_chat_template,
-        task_manager=manager,
-        log_samples=True,  # per-item outcomes: selection compares checkpoints item by item
-        bootstrap_iters=1000,
-        random_seed=0,
-        numpy_random_seed=0,
-        torch_random_seed=0,
-        fewshot_random_seed=0,
-    )
-    metrics, stderr = flatten_results(output["results"])
+    # Indexing lm-eval's ~15k built-in tasks costs seconds; skip it when the local ones have them all.
+    manager = TaskManager(include_path=include or None, include_defaults=False)
+    if not set(config.tasks) <= set(manager.all_tasks):
+        manager = TaskManager(include_path=include or None)
+    if server is None:
+        runs: dict[str, list[Any]] = {"hf": list(config.tasks)}
+    else:
+        runs = by_model(config, manager, server)
+    outputs = []
+    for kind, tasks in runs.items():
+        lm = load_lm(model_dir, config, chat_template) if kind == "hf" else server_lm(kind, server, config)
+        outputs.append(
+            lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                num_fewshot=config.num_fewshot,
+                limit=config.limit,
+                apply_chat_template=config.apply_chat_template,
+                task_manager=manager,
+                log_samples=True,  # per-item outcomes: selection compares checkpoints item by item
+                bootstrap_iters=1000,
+                random_seed=0,
+                numpy_random_seed=0,
+                torch_random_seed=0,
+                fewshot_random_seed=0,
+            )
+        )
+        del lm  # the HF model's memory goes before the next run
+    results = {task: entry for output in outputs for task, entry in output["results"].items()}
+    metrics, stderr = flatten_results(results)
     return {
         "metrics": metrics,
         "stderr": stderr,
-        "results": output["results"],
-        "n_samples": output.get("n-samples", {}),
-        "items": per_item_outcomes(output["samples"]),
+        "results": results,
+        "n_samples": {task: n for output in outputs for task, n in output.get("n-samples", {}).items()},
+        "items": [row for output in outputs for row in per_item_outcomes(output["samples"])],
     }
 
 
@@ -196,6 +213,60 @@ def per_item_outcomes(samples: dict[str, list[dict[str, Any]]]) -> list[dict[str
     return rows
 
 
+def by_model(config: EvaluationConfig, manager: Any, server: ServerEndpoint) -> dict[str, list[Any]]:
+    """The tasks (loaded, so that each loads once) by who answers them: "chat" = the server's chat
+    endpoint (it applies the template), "completions" = its completions endpoint (prompt logprobs
+    for multiple choice, or prompts rendered here), "hf" = the model loaded here (multiple choice on
+    a server without prompt logprobs)."""
+    runs: dict[str, list[Any]] = {}
+    for name in config.tasks:
+        loaded = manager.load([name])
+        top = loaded["groups"].get(name) or loaded["tasks"].get(name)
+        objects = [top] if top is not None else list(loaded["tasks"].values())  # a tag: its tasks
+        generation = all(t.get_config("output_type") == "generate_until" for t in loaded["tasks"].values())
+        if generation:
+            kind = "chat" if config.apply_chat_template else "completions"
+        else:
+            kind = "completions" if server.prompt_logprobs else "hf"
+        runs.setdefault(kind, []).extend(objects)
+    return runs
+
+
+def server_lm(kind: str, server: ServerEndpoint, config: EvaluationConfig) -> Any:
+    """lm-eval's client of the server: generation stops at the same EOS text the HF path adds
+    (lm-eval's `until`), at the view's stop ids (its generation_config), and at each task's cap."""
+    from lm_eval.models.openai_completions import LocalChatCompletion, LocalCompletionsAPI
+    from transformers import AutoTokenizer
+
+    def with_eos(client: type) -> type:
+        class Client(client):
+            # lm-eval 0.4.13 drops the EOS stop string on concurrent requests (num_concurrent > 1)
+            def _create_payload(self, messages: Any, generate: bool = False, eos: str | None = None, **kwargs: Any):
+                return super()._create_payload(messages, generate=generate, eos=eos or self.eos_string, **kwargs)
+
+        return Client
+
+    common = {
+        "model": server.model,
+        "num_concurrent": server.num_concurrent,
+        "max_retries": 3,
+        "timeout": 3600,
+        "eos_string": AutoTokenizer.from_pretrained(server.tokenizer).eos_token,
+    }
+    if kind == "chat":
+        return with_eos(LocalChatCompletion)(
+            base_url=f"{server.base_url}/chat/completions", tokenized_requests=False, **common
+        )
+    return with_eos(LocalCompletionsAPI)(
+        base_url=f"{server.base_url}/completions",
+        tokenizer_backend="huggingface",
+        tokenizer=server.tokenizer,
+        tokenized_requests=server.prompt_logprobs,  # token ids: vLLM returns their logprobs one for one
+        batch_size=1,
+        **common,
+    )
+
+
 def evaluate_checkpoint(
     model_dir: str,
     config: EvaluationConfig,
@@ -204,10 +275,11 @@ def evaluate_checkpoint(
     label: str,
     samples: int,
     chat_template: str | None = None,
+    server: ServerEndpoint | None = None,
 ) -> dict[str, Any]:
     """Evaluate and write `<out_uri>` (lm_eval.json) and, first, its per-item records beside it
     (`items.items_uri(out_uri)`); return what was written (without the per-item rows)."""
-    evaluated = evaluate_model(model_dir, config, task_dir, chat_template)
+    evaluated = evaluate_model(model_dir, config, task_dir, chat_template, server)
     items.write_items(items.items_uri(out_uri), evaluated.pop("items"))
     result = {"checkpoint": label, "samples": samples, **evaluated}
     storage.write_text(out_uri, json.dumps(result, indent=2, default=str) + "\n")

@@ -4,11 +4,11 @@ Steps, each a plain function:
 
     data = load_mt_bench(config)                          questions, judge prompts, references
     answers = generate_answers(model, tokenizer, data.questions, config)   once per checkpoint
+      (or generate_answers_from_server(url, name, ...): the model behind an OpenAI-compatible server)
     result = judge_answers({"ckpt-a": answers_a, ...}, data, config, cache_dir)
     write_results(result, {"ckpt-a": eval_dir_a, ...})    <eval_dir>/mt_bench.json
 
-Generation for every checkpoint happens before judging starts, and the judging side only sees
-`Answer`s, never models, so answers may come from anywhere (e.g. a vLLM server later).
+The judging side only sees `Answer`s, never models, so answers may come from anywhere.
 
 What follows FastChat exactly: answer temperature by category; the single-v1 / single-math-v1
 judge prompts for turn 1 and their multi-turn variants for turn 2; reference answers for the
@@ -278,6 +278,41 @@ def generate_answers(model: Any, tokenizer: Any, questions: Sequence[Question], 
     return [Answer(question_id=q.question_id, category=q.category, turns=replies[q.question_id]) for q in questions]
 
 
+def generate_answers_from_server(
+    base_url: str, model: str, questions: Sequence[Question], config: MTBenchConfig, concurrency: int
+) -> list[Answer]:
+    """Both turns of every question from an OpenAI-compatible server, through the judge's client
+    (its retries), `concurrency` questions at a time. The server applies the model's chat template
+    and stops at its generation config's ids (evaluation.server serves a view that has both); each
+    turn asks for at most `max_new_tokens`, at the category's temperature, as `generate_answers` does."""
+    client = JudgeClient(config, base_url=base_url)
+    stop = threading.Event()
+
+    def answer(question: Question) -> Answer:
+        replies: list[str] = []
+        for turn in (1, 2):
+            body = {
+                "model": model,
+                "messages": _conversation(question, replies, turn),
+                "temperature": TEMPERATURE[question.category],
+                "max_tokens": config.max_new_tokens,
+                "seed": config.seed,
+            }
+            reply = client.complete(body, stop)
+            if reply.content is None:
+                raise MTBenchError(
+                    f"MT-Bench question {question.question_id} turn {turn} from {base_url}: {reply.error}"
+                )
+            replies.append(reply.content.strip())
+        return Answer(question_id=question.question_id, category=question.category, turns=replies)
+
+    try:
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="mt-bench-answer") as pool:
+            return list(pool.map(answer, questions))
+    finally:
+        client.close()
+
+
 def _conversation(question: Question, replies: list[str], turn: int) -> list[dict[str, str]]:
     """Turn 1: the first question. Turn 2: the first question, the model's answer, the second question."""
     messages = [{"role": "user", "content": question.turns[0]}]
@@ -428,16 +463,18 @@ class JudgeClient:
     fed by an HTTP request hook counts every attempt of one judgment.
     """
 
-    def __init__(self, config: MTBenchConfig) -> None:
+    def __init__(self, config: MTBenchConfig, base_url: str | None = None) -> None:
+        """The judge of `config`; with `base_url`, that endpoint instead (a local model server: no key)."""
         import openai
 
         self.config = config
-        self.url = f"{config.judge_base_url.rstrip('/')}/chat/completions"
+        api_key = None if base_url else os.environ.get(config.judge_api_key_env) or None
+        base_url = base_url or config.judge_base_url
+        self.url = f"{base_url.rstrip('/')}/chat/completions"
         self._attempts = threading.local()
-        api_key = os.environ.get(config.judge_api_key_env) or None
         self.headers = {} if api_key else {"Authorization": openai.omit}
         self.client = openai.OpenAI(
-            base_url=config.judge_base_url,
+            base_url=base_url,
             # No key (a local vLLM): the SDK insists on one, so a placeholder that is never sent.
             api_key=api_key or "no-key",
             max_retries=config.max_retries,

@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt
 import pandas as pd
+from pydantic import BaseModel, Field
 
 from core import records, storage
 from core.records import StepMetrics
@@ -40,7 +41,25 @@ def training_seconds(metrics: list[StepMetrics]) -> float:
     return total
 
 
-def phase_rows(run_uri: str, phases: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
+class PhaseSummary(BaseModel):
+    """A row of a run's summary: the base model, or a phase's selected model."""
+
+    phase: str = Field(description="The phase, or base for the recipe's base model.")
+    selected: str = Field(description="The selected model's name: samples_<N>, avg_last<k> or base.")
+    samples: int = Field(description="Into its phase.")
+    run_samples: int = Field(description="Cumulative over the run's phases.")
+    objective: float | None = None
+    start_objective: float | None = Field(None, description="The phase's start model's objective.")
+    gate: str = Field("", description="pass or FAIL (empty for the base model).")
+    train_wall_s: float | None = None
+    metrics: dict[str, float] = Field(description="Every evaluated metric, suite/metric -> value.")
+
+    def row(self) -> dict[str, Any]:
+        """The table row: the metrics as columns of their own."""
+        return {**self.model_dump(exclude={"metrics"}), **self.metrics}
+
+
+def phase_rows(run_uri: str, phases: list[str]) -> tuple[list[PhaseSummary], list[dict], list[dict]]:
     """(summary rows, per-step rows, per-checkpoint rows) with cumulative samples."""
     summary, steps, checkpoints = [], [], []
     offset = 0
@@ -56,31 +75,27 @@ def phase_rows(run_uri: str, phases: list[str]) -> tuple[list[dict], list[dict],
         if phase == phases[0]:  # the base model, for "did training move the metrics?"
             s = selection.start
             summary.append(
-                {
-                    "phase": "base",
-                    "selected": s.name,
-                    "samples": 0,
-                    "run_samples": 0,
-                    "objective": None,
-                    "start_objective": None,
-                    "gate": "",
-                    "train_wall_s": None,
-                    **{k: round(v, 4) for k, v in s.metrics.items()},
-                }
+                PhaseSummary(
+                    phase="base",
+                    selected=s.name,
+                    samples=0,
+                    run_samples=0,
+                    metrics={k: round(v, 4) for k, v in s.metrics.items()},
+                )
             )
         w = selection.winner
         summary.append(
-            {
-                "phase": phase,
-                "selected": w.name,
-                "samples": w.samples,
-                "run_samples": offset + w.samples,
-                "objective": round(w.objective, 4),
-                "start_objective": round(selection.start.objective, 4),
-                "gate": "pass" if selection.gate.passed else "FAIL",
-                "train_wall_s": round(training_seconds(metrics), 2),
-                **{k: round(v, 4) for k, v in w.metrics.items()},
-            }
+            PhaseSummary(
+                phase=phase,
+                selected=w.name,
+                samples=w.samples,
+                run_samples=offset + w.samples,
+                objective=round(w.objective, 4),
+                start_objective=round(selection.start.objective, 4),
+                gate="pass" if selection.gate.passed else "FAIL",
+                train_wall_s=round(training_seconds(metrics), 2),
+                metrics={k: round(v, 4) for k, v in w.metrics.items()},
+            )
         )
         offset += metrics[-1].samples_seen if metrics else 0
     return summary, steps, checkpoints
@@ -179,12 +194,14 @@ def plot_sweep(metrics: dict[str, list[StepMetrics]], stopped: set[str], uri: st
     save_png(fig, uri)
 
 
-def write_run_report(run_uri: str, phases: list[str], metrics: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def write_run_report(
+    run_uri: str, phases: list[str], metrics: list[str]
+) -> tuple[list[PhaseSummary], pd.DataFrame, pd.DataFrame]:
     """Write <run>/report/: summary.{md,csv}, checkpoints.csv, results.parquet (tidy),
-    training.png, scores.png. Return (summary, tidy results)."""
+    training.png, scores.png. Return (summary, its table, tidy results)."""
     summary, steps, checkpoints = phase_rows(run_uri, phases)
     report = storage.join(run_uri, "report")
-    table = write_table(report, "summary", summary)
+    table = write_table(report, "summary", [s.row() for s in summary])
     storage.write_text(storage.join(report, "checkpoints.csv"), pd.DataFrame(checkpoints).to_csv(index=False))
     tidy = results_table(run_uri, phases)
     fs, path = storage.filesystem(storage.join(report, "results.parquet"))
@@ -194,7 +211,7 @@ def write_run_report(run_uri: str, phases: list[str], metrics: list[str]) -> tup
     if steps:
         plot_training(pd.DataFrame(steps), f"{name}: training dynamics", storage.join(report, "training.png"))
     plot_scores(pd.DataFrame(checkpoints), metrics, f"{name}: score per checkpoint", storage.join(report, "scores.png"))
-    return table, tidy
+    return summary, table, tidy
 
 
 def sample_efficiency(curves: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
@@ -216,7 +233,7 @@ def write_comparison(
     rows, curves = [], []
     for label, run_uri in runs.items():
         summary, _, checkpoints = phase_rows(run_uri, phases[label])
-        rows += [{"run": label, **r} for r in summary]
+        rows += [{"run": label, **s.row()} for s in summary]
         curves += [{"run": label, **c} for c in checkpoints]
     table = write_table(out_uri, "comparison", rows)
     frame = pd.DataFrame(curves)

@@ -1,27 +1,29 @@
-"""Evaluate models beside training: worker processes, each one model at a time.
+"""Evaluation processes: workers that evaluate one model at a time, and their one owner.
 
     python -m evaluation.worker <log file>      (WorkItems on stdin, one JSON per line)
 
-runs each model's lm-eval tasks (one model load) and, when the recipe has MT-Bench, its answers,
-writing exactly the files the finetune flow's evaluation tasks write (<eval>/lm_eval.json,
-<eval>/mt_bench_answers.jsonl); a file already present is kept. Those tasks then reuse the
-files, so scores and files are those of sequential evaluation. Judging is network-bound, not
-the worker's: the owner's `on_evaluated` callback hears of each finished model (the finetune
-task judges its answers there, on a thread).
+A worker imports its libraries once, then per request runs the recipe's suites that have no
+result file yet (<eval>/lm_eval.json, <eval>/mt_bench_answers.jsonl: exactly what a re-run or
+`lab eval` reuses) on the model, and replies with an `EvaluationRecord` (when, which pid, the
+error if any). With a server backend (evaluation.backend vllm / transformers-serve) it serves
+the checkpoint first (evaluation.server: the server is its child, stopped when the model is
+done) and evaluates through it. A failed evaluation ends its worker: what it held goes with it.
+Model memory is released after each model (the worker keeps only its imports).
 
-`BackgroundEvaluator` queues models as their checkpoints complete and feeds them, in order, to
-persistent worker processes (each imports its libraries once) in their own process groups on
-`evaluation.devices` (e.g. one CPU thread, one GPU), so that evaluation overlaps training; its
-owner adds workers on the training's resources once training ends, and kills them all with the
-training on any failure. The worker on `evaluation.devices` outlives its evaluator: it waits,
-idle, for the next evaluator with the same environment (the run's next phase), which then skips
-the worker's start (~6 CPU-s of imports on a CPU). An idle worker ends after
-IDLE_WORKER_SECONDS, or when this process exits.
+`EvaluationWorkers` is the one owner of these processes: the flow run creates it and kills every
+process it started when the run ends, however it ends (a run killed with SIGKILL cannot: its
+workers watch its process and exit with it, training.lifetime). It holds slots (shares of the machine: an
+environment with CUDA_VISIBLE_DEVICES / OMP_NUM_THREADS), each with at most one worker, started
+when first needed and reused by later models and phases. `evaluate` takes a free slot (a started
+worker first: a new one pays its imports, ~6 CPU-s, about two lab evaluations, so it starts only
+while more than one model waits or nothing else is running), runs one model, and gives the slot
+back. Slots on training's resources join when a phase's training ends and leave before the next
+one starts; their workers exit then if they hold GPUs.
 """
 
 from __future__ import annotations
 
-import json
+import gc
 import os
 import signal
 import subprocess
@@ -29,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
+import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,21 +39,20 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from core import storage
+from core import records, storage
 from core.chat import apply_template, configure_generation
 from core.recipe import Recipe
-from evaluation import lm_eval_runner, mt_bench
+from core.records import EvaluationRecord
+from evaluation import lm_eval_runner, mt_bench, server
 from evaluation.device import load_causal_lm
 from training.lifetime import end_with_owner
 
 LM_EVAL_FILE = "lm_eval.json"
 MT_BENCH_ANSWERS_FILE = "mt_bench_answers.jsonl"
-# <phase>/evaluations.jsonl: when, and by which worker (pid), each background evaluation ran
-TIMELINE_FILE = "evaluations.jsonl"
 
 
 class EvaluationFailed(RuntimeError):
-    """A background evaluation exited non-zero; the message holds its last output lines."""
+    """An evaluation failed in its worker (the message holds its error) or the worker died."""
 
 
 class EvalRequest(BaseModel):
@@ -70,47 +71,10 @@ class WorkItem(BaseModel):
     log: str
 
 
-Environment = tuple[tuple[str, str], ...]
-# Workers on evaluation.devices whose evaluator is done, by environment, waiting for the next
-# one (the run's next phase starts within seconds on the lab, minutes on a large dataset). An
-# idle worker is ended after IDLE_WORKER_SECONDS, or when this process exits (its stdin closes).
-IDLE_WORKER_SECONDS = 300.0
-_idle_workers: dict[Environment, list[tuple[subprocess.Popen, object]]] = {}
-_idle_lock = threading.Lock()
-
-
-def _reuse_idle_worker(environment: Environment) -> subprocess.Popen | None:
-    with _idle_lock:
-        waiting = _idle_workers.get(environment, [])
-        while waiting:
-            proc, _ = waiting.pop()
-            if proc.poll() is None:
-                return proc
-    return None
-
-
-def _keep_idle_worker(environment: Environment, proc: subprocess.Popen) -> None:
-    entry = (proc, object())  # one stay in the pool: a worker reused and kept again is a new entry
-    with _idle_lock:
-        _idle_workers.setdefault(environment, []).append(entry)
-    timer = threading.Timer(IDLE_WORKER_SECONDS, _end_idle_worker, args=(environment, entry))
-    timer.daemon = True
-    timer.start()
-
-
-def _end_idle_worker(environment: Environment, entry: tuple[subprocess.Popen, object]) -> None:
-    with _idle_lock:
-        if entry not in _idle_workers.get(environment, []):
-            return  # reused meanwhile
-        _idle_workers[environment].remove(entry)
-    proc = entry[0]
-    assert proc.stdin is not None
-    proc.stdin.close()  # the worker's loop ends on EOF
-    proc.wait()
-
-
-def run_lm_eval(recipe: Recipe, uri: str, samples: int, out: str) -> dict[str, Any]:
-    """lm-eval on the model at `uri` (one load for all tasks) into `out`; return what was written."""
+def run_lm_eval(
+    recipe: Recipe, uri: str, samples: int, out: str, endpoint: server.ServerEndpoint | None = None
+) -> dict[str, Any]:
+    """lm-eval on the model at `uri` (one load for all tasks, or through `endpoint`) into `out`."""
     with tempfile.TemporaryDirectory() as tmp:
         task_dir = None
         if any(t in lm_eval_runner.LAB_TASKS + lm_eval_runner.LAB_TEST_TASKS for t in recipe.evaluation.tasks):
@@ -124,162 +88,60 @@ def run_lm_eval(recipe: Recipe, uri: str, samples: int, out: str) -> dict[str, A
             uri,
             samples,
             chat_template=recipe.model.chat_template,
+            server=endpoint,
         )
 
 
-def run_mt_bench_answers(recipe: Recipe, uri: str, out: str) -> int:
-    """MT-Bench answers (both turns) of the model at `uri` into `out` (JSONL); return how many."""
-    from transformers import AutoTokenizer
-
+def run_mt_bench_answers(recipe: Recipe, uri: str, out: str, endpoint: server.ServerEndpoint | None = None) -> int:
+    """MT-Bench answers (both turns) of the model at `uri` (or through `endpoint`) into `out` (JSONL)."""
     config = recipe.evaluation.mt_bench
-    path = storage.local_checkpoint(uri)
-    tokenizer = apply_template(AutoTokenizer.from_pretrained(path), recipe.model.chat_template, uri)
-    llm = load_causal_lm(path, recipe.evaluation.device)  # batched generation on the GPU when there is one
-    configure_generation(llm, tokenizer)  # a base model's own config may stop at EOS only
-    answers = mt_bench.generate_answers(llm, tokenizer, mt_bench.load_mt_bench(config).questions, config)
+    questions = mt_bench.load_mt_bench(config).questions
+    if endpoint is not None:
+        answers = mt_bench.generate_answers_from_server(
+            endpoint.base_url, endpoint.model, questions, config, endpoint.num_concurrent
+        )
+    else:
+        from transformers import AutoTokenizer
+
+        path = storage.local_checkpoint(uri)
+        tokenizer = apply_template(AutoTokenizer.from_pretrained(path), recipe.model.chat_template, uri)
+        llm = load_causal_lm(path, recipe.evaluation.device)  # batched generation on the GPU when there is one
+        configure_generation(llm, tokenizer)  # a base model's own config may stop at EOS only
+        answers = mt_bench.generate_answers(llm, tokenizer, questions, config)
     mt_bench.write_answers(answers, out)
     return len(answers)
 
 
-def evaluate(request: EvalRequest) -> None:
-    """Every suite of the recipe that has no result file yet."""
+def evaluate(request: EvalRequest, log_path: Path) -> None:
+    """Every suite of the recipe that has no result file yet, in this process or through a server
+    of the model started for it."""
+    recipe = request.recipe
     lm_eval_out = storage.join(request.eval_dir, LM_EVAL_FILE)
-    if not storage.exists(lm_eval_out):
-        run_lm_eval(request.recipe, request.uri, request.samples, lm_eval_out)
     answers_out = storage.join(request.eval_dir, MT_BENCH_ANSWERS_FILE)
-    if request.recipe.evaluation.mt_bench is not None and not storage.exists(answers_out):
-        run_mt_bench_answers(request.recipe, request.uri, answers_out)
+    lm_eval_due = not storage.exists(lm_eval_out)
+    answers_due = recipe.evaluation.mt_bench is not None and not storage.exists(answers_out)
+    if recipe.evaluation.backend in ("vllm", "transformers-serve") and (lm_eval_due or answers_due):
+        with tempfile.TemporaryDirectory(prefix="served-") as tmp:
+            view = server.served_view(storage.local_checkpoint(request.uri), recipe.model.chat_template, Path(tmp))
+            with server.serve(view, recipe.evaluation.backend, recipe.evaluation.server, log_path) as endpoint:
+                if lm_eval_due:
+                    run_lm_eval(recipe, request.uri, request.samples, lm_eval_out, endpoint)
+                if answers_due:
+                    run_mt_bench_answers(recipe, request.uri, answers_out, endpoint)
+        return
+    if lm_eval_due:
+        run_lm_eval(recipe, request.uri, request.samples, lm_eval_out)
+    if answers_due:
+        run_mt_bench_answers(recipe, request.uri, answers_out)
 
 
-class BackgroundEvaluator:
-    """Worker processes (`python -m evaluation.worker`) that evaluate the submitted models in
-    order, each worker one model at a time, beside training.
+def release_memory() -> None:
+    """The model of the last evaluation is gone: return its (GPU) memory."""
+    gc.collect()
+    import torch
 
-    A worker imports its libraries once and then serves requests: one EvalRequest per line on
-    its stdin, one timing record per finished model on its stdout (everything else it prints goes
-    to <work_dir>/eval-worker-<i>.log). Each worker runs in a process group of its own with the
-    environment it was given (its share of the machine: threads, GPUs). `raise_if_failed`
-    surfaces a worker's failure with its last log lines; `kill` ends every worker and drops the
-    queue; `wait` blocks until all submitted models are done.
-    """
-
-    def __init__(self, work_dir: Path, log: Callable[[str], None]) -> None:
-        self.work_dir = work_dir
-        self.log = log
-        # Set by the owner before submitting: hears of each evaluated model on a serving thread,
-        # so it must return quickly.
-        self.on_evaluated: Callable[[EvalRequest], None] | None = None
-        self.timeline = work_dir / TIMELINE_FILE
-        self._queue: deque[EvalRequest] = deque()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._killed = False
-        self._workers: list[tuple[subprocess.Popen, threading.Thread]] = []
-        self._handed_on: list[subprocess.Popen] = []  # kept for the next evaluator: no longer ours to kill
-        self.failure: EvaluationFailed | None = None
-
-    @property
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._queue)
-
-    def add_worker(self, env: dict[str, str], reusable: bool = False) -> None:
-        """One more worker process with this environment. A `reusable` one (give it evaluation.devices,
-        never the training's resources, which the next phase needs back) is an idle worker with the
-        same environment when there is one, and waits for the next evaluator when this one is done."""
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.work_dir / f"eval-worker-{len(self._workers)}.log"
-        environment = tuple(sorted(env.items())) if reusable else None
-        with self._cond:
-            if self._killed:
-                return
-            proc = _reuse_idle_worker(environment) if environment else None
-            if proc is None:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "evaluation.worker", str(log_path)],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    env=env,
-                    start_new_session=True,  # its own group: killed with the training, never left behind
-                )
-            thread = threading.Thread(target=self._serve, args=(proc, log_path, environment), daemon=True)
-            self._workers.append((proc, thread))
-        thread.start()
-
-    def submit(self, request: EvalRequest) -> None:
-        with self._cond:
-            self._queue.append(request)
-            self._cond.notify_all()
-
-    def raise_if_failed(self) -> None:
-        if self.failure is not None:
-            raise self.failure
-
-    def wait(self) -> None:
-        """Block until every submitted model is evaluated; raise the first failure."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        for _, thread in self._workers:
-            thread.join()
-        self.raise_if_failed()
-
-    def kill(self) -> None:
-        with self._cond:
-            self._killed = self._closed = True
-            self._queue.clear()
-            self._cond.notify_all()
-        for proc, _ in self._workers:
-            if proc.poll() is None and proc not in self._handed_on:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for _, thread in self._workers:
-            thread.join(timeout=30)
-
-    def _serve(self, proc: subprocess.Popen, log_path: Path, environment: Environment | None) -> None:
-        assert proc.stdin is not None and proc.stdout is not None
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue or self._killed or self.failure is not None:
-                    break
-                request = self._queue.popleft()
-            try:
-                proc.stdin.write(WorkItem(request=request, log=str(log_path)).model_dump_json() + "\n")
-                proc.stdin.flush()
-                line = proc.stdout.readline()
-            except (BrokenPipeError, ValueError):  # the worker died (or was killed) meanwhile
-                line = ""
-            if not line:
-                proc.wait()
-                if not self._killed:
-                    tail = "\n".join(log_path.read_text(errors="replace").strip().splitlines()[-30:])
-                    self.failure = EvaluationFailed(
-                        f"evaluation of {request.name} failed (exit {proc.returncode}):\n{tail}"
-                    )
-                return
-            record = json.loads(line)
-            with self._cond, open(self.timeline, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            self.log(f"{request.name}: evaluated beside training in {record['seconds']:.1f}s -> {request.eval_dir}")
-            if self.on_evaluated is not None:
-                self.on_evaluated(request)
-        with self._cond:
-            if self._killed:  # kill() ends it
-                return
-            if environment is not None:
-                self._handed_on.append(proc)
-                _keep_idle_worker(environment, proc)
-                return
-        proc.stdin.close()
-        proc.wait()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def redirect_output(log_path: str) -> None:
@@ -292,9 +154,9 @@ def redirect_output(log_path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Serve WorkItems from stdin, one per line; report each finished one on stdout. Every other
-    output (the libraries', a traceback) goes to the log file named by the argument until a work
-    item names another."""
+    """Serve WorkItems from stdin, one per line; reply with an EvaluationRecord per item on stdout.
+    Every other output (the libraries', a server's) goes to the log file the item names. After a
+    failed evaluation the worker exits."""
     (log_path,) = sys.argv[1:] if argv is None else argv
     end_with_owner()  # mid-evaluation too, a killed run's worker ends with it (training.lifetime)
     protocol = os.fdopen(os.dup(1), "w")
@@ -304,17 +166,200 @@ def main(argv: list[str] | None = None) -> None:
         if item.log != log_path:
             log_path = item.log
             redirect_output(log_path)
-        request = item.request
         started, t0 = datetime.now(UTC).isoformat(), time.perf_counter()
-        evaluate(request)
-        record = {
-            "model": request.name,
-            "started": started,
-            "finished": datetime.now(UTC).isoformat(),
-            "pid": os.getpid(),
-        }
-        protocol.write(json.dumps({**record, "seconds": round(time.perf_counter() - t0, 2)}) + "\n")
+        error = None
+        try:
+            evaluate(item.request, Path(log_path))
+        except Exception:
+            error = traceback.format_exc()
+            traceback.print_exc()
+        release_memory()
+        record = EvaluationRecord(
+            model=item.request.name,
+            started=started,
+            finished=datetime.now(UTC).isoformat(),
+            pid=os.getpid(),
+            seconds=round(time.perf_counter() - t0, 2),
+            error=error,
+        )
+        protocol.write(records.dumps(record) + "\n")
         protocol.flush()
+        if error is not None:
+            sys.exit(1)
+
+
+class Worker:
+    """One `python -m evaluation.worker` process, in a process group of its own (so that it and a
+    server it started are killed together), serving one request at a time."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "evaluation.worker", str(log_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def evaluate(self, request: EvalRequest, log_path: Path) -> EvaluationRecord:
+        """Run one model; raise EvaluationFailed with its error (or the log's tail if the worker died)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(WorkItem(request=request, log=str(log_path)).model_dump_json() + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, ValueError):  # it died (or was killed) meanwhile
+            line = ""
+        if not line:
+            self.proc.wait()
+            raise EvaluationFailed(
+                f"evaluation of {request.name} failed: its worker exited ({self.proc.returncode}):\n"
+                + server.tail(log_path)
+            )
+        record = records.parse(EvaluationRecord, line, f"the evaluation worker's reply for {request.name}")
+        if record.error is not None:
+            self.proc.wait()
+            raise EvaluationFailed(f"evaluation of {request.name} failed:\n{record.error.strip()}")
+        return record
+
+    def close(self) -> None:
+        """Let it finish: its loop ends when its stdin does."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
+
+    def kill(self) -> None:
+        """Its whole process group (a server it started included)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+class Slot:
+    """A share of the machine for one worker: its environment updates, and the group it belongs to
+    (`reserved` for evaluation.devices, `training` for training's resources once it ended)."""
+
+    def __init__(self, name: str, group: str, env: dict[str, str]) -> None:
+        self.name, self.group, self.env = name, group, env
+        self.worker: Worker | None = None
+        self.busy = False
+        self.open = True
+
+    @property
+    def holds_gpus(self) -> bool:
+        return bool(self.env.get("CUDA_VISIBLE_DEVICES"))
+
+
+class EvaluationWorkers:
+    """The one owner of a flow run's evaluation processes (see the module docstring). Thread-safe:
+    each evaluation task run calls `evaluate` from its own thread. A context manager: on exit every
+    process it started is killed."""
+
+    def __init__(self, log: Callable[[str], None] = print) -> None:
+        self.log = log
+        self._slots: list[Slot] = []
+        self._cond = threading.Condition()
+        self._waiting = 0
+        self._closed = False
+        self._timeline_lock = threading.Lock()
+
+    def __enter__(self) -> EvaluationWorkers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+    def open_slots(self, group: str, envs: list[dict[str, str]]) -> None:
+        """Make these shares available (a slot closed before with the same environment reopens, its
+        worker still started when it holds no GPU)."""
+        with self._cond:
+            for env in envs:
+                same = [s for s in self._slots if s.group == group and s.env == env and not s.open]
+                if same:
+                    same[0].open = True
+                else:
+                    self._slots.append(Slot(f"{group}-{len(self._slots)}", group, env))
+            self._cond.notify_all()
+
+    def close_slots(self, group: str) -> None:
+        """Take these shares back (training needs them); workers holding GPUs exit now. Call it
+        when none of them is busy (a phase's evaluations are all done)."""
+        with self._cond:
+            closing = [s for s in self._slots if s.group == group and s.open]
+            for slot in closing:
+                slot.open = False
+        for slot in closing:
+            if slot.holds_gpus and slot.worker is not None:
+                slot.worker.close()
+                slot.worker = None
+
+    def evaluate(self, request: EvalRequest, log_dir: Path) -> EvaluationRecord:
+        """Evaluate one model in a worker (waiting for a slot); append its record to
+        <log_dir>/evaluations.jsonl. A failure kills that worker (the slot starts a fresh one)."""
+        log_dir.mkdir(parents=True, exist_ok=True)
+        slot = self._take()
+        log_path = log_dir / f"eval-worker-{slot.name}.log"
+        try:
+            with self._cond:  # started under the lock: `kill` either sees it or it sees `kill`
+                if self._closed:
+                    raise EvaluationFailed("the run's evaluation workers were stopped")
+                if slot.worker is None or not slot.worker.alive():
+                    slot.worker = Worker({**os.environ, **slot.env}, log_path)
+            record = slot.worker.evaluate(request, log_path)
+        except BaseException:
+            if slot.worker is not None:
+                slot.worker.kill()
+                slot.worker = None
+            raise
+        finally:
+            with self._cond:
+                slot.busy = False
+                self._cond.notify_all()
+        record = record.model_copy(update={"slot": slot.name})
+        with self._timeline_lock, open(log_dir / records.EVALUATIONS, "a") as f:
+            f.write(records.dumps(record) + "\n")
+        return record
+
+    def _take(self) -> Slot:
+        with self._cond:
+            self._waiting += 1
+            try:
+                while (slot := self._choose()) is None:
+                    if self._closed:
+                        raise EvaluationFailed("the run's evaluation workers were stopped")
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            slot.busy = True
+            return slot
+
+    def _choose(self) -> Slot | None:
+        if self._closed:
+            return None
+        free = [s for s in self._slots if s.open and not s.busy]
+        started = [s for s in free if s.worker is not None and s.worker.alive()]
+        if started:
+            return started[0]
+        running = any(s.open and s.busy for s in self._slots)
+        return free[0] if free and (not running or self._waiting > 1) else None
+
+    def kill(self) -> None:
+        """Every worker (and its server) now; waiting evaluations fail."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            workers = [s.worker for s in self._slots if s.worker is not None]
+        for worker in workers:
+            worker.kill()
 
 
 if __name__ == "__main__":

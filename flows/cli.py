@@ -96,7 +96,7 @@ def plan_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from training.plan import plan_recipe
+    from training.lab_plan import plan_recipe
 
     recipe = resolve(args.recipe, args.strategy, plan_overrides(args))
     plan, text = plan_recipe(recipe, args.gpu_memory, args.samples, args.mean_tokens, args.tokens_per_s)
@@ -111,7 +111,8 @@ def check_memory(recipe: Recipe, gpu_memory_gib: float | None) -> str | None:
 
     Only GPU backends are checked, against --gpu-memory or the GPU found here; a model whose
     config.json cannot be read is reported and not checked."""
-    from training.plan import device_memory_bytes, plan_recipe
+    from training.lab_plan import plan_recipe
+    from training.plan import device_memory_bytes
 
     if recipe.launch.backend == "cpu" or device_memory_bytes(gpu_memory_gib) is None:
         return None  # nothing to check against (no GPU here and no --gpu-memory)
@@ -164,20 +165,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             smoke=args.smoke,
             run_id=args.run_id,
         )
-    print_summary([result["base"], *result["phases"]], f"run {result['run_id']} ({result['run_uri']})")
+    print_summary([s.row() for s in (result.base, *result.phases)], f"run {result.run_id} ({result.run_uri})")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from core import storage
+    from core import records
     from training.preflight import model_config
 
     overrides = parse_overrides(args.set)
     for target in args.targets:
-        if storage.exists(storage.join(target, "manifest.json")):
-            resolve(
-                args.recipe or storage.read_json(storage.join(target, "manifest.json"))["recipe"], overrides=overrides
-            )
+        manifest = records.read_manifest(target)
+        if manifest is not None:
+            resolve(args.recipe or manifest.recipe, overrides=overrides)
         else:
             resolve(args.recipe or "demo", overrides=overrides)
             model_config(target, field=f"target {target}")
@@ -208,15 +208,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             sweep_id=args.sweep_id,
         )
     print_summary(
-        [{k: v for k, v in r.items() if k != "overrides"} | r["overrides"] for r in summary["runs"]],
-        f"sweep {summary['sweep_id']}",
+        [r.model_dump(exclude={"overrides"}) | r.overrides for r in summary.runs],
+        f"sweep {summary.sweep_id}",
     )
     print(
-        f"samples trained {summary['samples_trained']} of {summary['samples_planned']} planned; saved {summary['samples_saved']} "
-        f"samples ({summary['train_seconds_saved']} s of training); winner {summary.get('winner')}"
+        f"samples trained {summary.samples_trained} of {summary.samples_planned} planned; saved {summary.samples_saved} "
+        f"samples ({summary.train_seconds_saved} s of training); winner {summary.winner}"
     )
-    if summary["validation"]:
-        print_summary(summary["validation"], "pruners validated against the final scores")
+    if summary.validation:
+        print_summary([v.model_dump() for v in summary.validation], "pruners validated against the final scores")
     return 0
 
 
@@ -228,8 +228,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with running_flows():
         result = reproduce(storage_root=args.storage_root, seeds=args.seeds)
-    print_summary(result["findings"], f"paper findings on the embedded lab ({args.seeds} seeds)")
-    print_summary(result["pruners"], "pruners validated on the LR sweep")
+    print_summary(result.findings, f"paper findings on the embedded lab ({args.seeds} seeds)")
+    print_summary(result.pruners, "pruners validated on the LR sweep")
     print(f"wall time: {time.perf_counter() - started:.0f}s")
     return 0
 
@@ -242,8 +242,8 @@ def cmd_nightly_spread(args: argparse.Namespace) -> int:
 
     with running_flows():
         spread = nightly_seed_spread(recipe=args.recipe, seeds=args.seeds, storage_root=args.storage_root)
-    rows = [{"metric": m, "per seed": v["values"], "tolerance": v["tolerance"]} for m, v in spread["metrics"].items()]
-    print_summary(rows, f"seed spread of the nightly {spread['recipe']} ({spread['seeds']} seeds)")
+    rows = [{"metric": m, "per seed": v.values, "tolerance": v.tolerance} for m, v in spread.metrics.items()]
+    print_summary(rows, f"seed spread of the nightly {spread.recipe} ({spread.seeds} seeds)")
     return 0
 
 
@@ -271,12 +271,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     build_assets_meanwhile()
     with running_flows():
         result = demo(recipe=args.recipe, storage_root=args.storage_root)
-    print_summary(result["comparison"], "phased vs stacked on the embedded lab")
-    print(f"\nreport: {result['report']}  (comparison.md, comparison.csv, comparison.png)")
-    for run in result["runs"].values():
-        print(f"run:    {run['run_uri']}/report  (summary.md, training.png, scores.png)")
-        if "gate_failed" in run:
-            print(f"        {run['strategy']} stopped at a gate: {run['gate_failed']}")
+    print_summary(result.comparison, "phased vs stacked on the embedded lab")
+    print(f"\nreport: {result.report}  (comparison.md, comparison.csv, comparison.png)")
+    for run in result.runs.values():
+        print(f"run:    {run.run_uri}/report  (summary.md, training.png, scores.png)")
+        if run.gate_failed is not None:
+            print(f"        {run.strategy} stopped at a gate: {run.gate_failed}")
     print(f"wall time: {time.perf_counter() - started:.0f}s")
     return 0
 

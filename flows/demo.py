@@ -7,11 +7,25 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, task
+from pydantic import BaseModel, Field
 
 from core import storage
 from core.recipe import resolve
 from evaluation import report
-from flows.finetune import GateFailed, finetune
+from flows.finetune import GateFailed, RunResult, finetune
+
+
+class ArmResult(RunResult):
+    """One arm of the comparison; an arm stopped by a gate has the phases it reached."""
+
+    gate_failed: str | None = Field(None, description="The gate's reasons, when a phase's gate stopped the arm.")
+
+
+class DemoResult(BaseModel):
+    demo_id: str
+    report: str = Field(description="The comparison's directory: comparison.md, .csv, .png.")
+    runs: dict[str, ArmResult] = Field(description="phased and stacked.")
+    comparison: list[dict[str, Any]] = Field(description="The comparison table's rows (report.write_comparison).")
 
 
 @task(name="build-embedded-assets")
@@ -22,23 +36,24 @@ def build_embedded_assets() -> str:
 
 
 @task(name="write-comparison")
-def write_comparison(out_uri: str, runs: dict[str, dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
+def write_comparison(out_uri: str, runs: dict[str, RunResult], metrics: list[str]) -> list[dict[str, Any]]:
     table = report.write_comparison(
         out_uri,
-        {label: r["run_uri"] for label, r in runs.items()},
-        {label: [p["phase"] for p in r["phases"]] for label, r in runs.items()},
+        {label: r.run_uri for label, r in runs.items()},
+        {label: [p.phase for p in r.phases] for label, r in runs.items()},
         metrics,
     )
     return table.to_dict(orient="records")
 
 
 @task(name="run-arm", task_run_name="{strategy}")
-def run_arm(recipe: str, strategy: str, storage_root: str, run_id: str) -> dict[str, Any]:
+def run_arm(recipe: str, strategy: str, storage_root: str, run_id: str) -> ArmResult:
     """One arm of the comparison: a `finetune` subflow. An arm stopped by a phase's gate is a
     result of the comparison, not a crash of the demo: it is reported up to that phase, with
     the gate's reasons (`gate_failed`); its finetune flow run stays Failed."""
     try:
-        return finetune(recipe=recipe, strategy=strategy, storage_root=storage_root, run_id=run_id)
+        result = finetune(recipe=recipe, strategy=strategy, storage_root=storage_root, run_id=run_id)
+        return ArmResult(**result.model_dump())
     except GateFailed as failed:
         run_uri = storage.join(storage_root, run_id)
         reached = [
@@ -46,17 +61,14 @@ def run_arm(recipe: str, strategy: str, storage_root: str, run_id: str) -> dict[
             for p in resolve(recipe, strategy).phases
             if storage.exists(storage.join(run_uri, p.name, "selection.json"))
         ]
-        return {
-            "run_id": run_id,
-            "run_uri": run_uri,
-            "strategy": strategy,
-            "phases": [{"phase": name} for name in reached],
-            "gate_failed": str(failed),
-        }
+        base, *phases = report.phase_rows(run_uri, reached)[0]  # as the run's own report has them
+        return ArmResult(
+            run_id=run_id, run_uri=run_uri, strategy=strategy, base=base, phases=phases, gate_failed=str(failed)
+        )
 
 
 @flow(name="demo")
-def demo(recipe: str = "demo", storage_root: str = "./runs", demo_id: str | None = None) -> dict[str, Any]:
+def demo(recipe: str = "demo", storage_root: str = "./runs", demo_id: str | None = None) -> DemoResult:
     """Build the embedded assets, run `finetune` phased and stacked, and compare them.
 
     The two arms are independent runs. On CPU they train side by side (each training process
@@ -76,4 +88,4 @@ def demo(recipe: str = "demo", storage_root: str = "./runs", demo_id: str | None
     metrics = [k for p in phased.phases for k in p.objective]
     out_uri = storage.join(root, demo_id, "report")
     table = write_comparison(out_uri, runs, metrics)
-    return {"demo_id": demo_id, "report": out_uri, "runs": runs, "comparison": table}
+    return DemoResult(demo_id=demo_id, report=out_uri, runs=runs, comparison=table)

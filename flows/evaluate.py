@@ -14,9 +14,9 @@ from typing import Any
 
 from prefect import flow
 
-from core import storage
+from core import records, storage
 from core.recipe import load_recipe, resolve
-from tasks.finetune import ModelRef, eval_uri, evaluate_model
+from tasks.finetune import ModelRef, evaluate_checkpoint, evaluation_without_training
 
 
 @flow(name="evaluate")
@@ -29,21 +29,24 @@ def evaluate(
     """Evaluate run directories or single models; return one row per evaluated model."""
     rows = []
     for target in targets:
-        manifest_uri = storage.join(target, "manifest.json")
-        if storage.exists(manifest_uri):
-            run_recipe = storage.read_json(manifest_uri)["recipe"]
-            cfg = load_recipe(run_recipe, overrides) if recipe is None else resolve(recipe, overrides=overrides)
-            for phase in cfg.phases:
-                for uri in storage.complete_checkpoints(storage.join(target, phase.name)):
-                    model = ModelRef.checkpoint(uri)
-                    score = evaluate_model(cfg, model, eval_uri(target, phase.name, model.name))
-                    rows.append({"target": target, "phase": phase.name, "checkpoint": model.name, **score.metrics})
+        manifest = records.read_manifest(target)
+        if manifest is not None:
+            cfg = load_recipe(manifest.recipe, overrides) if recipe is None else resolve(recipe, overrides=overrides)
+            with evaluation_without_training(cfg) as evaluation:
+                submitted = []  # every model at once: as many evaluate together as there are slots
+                for phase in cfg.phases:
+                    phase_uri = storage.join(target, phase.name)
+                    for uri in storage.complete_checkpoints(phase_uri):
+                        model = ModelRef.checkpoint(uri)
+                        future = evaluate_checkpoint.submit(cfg, phase.name, phase_uri, model, evaluation)
+                        submitted.append((phase.name, model.name, future))
+                for phase_name, name, future in submitted:
+                    rows.append({"target": target, "phase": phase_name, "checkpoint": name, **future.result().metrics})
         else:
             cfg = resolve(recipe or "demo", overrides=overrides)
             name = re.sub(r"[^A-Za-z0-9._-]+", "_", target.rstrip("/").rsplit("/", 1)[-1])
             root = os.path.abspath(storage_root) if storage.is_local(storage_root) else storage_root
-            score = evaluate_model(
-                cfg, ModelRef(name=name, uri=target, samples=0), storage.join(root, "eval", name, "lm_eval.json")
-            )
+            with evaluation_without_training(cfg) as evaluation:
+                score = evaluate_checkpoint(cfg, "eval", root, ModelRef(name=name, uri=target, samples=0), evaluation)
             rows.append({"target": target, "phase": None, "checkpoint": name, **score.metrics})
     return rows

@@ -13,9 +13,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow
+from pydantic import BaseModel, Field
 
-from core import storage
+from core import records, storage
 from core.recipe import resolve
+from core.records import MetricSpread, SeedSpread
 from evaluation.findings import regression_tolerance
 from flows.finetune import finetune
 from tasks.nightly import (
@@ -35,6 +37,16 @@ class NightlyRegression(RuntimeError):
     """Tonight's selected metrics dropped beyond tolerance against the last good night."""
 
 
+class NightlyResult(BaseModel):
+    """A night that passed (one that regressed raises NightlyRegression)."""
+
+    run_id: str
+    passed: bool
+    baseline_run_id: str | None = Field(description="The last good night compared with; None on the first night.")
+    history: str = Field(description="The recipe's history.jsonl.")
+    plot: str = Field(description="Its history.png.")
+
+
 @flow(name="nightly-regression")
 def nightly(
     recipe: str = "demo",
@@ -43,7 +55,7 @@ def nightly(
     storage_root: str = "./runs",
     smoke: bool = True,
     run_id: str | None = None,
-) -> dict[str, Any]:
+) -> NightlyResult:
     """Run `finetune` on a small recipe and compare its selected metrics with the last good night.
 
     Args:
@@ -63,7 +75,7 @@ def nightly(
     uri = history_uri(root, cfg)
     if tolerances is None:
         tolerances = measured_tolerances(uri, cfg)
-    night = compare_with_last_good(uri, run_id, cfg, result["phases"], tolerances)
+    night = compare_with_last_good(uri, run_id, cfg, result.phases, tolerances)
     history = record_night(uri, night)
     plot = publish_history(uri, night, history)
     if not night.passed:
@@ -74,7 +86,7 @@ def nightly(
                 f"{c.metric} {c.value:.4f} < last good {c.baseline:.4f} - {c.tolerance}" for c in night.regressions
             )
         )
-    return {"run_id": run_id, "passed": True, "baseline_run_id": night.baseline_run_id, "history": uri, "plot": plot}
+    return NightlyResult(run_id=run_id, passed=True, baseline_run_id=night.baseline_run_id, history=uri, plot=plot)
 
 
 @flow(name="nightly-seed-spread")
@@ -84,7 +96,7 @@ def nightly_seed_spread(
     overrides: dict[str, Any] | None = None,
     storage_root: str = "./runs",
     smoke: bool = True,
-) -> dict[str, Any]:
+) -> SeedSpread:
     """Measure how much the nightly recipe's selected metrics move with the seed alone, and
     derive each metric's regression tolerance from it (evaluation/findings.py:
     regression_tolerance); the nightly uses them when it is given no tolerances.
@@ -106,13 +118,13 @@ def nightly_seed_spread(
             smoke=smoke,
             run_id=f"nightly-{cfg.name}-spread-seed{seed}",
         )
-        for metric, value in selected_metrics(cfg, result["phases"]).items():
+        for metric, value in selected_metrics(cfg, result.phases).items():
             per_seed.setdefault(metric, []).append(value)
-    spread = {
-        "recipe": cfg.name,
-        "fingerprint": fingerprint(cfg),
-        "seeds": seeds,
-        "metrics": {m: {"values": v, "tolerance": regression_tolerance(v)} for m, v in per_seed.items()},
-    }
-    storage.write_json(spread_uri(history_uri(root, cfg)), spread)
+    spread = SeedSpread(
+        recipe=cfg.name,
+        fingerprint=fingerprint(cfg),
+        seeds=seeds,
+        metrics={m: MetricSpread(values=v, tolerance=regression_tolerance(v)) for m, v in per_seed.items()},
+    )
+    storage.write_text(spread_uri(history_uri(root, cfg)), records.dumps(spread, indent=2) + "\n")
     return spread

@@ -21,6 +21,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from pydantic import BaseModel, Field
 
 from core import storage
 from core.items import read_items
@@ -125,8 +126,15 @@ def describe(e: rules.Estimate) -> str:
     return f"{e.n} seeds" if e.source == "seeds" else "1 seed: the evaluation's item-paired stderr only"
 
 
+class ReproduceResult(BaseModel):
+    findings: list[dict[str, Any]] = Field(
+        description="Rows of claim, measured, rule, verdict, mde_80, seeds_for_0.03."
+    )
+    pruners: list[dict[str, Any]] = Field(description="Each pruner validated on the LR sweep across seeds.")
+
+
 @flow(name="reproduce")
-def reproduce(storage_root: str = "./runs", seeds: int = 1) -> dict[str, list[dict[str, Any]]]:
+def reproduce(storage_root: str = "./runs", seeds: int = 1) -> ReproduceResult:
     """Run the scaled-down comparisons with `seeds` seeds per arm; return the findings table
     (claim, measured, rule, verdict) and the pruners' validation across seeds."""
     if seeds < 1:
@@ -144,7 +152,7 @@ def reproduce(storage_root: str = "./runs", seeds: int = 1) -> dict[str, list[di
             result = finetune(
                 recipe="demo", strategy=strategy, overrides={"training.seed": seed}, storage_root=root, run_id=run_id
             )
-            runs[strategy].append(read_winner(storage.join(root, run_id), [p["phase"] for p in result["phases"]]))
+            runs[strategy].append(read_winner(storage.join(root, run_id), [p.phase for p in result.phases]))
     mean = {s: [sum(r["metrics"][m] for m in LAB_METRICS) / 3 for r in rs] for s, rs in runs.items()}
     row = compare(
         "stacked scores like phased (or better) and needs fewer samples to peak",
@@ -194,20 +202,20 @@ def reproduce(storage_root: str = "./runs", seeds: int = 1) -> dict[str, list[di
     ]
     pruners = []
     for pruner in PRUNERS:
-        checks = [next(v for v in s["validation"] if v["pruner"] == pruner) for s in sweeps]
-        rhos = [c["spearman_first_rung"] for c in checks if c["spearman_first_rung"] is not None]
+        checks = [next(v for v in s.validation if v.pruner == pruner) for s in sweeps]
+        rhos = [c.spearman_first_rung for c in checks if c.spearman_first_rung is not None]
         pruners.append(
             {
                 "pruner": pruner,
                 "spearman_first_rung": str(rules.estimate(rhos)) if rhos else "undefined",
-                "winner_survived": f"{sum(bool(c['winner_survived']) for c in checks)}/{seeds}",
-                "samples_saved": round(sum(c["samples_saved"] for c in checks) / seeds),
+                "winner_survived": f"{sum(bool(c.winner_survived) for c in checks)}/{seeds}",
+                "samples_saved": round(sum(c.samples_saved for c in checks) / seeds),
                 "rho_per_seed": ", ".join(f"{r:.3f}" for r in rhos),
             }
         )
     paper = next(p for p in pruners if p["pruner"] == "dynamics")
-    paper_checks = [next(v for v in s["validation"] if v["pruner"] == "dynamics") for s in sweeps]
-    paper_rhos = [c["spearman_first_rung"] for c in paper_checks if c["spearman_first_rung"] is not None]
+    paper_checks = [next(v for v in s.validation if v.pruner == "dynamics") for s in sweeps]
+    paper_rhos = [c.spearman_first_rung for c in paper_checks if c.spearman_first_rung is not None]
     findings.append(
         {
             "claim": "lower grad norm and higher loss early predict the better final run",
@@ -217,12 +225,12 @@ def reproduce(storage_root: str = "./runs", seeds: int = 1) -> dict[str, list[di
             "CI is below 0 or the winner never survived; else inconclusive",
             "verdict": rules.combine(
                 rules.beats(rules.estimate(paper_rhos)) if paper_rhos else "inconclusive",
-                rules.consistent([bool(c["winner_survived"]) for c in paper_checks]),
+                rules.consistent([bool(c.winner_survived) for c in paper_checks]),
             ),
             **(power(rules.estimate(paper_rhos)) if paper_rhos else {"mde_80": "n/a", "seeds_for_0.03": "n/a"}),
         }
     )
-    finals = [{r["overrides"]["training.learning_rate"]: r["final_objective"] for r in s["runs"]} for s in sweeps]
+    finals = [{r.overrides["training.learning_rate"]: r.final_objective for r in s.runs} for s in sweeps]
     best = [max(f, key=f.get) for f in finals]
     lower_half = sorted(LR_GRID)[: len(LR_GRID) // 2]
     # the effect behind it: per seed, the best lower-half LR's final score minus the best upper-half one's
@@ -311,4 +319,4 @@ def reproduce(storage_root: str = "./runs", seeds: int = 1) -> dict[str, list[di
         + pruner_table.to_markdown(index=False)
         + "\n",
     )
-    return {"findings": findings, "pruners": pruners}
+    return ReproduceResult(findings=findings, pruners=pruners)

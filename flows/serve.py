@@ -8,7 +8,6 @@ functions, so what `lab serve` does is what is tested.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import os
 import signal
@@ -24,6 +23,7 @@ from typing import IO
 import httpx
 
 from core import storage
+from training.lifetime import stop_with
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
@@ -112,7 +112,7 @@ def temporary_api() -> Iterator[None]:
     command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
     parent = os.getpid()
     server = subprocess.Popen(
-        [sys.executable, "-m", *command], env=env, start_new_session=True, preexec_fn=lambda: _stop_with(parent)
+        [sys.executable, "-m", *command], env=env, start_new_session=True, preexec_fn=lambda: stop_with(parent)
     )
     try:
         # At least 90 s (Prefect's default is 20): a first start creates the database, which took
@@ -130,18 +130,6 @@ def temporary_api() -> Iterator[None]:
             EventsWorker.drain_all(timeout=10)
             refresh_global_settings_context()
         stop(server)
-
-
-_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: nothing but the call runs in the forked child
-PR_SET_PDEATHSIG = 1
-
-
-def _stop_with(parent: int) -> None:
-    """preexec_fn: SIGTERM this process when the thread that started it ends (Linux); at once if
-    `parent` died before the signal was set."""
-    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def deploy_all(env: dict[str, str]) -> str:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from core import records, storage
 from core.recipe import Recipe, resolve
@@ -40,7 +40,15 @@ from evaluation.dynamics import early_dynamics
 from evaluation.pruning import PRUNERS, Pruner, PrunerValidation, RungResult, loss_slope, rank, survivors, validate
 from evaluation.selection import objective_value
 from flows.finetune import finetune
-from tasks.finetune import ModelRef, artifact_key, eval_uri, evaluate_model, init_run, prepare_data, train_phase
+from tasks.finetune import (
+    ModelRef,
+    artifact_key,
+    evaluate_checkpoint,
+    evaluation_without_training,
+    init_run,
+    prepare_data,
+    train_phase,
+)
 from training.data import phase_conversations, validation_slice
 
 PROBE_DEPLOYMENT = "sweep-probe/sweep-probe"
@@ -59,6 +67,23 @@ class SweepRun(BaseModel):
     samples_trained: int = 0
     samples_planned: int = 0
     train_seconds: float = 0.0
+
+
+class SweepResult(BaseModel):
+    """A sweep's outcome, as <root>/<sweep_id>/sweep.json holds it."""
+
+    sweep_id: str
+    pruner: str
+    rungs: list[int]
+    eta: float
+    runs: list[SweepRun]
+    samples_planned: int
+    samples_trained: int
+    samples_saved: int = Field(description="Of the runs stopped early: planned minus trained.")
+    train_seconds: float
+    train_seconds_saved: float = Field(description="The saved samples at each stopped run's own seconds per sample.")
+    validation: list[PrunerValidation] = Field(description="With validate_ranking: each pruner against the finals.")
+    winner: str | None = Field(None, description="The finished run with the best final objective.")
 
 
 def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -107,7 +132,7 @@ def probe(
     storage_root: str = "./runs",
     previous_rung: int = 0,
     evaluate: bool = False,
-) -> dict[str, Any]:
+) -> RungResult:
     """Train a sweep run's first phase up to `rung` samples and pause; write its RungResult to
     <run>/sweep/rung_<rung>.json (what every pruner ranks by) and return it.
 
@@ -118,8 +143,8 @@ def probe(
     run_uri = storage.join(absolute_root(storage_root), run_id)
     out = rung_uri(run_uri, rung)
     if storage.exists(out):
-        done = storage.read_json(out)
-        if done["stopped"] or not evaluate or done["eval_score"] is not None:
+        done = RungResult.model_validate_json(storage.read_text(out))
+        if done.stopped or not evaluate or done.eval_score is not None:
             return done
     init_run(run_uri, run_id, cfg)
     phase = cfg.phases[0]
@@ -142,10 +167,11 @@ def probe(
         result.loss_slope = loss_slope(steps, previous_rung, samples)
         if evaluate:
             checkpoint = next(c for c in state.result() if c.samples == samples)
-            score = evaluate_model(cfg, checkpoint, eval_uri(run_uri, phase.name, checkpoint.name))
+            with evaluation_without_training(cfg) as evaluation:
+                score = evaluate_checkpoint(cfg, phase.name, phase_uri, checkpoint, evaluation)
             result.eval_score = objective_value(phase.objective, score.metrics, f"{run_id} {checkpoint.name}")
     storage.write_json(out, result.model_dump(mode="json"))
-    return result.model_dump(mode="json")
+    return result
 
 
 def run_flows(
@@ -191,7 +217,7 @@ def sweep(
     smoke: bool = False,
     sweep_id: str | None = None,
     on_pool: bool = False,
-) -> dict[str, Any]:
+) -> SweepResult:
     """Run a grid of fine-tunes; with rungs, stop the runs the pruner ranks worst at each rung.
 
     Args:
@@ -262,13 +288,13 @@ def sweep(
     finish = {run_id: {**common, "overrides": runs[run_id].overrides, "run_id": run_id} for run_id in live}
     failed = run_flows(finetune, FINISH_DEPLOYMENT, finish, on_pool, sweep_id, "finish")
     for run_id in live:
-        manifest_uri = storage.join(root, run_id, "manifest.json")
-        done = storage.read_json(manifest_uri)["phases"] if storage.exists(manifest_uri) else {}
+        manifest = records.read_manifest(storage.join(root, run_id))
+        done = manifest.phases if manifest else {}
         last = configs[run_id].phases[-1].name
         if failed[run_id] or last not in done:  # one bad run (a failed gate) must not sink the sweep
             runs[run_id].status, runs[run_id].reason = "failed", failed[run_id]
         else:
-            runs[run_id].final_objective = done[last]["objective"]
+            runs[run_id].final_objective = done[last].objective
 
     for run_id, r in runs.items():
         metrics = run_metrics(storage.join(root, run_id), configs[run_id])
@@ -294,7 +320,7 @@ def write_sweep_report(
     eta: float,
     validation: list[PrunerValidation],
     first_phase: str,
-) -> dict[str, Any]:
+) -> SweepResult:
     """Compute planned / trained / saved, the validation table, and the sweep table (json/csv/md + artifacts)."""
     saved_samples = saved_seconds = 0.0
     for r in runs:
@@ -302,25 +328,24 @@ def write_sweep_report(
             seconds_per_sample = r.train_seconds / max(1, r.samples_trained)
             saved_samples += r.samples_planned - r.samples_trained
             saved_seconds += (r.samples_planned - r.samples_trained) * seconds_per_sample
-    summary: dict[str, Any] = {
-        "sweep_id": sweep_id,
-        "pruner": pruner,
-        "rungs": rungs,
-        "eta": eta,
-        "runs": [r.model_dump(mode="json") for r in runs],
-        "samples_planned": sum(r.samples_planned for r in runs),
-        "samples_trained": sum(r.samples_trained for r in runs),
-        "samples_saved": round(saved_samples),
-        "train_seconds": round(sum(r.train_seconds for r in runs), 2),
-        "train_seconds_saved": round(saved_seconds, 2),
-        "validation": [v.model_dump(mode="json") for v in validation],
-    }
     finished = [r for r in runs if r.final_objective is not None]
-    if finished:
-        summary["winner"] = max(finished, key=lambda r: r.final_objective).run_id
+    summary = SweepResult(
+        sweep_id=sweep_id,
+        pruner=pruner,
+        rungs=rungs,
+        eta=eta,
+        runs=runs,
+        samples_planned=sum(r.samples_planned for r in runs),
+        samples_trained=sum(r.samples_trained for r in runs),
+        samples_saved=round(saved_samples),
+        train_seconds=round(sum(r.train_seconds for r in runs), 2),
+        train_seconds_saved=round(saved_seconds, 2),
+        validation=validation,
+        winner=max(finished, key=lambda r: r.final_objective).run_id if finished else None,
+    )
 
     out = storage.join(root, sweep_id)
-    storage.write_json(storage.join(out, "sweep.json"), summary)
+    storage.write_json(storage.join(out, "sweep.json"), summary.model_dump(mode="json"))
     rows = [
         {
             "run": r.run_id,
@@ -354,9 +379,9 @@ def write_sweep_report(
     )
     create_table_artifact(key=artifact_key(sweep_id, "sweep"), table=rows, description="sweep runs")
     markdown = (
-        f"# Sweep `{sweep_id}`\n\npruner `{pruner}`, rungs {rungs}, eta {eta}; winner `{summary.get('winner')}`; "
-        f"samples trained {summary['samples_trained']} of {summary['samples_planned']} planned; "
-        f"saved {summary['samples_saved']} samples, {summary['train_seconds_saved']} s of training\n"
+        f"# Sweep `{sweep_id}`\n\npruner `{pruner}`, rungs {rungs}, eta {eta}; winner `{summary.winner}`; "
+        f"samples trained {summary.samples_trained} of {summary.samples_planned} planned; "
+        f"saved {summary.samples_saved} samples, {summary.train_seconds_saved} s of training\n"
     )
     if validation_rows:
         markdown += "\n## Pruners, validated against the final scores\n\n"

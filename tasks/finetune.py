@@ -6,17 +6,18 @@ to orchestration (retries, timeouts, artifacts, logging) lives here, not in the 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import re
 import shutil
 import subprocess
-import time
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import (
@@ -25,25 +26,28 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 
 from core import items, records, storage
 from core.chat import apply_template
 from core.recipe import MTBenchConfig, PhaseConfig, Recipe
-from core.records import FINISHED, TRAINED, ModelRef, PrepStats, ProgressEvent
+from core.records import FINISHED, MANIFEST, TRAINED, Manifest, ModelRef, PhaseDone, PrepStats, ProgressEvent
 from evaluation import mt_bench, report, worker
 from evaluation.selection import CheckpointScore, Selection, gate_markdown, select
-from evaluation.worker import BackgroundEvaluator, EvalRequest
+from evaluation.worker import EvalRequest, EvaluationWorkers
 from training.averaging import average_checkpoints
 from training.data import phase_conversations, prepare
 from training.job import TrainJob
 from training.launch.checkpoints import complete_checkpoints, keep_last_checkpoints, prune_checkpoints
 from training.launch.devices import device_env, training_slots, visible_gpus
-from training.launch.files import TrainingFailed
+from training.launch.files import RunFiles, TrainingFailed
 from training.launch.local import run_training
 from training.plan import preemption_grace_seconds
 from training.scheduler import run_scheduled
 
 REPO = Path(__file__).resolve().parents[1]
+WATCH_POLL_S = 0.5  # how often the watcher looks for a newly complete checkpoint
 
 
 def artifact_key(*parts: str) -> str:
@@ -61,47 +65,39 @@ def code_version() -> str:
         return "unknown"
 
 
-def eval_uri(run_uri: str, phase: str, model_name: str, file: str = "lm_eval.json") -> str:
-    """<run>/<phase>/eval/<model>/<file>: where a model's results of one suite live."""
-    return storage.join(run_uri, phase, "eval", model_name, file)
-
-
 @task(name="init-run")
-def init_run(run_uri: str, run_id: str, recipe: Recipe) -> dict[str, Any]:
+def init_run(run_uri: str, run_id: str, recipe: Recipe) -> Manifest:
     """Create or load the run journal (manifest.json). A re-run with the same run_id resumes."""
-    uri = storage.join(run_uri, "manifest.json")
-    if storage.exists(uri):
-        manifest = storage.read_json(uri)
+    uri = storage.join(run_uri, MANIFEST)
+    manifest = records.read_manifest(run_uri)
+    if manifest is not None:
         # Where the model is exported is not what the run trains: a finished run may be re-run to export it.
-        trained = {k: v for k, v in manifest["recipe"].items() if k != "export"}
+        trained = {k: v for k, v in manifest.recipe.items() if k != "export"}
         if trained != recipe.model_dump(mode="json", exclude={"export"}):
             raise ValueError(f"{uri}: run {run_id} exists with a different recipe; use a new run_id")
-        get_run_logger().info(f"resuming run {run_id}: phases done {list(manifest['phases'])}")
+        get_run_logger().info(f"resuming run {run_id}: phases done {list(manifest.phases)}")
         return manifest
-    manifest = {
-        "run_id": run_id,
-        "created": datetime.now(UTC).isoformat(),
-        "code_version": code_version(),
-        "recipe": recipe.model_dump(mode="json"),
-        "phases": {},
-    }
-    storage.write_json(uri, manifest)
+    manifest = Manifest(
+        run_id=run_id,
+        created=datetime.now(UTC).isoformat(),
+        code_version=code_version(),
+        recipe=recipe.model_dump(mode="json"),
+    )
+    storage.write_text(uri, records.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 @task(name="mark-phase-done")
-def mark_phase_done(
-    run_uri: str, manifest: dict[str, Any], selection: Selection, validation_ids: list[str]
-) -> dict[str, Any]:
+def mark_phase_done(run_uri: str, manifest: Manifest, selection: Selection, validation_ids: list[str]) -> Manifest:
     """The phase's winner in the run journal, with the ids of its held-out validation slice."""
-    done = {
-        "selected": selection.winner.checkpoint,
-        "objective": selection.winner.objective,
-        "policy": selection.policy,
-        "validation_ids": validation_ids,
-    }
-    manifest = {**manifest, "phases": {**manifest["phases"], selection.phase: done}}
-    storage.write_json(storage.join(run_uri, "manifest.json"), manifest)
+    done = PhaseDone(
+        selected=selection.winner.checkpoint,
+        objective=selection.winner.objective,
+        policy=selection.policy,
+        validation_ids=validation_ids,
+    )
+    manifest = manifest.model_copy(update={"phases": {**manifest.phases, selection.phase: done}})
+    storage.write_text(storage.join(run_uri, MANIFEST), records.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -133,7 +129,7 @@ def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> PrepStats:
     return stats
 
 
-@task(name="train-phase", task_run_name="train-{run_id}-{phase.name}")
+@task(name="train-phase", task_run_name="train-{run_id}-{phase.name}", cache_policy=NO_CACHE)
 def train_phase(
     recipe: Recipe,
     phase: PhaseConfig,
@@ -141,7 +137,7 @@ def train_phase(
     run_id: str,
     start: ModelRef,
     stop_after_samples: int | None = None,
-    evaluate_start: bool = False,
+    stop: threading.Event | None = None,
 ) -> list[ModelRef]:
     """Run the phase's `accelerate launch`; stream rank-0 output to the log; return checkpoints.
 
@@ -149,11 +145,9 @@ def train_phase(
     Training writes into the phase's local directory (for a remote root, its mirror in the
     staging directory, which also keeps the rolling state for resume). Progress comes from
     progress.jsonl and each checkpoint from its meta.json (the run's files, not its output): with
-    a remote root it is uploaded as soon as it is complete, and with `evaluation.devices` its
-    evaluation starts in a worker process beside training (the start model's too, at launch,
-    with `evaluate_start`); the task then returns when every evaluation is done, and fails with
-    an evaluation's own error. A finished phase gets trained.json and is never trained again: a
-    re-run only uploads what is missing.
+    a remote root it is uploaded as soon as it is complete. Setting `stop` (an evaluation beside
+    training failed) kills the training. A finished phase gets trained.json and is never trained
+    again: a re-run only uploads what is missing.
     """
     phase_uri = storage.join(run_uri, phase.name)
     trained_uri = storage.join(phase_uri, TRAINED)
@@ -176,37 +170,6 @@ def train_phase(
     # that a slow upload never stalls the run's file watching and nothing is deleted mid-upload.
     uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
     uploads = []
-    # MT-Bench judging of each model evaluated beside training, as its answers land: one model at
-    # a time (config.concurrency requests), so a remote judge's latency hides behind training.
-    judge_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mt-bench-judge-early")
-    judgings = []
-
-    def judge_early(request: EvalRequest) -> None:
-        answers = storage.join(request.eval_dir, worker.MT_BENCH_ANSWERS_FILE)
-        try:
-            judge_and_write(recipe, {request.name: answers}, {request.name: request.eval_dir})
-        except (mt_bench.MTBenchError, mt_bench.JudgeEndpointError) as error:  # the judge task retries it
-            logger.warning(f"{request.name}: judging beside training failed, left to judge-mt-bench: {error}")
-
-    def judge_when_evaluated(request: EvalRequest) -> None:
-        judgings.append(judge_pool.submit(judge_early, request))
-
-    evaluator = background_evaluator(recipe, phase.name, local, stop_after_samples, logger.info)
-    if evaluator is not None and recipe.evaluation.mt_bench is not None:
-        expose_judge_key(recipe.evaluation.mt_bench)
-        evaluator.on_evaluated = judge_when_evaluated
-
-    def evaluate(model: ModelRef) -> None:
-        if evaluator is not None:
-            evaluator.submit(
-                EvalRequest(
-                    recipe=recipe,
-                    name=model.name,
-                    uri=model.uri,
-                    samples=model.samples,
-                    eval_dir=eval_uri(run_uri, phase.name, model.name, ""),
-                )
-            )
 
     def checkpoint_written(name: str) -> None:
         if remote:
@@ -222,12 +185,9 @@ def train_phase(
         if int(percent) > int(shown):
             shown = percent
             update_progress_artifact(progress, progress=percent)
-        if evaluator is not None:
-            evaluator.raise_if_failed()  # fails the phase (and stops the training) at once
 
     def on_checkpoint(path: Path) -> None:
         uploads.append(uploader.submit(checkpoint_written, path.name))
-        evaluate(ModelRef.checkpoint(storage.join(phase_uri, "checkpoints", path.name)))
 
     model_path = storage.local_checkpoint(start.uri)
     job = TrainJob(
@@ -242,34 +202,16 @@ def train_phase(
         stop_after_samples=stop_after_samples,
         grace_s=preemption_grace_seconds(recipe, model_path),
     )
-    if evaluate_start:
-        evaluate(start)
     try:
         launch = run_training if recipe.launch.scheduler == "local" else run_scheduled
-        launch(job, on_line=logger.info, on_progress=on_progress, on_checkpoint=on_checkpoint)
+        launch(job, on_line=logger.info, on_progress=on_progress, on_checkpoint=on_checkpoint, stop=stop)
         for upload in uploads:
             upload.result()  # an upload error fails the task (a retry resumes the upload)
-        if evaluator is not None:
-            # Training's share is free now: evaluate what is still queued on it too. The running
-            # worker takes the next queued model; a new worker first pays its imports and model
-            # load (~4 s on a CPU, about two lab evaluations), so one starts per model beyond that.
-            for slot in training_slots(recipe.launch, recipe.evaluation.devices)[: max(0, evaluator.pending - 1)]:
-                evaluator.add_worker({**os.environ, **slot})
-            evaluator.wait()  # selection needs every score
-            for judging in judgings:
-                judging.result()
     except TrainingFailed:
-        if evaluator is not None:
-            evaluator.kill()
         publish_phase(local, phase_uri)  # the metrics and stopped.json say why; keep them with the run
-        raise
-    except BaseException:  # cancel, an evaluation's or upload's failure: no worker may outlive us
-        if evaluator is not None:
-            evaluator.kill()
         raise
     finally:
         uploader.shutdown(wait=False, cancel_futures=True)
-        judge_pool.shutdown(wait=False, cancel_futures=True)
     if (local / FINISHED).exists():  # not a probe's pause, which keeps its state for the next call
         return record_trained(recipe, local, phase_uri)
     return publish_phase(local, phase_uri)
@@ -288,35 +230,9 @@ def record_trained(recipe: Recipe, local: Path, phase_uri: str) -> list[ModelRef
     """A finished phase: trained.json, then the rolling state goes (it is needed until the phase is
     recorded: a kill before this point resumes here, not from step 0), then the upload."""
     keep_last_n(recipe, local, phase_uri, get_run_logger())  # again: a kill may have cut the last pruning short
-    storage.write_json(str(local / TRAINED), [c.model_dump() for c in checkpoint_refs(local, phase_uri)])
+    storage.write_text(str(local / TRAINED), records.dumps(checkpoint_refs(local, phase_uri), indent=2) + "\n")
     shutil.rmtree(local / "state", ignore_errors=True)
     return publish_phase(local, phase_uri)
-
-
-def background_evaluator(
-    recipe: Recipe, phase: str, local: Path, stop_after_samples: int | None, log: Callable[[str], None]
-) -> BackgroundEvaluator | None:
-    """The evaluator beside this phase's training, or None (evaluation after training); logs the plan."""
-    launch, devices = recipe.launch, recipe.evaluation.devices
-    training = f"training: {launch.backend} x{launch.world_size}"
-    if devices is None or stop_after_samples is not None or recipe.checkpointing.keep_last_n:
-        why = (
-            "evaluation.devices is unset"
-            if devices is None
-            else "a probe run"
-            if stop_after_samples is not None
-            else "keep_last_n may delete a checkpoint mid-evaluation"
-        )
-        log(f"{phase}: plan: {training}; evaluation after training, one model at a time ({why})")
-        return None
-    log(
-        f"{phase}: plan: {training}; evaluation of each checkpoint as its meta.json lands, in a worker "
-        f"process beside training on {devices} (evaluation.devices; the previous phase's when it is still "
-        "idle); once training ends, one more worker per training rank on its resources"
-    )
-    evaluator = BackgroundEvaluator(local, log)
-    evaluator.add_worker({**os.environ, **device_env(devices, visible_gpus())[1]}, reusable=True)
-    return evaluator
 
 
 @task(name="average-checkpoints")
@@ -357,60 +273,176 @@ def publish_phase(local: Path, phase_uri: str) -> list[ModelRef]:
     return checkpoints
 
 
-@task(name="evaluate-model")
-def evaluate_model(recipe: Recipe, model: ModelRef, out: str) -> CheckpointScore:
-    """lm-eval on one model (one load for all tasks) into `out`; reused when it already exists
-    (e.g. written by the evaluation beside training)."""
-    if storage.exists(out):
-        result = storage.read_json(out)
-        get_run_logger().info(f"{model.name}: reusing {out}")
+class RunEvaluation:
+    """What a flow run's evaluation task runs share: the one owner of the run's evaluation
+    processes (started and stopped by the flow run: a context manager that kills them all on
+    exit) and one MT-Bench judging at a time (a prompt that several models' identical answers
+    share is then asked once: the judgment cache holds it for the next model).
+
+    `recipe` is the run's resolved recipe (training.placement.resolve_placement): with placement
+    reserved its evaluation.devices are a slot from the start; when a phase's training ends its
+    resources become slots too (per_device: one per GPU or training process; data_parallel: one
+    with all its GPUs), taken back before the next phase trains."""
+
+    def __init__(self, recipe: Recipe, log: Callable[[str], None]) -> None:
+        self.recipe = recipe
+        self.workers = EvaluationWorkers(log)
+        self.judging = threading.Lock()
+
+    def __enter__(self) -> RunEvaluation:
+        devices = self.recipe.evaluation.devices
+        if self.recipe.evaluation.placement == "reserved" and devices:
+            self.workers.open_slots("reserved", [device_env(devices, visible_gpus())[1]])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.workers.kill()
+
+    def training_ended(self) -> None:
+        slots = training_slots(self.recipe, visible_gpus())
+        if self.recipe.evaluation.placement == "data_parallel":
+            slots = [{"CUDA_VISIBLE_DEVICES": ",".join(slot["CUDA_VISIBLE_DEVICES"] for slot in slots)}]
+        self.workers.open_slots("training", slots)
+
+    def training_starts(self) -> None:
+        self.workers.close_slots("training")
+
+
+def evaluation_without_training(recipe: Recipe) -> RunEvaluation:
+    """The owner of a flow run's evaluation processes when it trains nothing: the whole machine is
+    free, as after a phase's training (`lab eval`, a sweep's probe)."""
+    from training.placement import resolve_placement
+
+    run_recipe, _ = resolve_placement(recipe, cuda=bool(visible_gpus()))
+    evaluation = RunEvaluation(run_recipe, get_run_logger().info)
+    evaluation.training_ended()
+    return evaluation
+
+
+@task(
+    name="evaluate-checkpoint",
+    task_run_name="evaluate-{phase}-{model.name}",
+    retries=1,
+    retry_delay_seconds=5,
+    cache_policy=NO_CACHE,
+)
+def evaluate_checkpoint(
+    recipe: Recipe, phase: str, phase_uri: str, model: ModelRef, evaluation: RunEvaluation
+) -> CheckpointScore:
+    """One model's evaluation into <phase_uri>/eval/<model>/: lm-eval and MT-Bench answers in an
+    evaluation worker (through a server of the model with a server backend), then MT-Bench judging
+    here; its score. What an earlier attempt or run wrote is reused, so a retry pays only for what
+    is missing. The worker's log and <phase>/evaluations.jsonl are in the phase's local directory."""
+    logger = get_run_logger()
+    eval_dir = storage.join(phase_uri, "eval", model.name, "")
+    lm_eval_out = storage.join(eval_dir, worker.LM_EVAL_FILE)
+    answers_out = storage.join(eval_dir, worker.MT_BENCH_ANSWERS_FILE)
+    config = recipe.evaluation
+    if storage.exists(lm_eval_out) and (config.mt_bench is None or storage.exists(answers_out)):
+        logger.info(f"{model.name}: reusing {eval_dir}")
     else:
-        t0 = time.perf_counter()
-        result = worker.run_lm_eval(recipe, model.uri, model.samples, out)
-        get_run_logger().info(f"{model.name}: {result['metrics']} ({time.perf_counter() - t0:.1f}s)")
+        request = EvalRequest(recipe=recipe, name=model.name, uri=model.uri, samples=model.samples, eval_dir=eval_dir)
+        record = evaluation.workers.evaluate(request, storage.local_path(phase_uri))
+        logger.info(f"{model.name}: evaluated in {record.seconds:.1f}s by worker {record.pid} ({record.slot})")
+    result = storage.read_json(lm_eval_out)
+    metrics = result["metrics"]
+    item_files = [items.items_uri(lm_eval_out)]  # per-item records, written before the result files
+    if config.mt_bench is not None:
+        metrics = {**metrics, **judge_mt_bench(recipe, model.name, answers_out, eval_dir, evaluation.judging)}
+        item_files.append(items.items_uri(storage.join(eval_dir, mt_bench.RESULT_FILE)))
+    logger.info(f"{model.name}: {metrics}")
     return CheckpointScore(
         checkpoint=model.uri,
         name=model.name,
         samples=model.samples,
-        metrics=result["metrics"],
+        metrics=metrics,
         stderr=result["stderr"],
-        items=[items.items_uri(out)],
+        items=item_files,
         averaged=model.averaged,
     )
 
 
-@task(name="generate-mt-bench-answers")
-def generate_mt_bench_answers(recipe: Recipe, model: ModelRef, out: str) -> str:
-    """MT-Bench answers of one model (both turns) into `out` (JSONL); reused when present."""
-    if storage.exists(out):
-        return out
-    count = worker.run_mt_bench_answers(recipe, model.uri, out)
-    get_run_logger().info(f"{model.name}: {count} MT-Bench answers -> {out}")
-    return out
+def judge_mt_bench(recipe: Recipe, name: str, answers: str, eval_dir: str, judging: threading.Lock) -> dict[str, float]:
+    """MT-Bench metrics of one model: its mt_bench.json, else its answers judged now (judgments are
+    cached, so a retry or re-run only pays for what is missing)."""
+    result_uri = storage.join(eval_dir, mt_bench.RESULT_FILE)
+    if storage.exists(result_uri):
+        return storage.read_json(result_uri)["metrics"]
+    expose_judge_key(recipe.evaluation.mt_bench)
+    with judging:
+        scores = judge_and_write(recipe, {name: answers}, {name: eval_dir})[name]
+    get_run_logger().info(
+        f"{name}: MT-Bench overall {scores.overall} (errors {scores.error_rate:.1%}, judge calls {scores.judge_calls})"
+    )
+    return scores.metrics()
 
 
-@task(name="judge-mt-bench", retries=1, retry_delay_seconds=30)
-def judge_mt_bench(recipe: Recipe, answers: dict[str, str], eval_dirs: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Judge the answers of every model without an mt_bench.json (those evaluated beside training
-    were judged there) at once; judgments are cached, so a retry or re-run only pays for what is
-    missing. Returns mt_bench/* metrics per model."""
-    logger = get_run_logger()
-    metrics, todo = {}, {}
-    for name, uri in answers.items():
-        result_uri = storage.join(eval_dirs[name], mt_bench.RESULT_FILE)
-        if storage.exists(result_uri):
-            metrics[name] = storage.read_json(result_uri)["metrics"]
-            logger.info(f"{name}: reusing {result_uri}")
-        else:
-            todo[name] = uri
-    if todo:
-        expose_judge_key(recipe.evaluation.mt_bench)
-        for name, scores in judge_and_write(recipe, todo, eval_dirs).items():
-            logger.info(
-                f"{name}: MT-Bench overall {scores.overall} (errors {scores.error_rate:.1%}, judge calls {scores.judge_calls})"
+class PhaseEvaluations:
+    """A phase's evaluation task runs, one per model, submitted as the models appear: `submit`
+    from the flow, and, within `watching`, each checkpoint whose meta.json lands, from a watcher
+    thread that carries the flow run's context (a task submitted outside it would belong to no
+    run). `failed` is set as soon as one fails for good (its retries spent): the training beside
+    it stops. `scores` waits on them."""
+
+    def __init__(self, recipe: Recipe, phase: str, run_uri: str, evaluation: RunEvaluation) -> None:
+        self.recipe, self.phase, self.run_uri, self.evaluation = recipe, phase, run_uri, evaluation
+        self.failed = threading.Event()
+        self._failure: PrefectFuture[CheckpointScore] | None = None
+        self._futures: dict[str, PrefectFuture[CheckpointScore]] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, model: ModelRef) -> None:
+        with self._lock:
+            if model.name in self._futures:
+                return
+            phase_uri = storage.join(self.run_uri, self.phase)
+            future = evaluate_checkpoint.submit(self.recipe, self.phase, phase_uri, model, self.evaluation)
+            self._futures[model.name] = future
+        future.add_done_callback(self._done)
+
+    def _done(self, future: PrefectConcurrentFuture[CheckpointScore]) -> None:
+        # The final state is the task runner's result (the API may not have recorded it yet).
+        done = future.wrapped_future
+        if done.cancelled() or done.exception() is not None or not done.result().is_completed():
+            self._failure = self._failure or future
+            self.failed.set()
+
+    @contextlib.contextmanager
+    def watching(self, local: Path) -> Iterator[None]:
+        """Submit each checkpoint completed under `local` (the phase's training directory) while the block runs."""
+        phase_uri = storage.join(self.run_uri, self.phase)
+        files, done = RunFiles(local), threading.Event()
+
+        def watch() -> None:
+            while not done.wait(WATCH_POLL_S):
+                for path in files.new_checkpoints():
+                    self.submit(ModelRef.checkpoint(storage.join(phase_uri, "checkpoints", path.name)))
+
+        watcher = threading.Thread(target=contextvars.copy_context().run, args=(watch,), daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
+
+    def raise_failure(self) -> None:
+        """The first failed evaluation's own error, if one failed."""
+        if self._failure is not None:
+            self._failure.result()  # raises the task's exception
+
+    def scores(self, models: list[ModelRef]) -> list[CheckpointScore]:
+        """Each model's score, in order (submitting those not submitted yet); an evaluation's failure
+        raises its error. With a remote root, the phase's evaluation records and worker logs follow."""
+        for model in models:
+            self.submit(model)
+        scores = [self._futures[m.name].result() for m in models]
+        phase_uri = storage.join(self.run_uri, self.phase)
+        if not storage.is_local(phase_uri):
+            storage.upload_tree(
+                storage.local_path(phase_uri), phase_uri, skip=("checkpoints/", "state"), last=(TRAINED,)
             )
-            metrics[name] = scores.metrics()
-    return metrics
+        return scores
 
 
 def expose_judge_key(config: MTBenchConfig) -> None:
@@ -497,11 +529,13 @@ def prune_phase_checkpoints(recipe: Recipe, run_uri: str, phase: str, winner: st
 
 
 @task(name="write-report")
-def write_report(run_uri: str, run_id: str, recipe: Recipe, phases: list[str] | None = None) -> list[dict[str, Any]]:
+def write_report(
+    run_uri: str, run_id: str, recipe: Recipe, phases: list[str] | None = None
+) -> list[report.PhaseSummary]:
     """The run's report over `phases` (default: every phase of the recipe; a run stopped by a
     gate reports the phases it reached)."""
     metrics = sorted({k for p in recipe.phases for k in p.objective})
-    table, tidy = report.write_run_report(run_uri, phases or [p.name for p in recipe.phases], metrics)
+    summary, table, tidy = report.write_run_report(run_uri, phases or [p.name for p in recipe.phases], metrics)
     create_table_artifact(
         key=artifact_key(run_id, "results"),
         table=tidy.to_dict(orient="records"),
@@ -512,4 +546,4 @@ def write_report(run_uri: str, run_id: str, recipe: Recipe, phases: list[str] | 
         markdown=f"# Run `{run_id}`\n\n{table.to_markdown(index=False)}\n\nReport files: `{storage.join(run_uri, 'report')}`\n",
         description="per-phase summary",
     )
-    return table.to_dict(orient="records")
+    return summary

@@ -19,9 +19,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel
 
-from core import storage
+from core import records, storage
 from core.recipe import Recipe
+from core.records import SeedSpread
 from evaluation import report
+from evaluation.report import PhaseSummary
 from tasks.finetune import artifact_key
 
 DEFAULT_TOLERANCE = 0.05  # absolute drop allowed for a metric without its own tolerance
@@ -80,10 +82,10 @@ def read_history(uri: str) -> list[dict[str, Any]]:
     )
 
 
-def selected_metrics(recipe: Recipe, phases: list[dict[str, Any]]) -> dict[str, float]:
+def selected_metrics(recipe: Recipe, phases: list[PhaseSummary]) -> dict[str, float]:
     """Each phase's winner on every phase's objective metrics: {"<phase>/<metric>": value}."""
     objectives = sorted({k for p in recipe.phases for k in p.objective})
-    return {f"{row['phase']}/{k}": float(row[k]) for row in phases for k in objectives if k in row}
+    return {f"{row.phase}/{k}": row.metrics[k] for row in phases for k in objectives if k in row.metrics}
 
 
 def spread_uri(history: str) -> str:
@@ -98,16 +100,16 @@ def measured_tolerances(history: str, recipe: Recipe) -> dict[str, float]:
     uri = spread_uri(history)
     if not storage.exists(uri):
         return {}
-    spread = storage.read_json(uri)
-    if spread["fingerprint"] != fingerprint(recipe):
+    spread = records.parse(SeedSpread, storage.read_text(uri), uri)
+    if spread.fingerprint != fingerprint(recipe):
         get_run_logger().warning(f"{uri}: measured for another recipe version; not used (measure it again)")
         return {}
-    return {metric: m["tolerance"] for metric, m in spread["metrics"].items()}
+    return {metric: m.tolerance for metric, m in spread.metrics.items()}
 
 
 @task(name="compare-with-last-good")
 def compare_with_last_good(
-    uri: str, run_id: str, recipe: Recipe, phases: list[dict[str, Any]], tolerances: dict[str, float]
+    uri: str, run_id: str, recipe: Recipe, phases: list[PhaseSummary], tolerances: dict[str, float]
 ) -> Night:
     """The night's selected metrics (each phase's winner, on every phase's objective metrics)
     checked against the last good night of the same recipe."""

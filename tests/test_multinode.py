@@ -147,6 +147,29 @@ def test_a_cancelled_phase_deletes_its_trainjob(tmp_path):
     assert api.deleted[0][1]["propagationPolicy"] == "Foreground"  # the nodes' pods go with it
 
 
+def test_a_stopped_phase_deletes_its_trainjob(tmp_path, monkeypatch):
+    """run_scheduled's `stop` (set by a phase's evaluation that failed for good) ends a cluster phase
+    too: checked at the next poll, the TrainJob is deleted and TrainingStopped raised."""
+    import functools
+    import threading
+
+    from training import scheduler
+    from training.launch.files import TrainingStopped
+
+    job = job_for(str(tmp_path / "phase00"), cluster("kubernetes", mount_path=str(tmp_path)))
+    stop = threading.Event()
+
+    def stop_on_first_step(line: str) -> None:
+        if line.startswith("step 1/"):
+            stop.set()
+
+    with KubernetesDouble(LOG, hold_log=True) as api, pytest.raises(TrainingStopped, match="phase00"):
+        on_double = functools.partial(scheduler.run_on_kubernetes, api_client=api.client(), poll_s=0.05)
+        monkeypatch.setattr(scheduler, "run_on_kubernetes", on_double)
+        scheduler.run_scheduled(job, stop_on_first_step, stop=stop)
+    assert [name for name, _ in api.deleted] == ["r-phase00"]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -213,7 +236,7 @@ def test_two_machines_rendezvous_on_localhost_train_with_world_size_2_and_match_
 
 
 def test_lab_plan_prints_the_phase_on_its_nodes(assets):
-    from training.plan import plan_recipe
+    from training.lab_plan import plan_recipe
 
     recipe = load_recipe(
         "demo", cluster("kubernetes", **{"launch.backend": "ddp", "launch.num_processes": 2, "launch.num_machines": 3})

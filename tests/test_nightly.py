@@ -53,7 +53,7 @@ def test_nightly_passes_within_tolerance_and_fails_with_an_event_beyond_it(tmp_p
     args = {"recipe": "demo", "overrides": OVERRIDES, "smoke": False, "storage_root": str(tmp_path), "run_id": "night"}
 
     first = nightly(**args)  # no earlier night: the baseline
-    assert first["passed"] and first["baseline_run_id"] is None
+    assert first.passed and first.baseline_run_id is None
     (baseline,) = [json.loads(line) for line in history.read_text().splitlines()]
     value = baseline["metrics"][METRIC]
 
@@ -65,7 +65,7 @@ def test_nightly_passes_within_tolerance_and_fails_with_an_event_beyond_it(tmp_p
 
     inject_last_good(value + DEFAULT_TOLERANCE / 2)  # tonight is a little worse: within tolerance
     within = nightly(**args)
-    assert within["passed"] and within["baseline_run_id"] == "injected"
+    assert within.passed and within.baseline_run_id == "injected"
 
     since = datetime.now(UTC)
     inject_last_good(value + 0.2)  # tonight dropped by 0.2 > 0.05
@@ -96,10 +96,10 @@ def test_nightly_passes_within_tolerance_and_fails_with_an_event_beyond_it(tmp_p
     spread = history.parent / "seed_spread.json"
     wide = regression_tolerance([0.2, 0.5, 0.8])
     assert wide == pytest.approx(1.645 * 2**0.5 * 0.3, abs=1e-4)
-    measured = {"metrics": {METRIC: {"values": [0.2, 0.5, 0.8], "tolerance": wide}}}
+    measured = {"recipe": "demo", "seeds": 3, "metrics": {METRIC: {"values": [0.2, 0.5, 0.8], "tolerance": wide}}}
     spread.write_text(json.dumps({**measured, "fingerprint": "another-recipe"}))
     assert nightly(**args, return_state=True).is_failed()  # measured for another recipe: not used
     spread.write_text(json.dumps({**measured, "fingerprint": fingerprint(resolve("demo", None, OVERRIDES, False))}))
     assert nightly(**args, tolerances={"default": 0.05}, return_state=True).is_failed()  # explicit ones win
     derived = nightly(**args)
-    assert derived["passed"] and derived["baseline_run_id"] == "injected"
+    assert derived.passed and derived.baseline_run_id == "injected"

@@ -1,130 +1,289 @@
-"""Evaluation beside training (evaluation.devices): a real lab phase under a temporary Prefect API.
+"""Every model's evaluation is a Prefect task run in an evaluation worker: smoke `lab run`s against a
+real Prefect server (one server, three runs), read back through the Prefect API and the runs' files.
 
-The overlap is read from the run's own files: evaluations.jsonl (when each background evaluation
-started) against the mtime of the last checkpoint's meta.json (written at the last step).
+  beside   evaluation.devices cpu:1, two phases; the first evaluation attempt anywhere fails once
+           (a task of the test's own, lm-eval's plugin mechanism): it is retried, the run completes
+  after    evaluation.devices unset (the sequential path: after training, in a worker), one phase
+  broken   evaluation.devices cpu:1, a task that always fails: the phase fails with its error
 """
 
 import json
-import os
 import re
-from datetime import UTC, datetime
+import subprocess
+import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
 
 from core.records import ProgressEvent, RecordError
 from training.launch.devices import device_env
 from training.launch.files import RunFiles
 
-PHASE = {
-    "name": "phase00",
-    "data": ["embedded://curriculum/phase00/train.jsonl"],
-    "objective": {"lab_instruction/rule_acc": 1.0},
-}
-OVERRIDES = {
-    "phases": [PHASE],
-    "training.epochs": 2,
-    "checkpointing.save_every_samples": 640,
-    "evaluation.limit": 20,
-    "selection.average_last_k": 3,
-}
+REPO = Path(__file__).resolve().parents[1]
+PHASES = [
+    {
+        "name": "phase00",
+        "data": ["embedded://curriculum/phase00/train.jsonl"],
+        "objective": {"lab_checked/exact_match": 1},
+    },
+    {
+        "name": "phase05",
+        "data": ["embedded://curriculum/phase05/train.jsonl"],
+        "objective": {"lab_instruction/rule_acc": 1},
+    },
+]
+FLAKY = """\
+import os
+
+from evaluation.lab_metrics import skills
+
+MARKER = {marker!r}
 
 
-def scores(run: Path) -> dict[str, dict]:
-    """Every model's lm-eval results (all but the model's URI, which names the run's root)."""
-    out = {}
-    for path in sorted((run / "phase00" / "eval").glob("*/lm_eval.json")):
-        result = json.loads(path.read_text())
-        out[path.parent.name] = {k: v for k, v in result.items() if k != "checkpoint"}
-    return out
+def process(doc, results):
+    if {persistent}:
+        raise RuntimeError("persistent injected failure")
+    try:
+        os.close(os.open(MARKER, os.O_CREAT | os.O_EXCL))  # the first call anywhere fails, once
+    except FileExistsError:
+        return skills(doc, results)
+    raise RuntimeError("injected first-attempt failure")
+"""
+
+
+def checked_task(tmp: Path, curriculum: Path, persistent: bool = False, failed_before: bool = False) -> Path:
+    """An include directory with `lab_checked`: lab_skills whose result processing fails as told."""
+    from evaluation.lm_eval_runner import LAB_RESULTS_MODULE, FunctionTag, lab_task_configs
+
+    tmp.mkdir(parents=True)
+    (tmp / "lab_results.py").write_text(LAB_RESULTS_MODULE)
+    marker = tmp / "failed-once"
+    if failed_before:
+        marker.touch()
+    (tmp / "checked.py").write_text(FLAKY.format(marker=str(marker), persistent=persistent))
+    config = {**lab_task_configs(curriculum, 32)["lab_skills"], "process_results": FunctionTag("checked.process")}
+    (tmp / "lab_checked.yaml").write_text(yaml.safe_dump({"task": "lab_checked", **config}, sort_keys=False))
+    return tmp
+
+
+def lab_run(env: dict, root: Path, run_id: str, include: Path, *sets: str) -> subprocess.CompletedProcess:
+    """`lab run demo --smoke` as a user runs it, against the test's Prefect server; its pid is the flow's."""
+    command = [sys.executable, "-m", "flows.cli", "run", "demo", "--smoke", "--run-id", run_id]
+    command += ["--storage-root", str(root), "--set", f"phases={json.dumps(PHASES)}"]
+    command += ["--set", 'evaluation.tasks=["lab_instruction", "lab_checked"]', "--set", "evaluation.limit=20"]
+    command += ["--set", f"evaluation.include_path={include}", *(a for s in sets for a in ("--set", s))]
+    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=900)
+    return subprocess.CompletedProcess(command, proc.returncode, f"pid={proc.pid}\n{out}")
+
+
+def task_runs(env: dict, run_id: str) -> tuple[object, list]:
+    """The flow run of `run_id` and its task runs, from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        (flow_run,) = [r for r in client.read_flow_runs() if r.parameters.get("run_id") == run_id]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    return flow_run, runs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, assets):
+    from tests.stack import prefect_server
+
+    tmp = tmp_path_factory.mktemp("overlap")
+    root, curriculum = tmp / "runs", assets.root / "curriculum"
+    with prefect_server(tmp) as env:
+        env = {**env, "PYTHONPATH": str(REPO)}
+        done = {
+            "beside": lab_run(
+                env, root, "beside", checked_task(tmp / "beside", curriculum), "evaluation.devices=cpu:1"
+            ),
+            "after": lab_run(
+                env,
+                root,
+                "after",
+                checked_task(tmp / "after", curriculum, failed_before=True),
+                "evaluation.devices=null",
+                f"phases={json.dumps(PHASES[:1])}",
+            ),
+            "broken": lab_run(
+                env,
+                root,
+                "broken",
+                checked_task(tmp / "broken", curriculum, persistent=True),
+                "evaluation.devices=cpu:1",
+                f"phases={json.dumps(PHASES[:1])}",
+            ),
+        }
+        api = {run_id: task_runs(env, run_id) for run_id in done}
+    return root, done, api
+
+
+def flow_pid(done: subprocess.CompletedProcess) -> int:
+    return int(done.stdout.split("\n", 1)[0].removeprefix("pid="))
 
 
 @pytest.mark.slow
-def test_evaluation_starts_before_training_ends_and_scores_equal_a_sequential_run(tmp_path, prefect_server, assets):
-    from flows.finetune import finetune
+def test_every_evaluation_is_a_task_run_beside_its_phases_training_retried_once(runs):
+    root, done, api = runs
+    assert done["beside"].returncode == 0, done["beside"].stdout[-3000:]
+    _, task_runs = api["beside"]
+    for phase in ("phase00", "phase05"):
+        (training,) = [t for t in task_runs if t.name == f"train-beside-{phase}"]
+        evaluations = [t for t in task_runs if t.name.startswith(f"evaluate-{phase}-")]
+        models = sorted(p.name for p in (root / "beside" / phase / "eval").iterdir())
+        assert sorted(t.name.removeprefix(f"evaluate-{phase}-") for t in evaluations) == models
+        assert all(t.state.type.value == "COMPLETED" for t in evaluations)
+        # the order of events: a checkpoint's evaluation started while its phase's training ran
+        checkpoints = [t for t in evaluations if "samples_" in t.name]
+        assert any(training.start_time < t.start_time < training.end_time for t in checkpoints), phase
+        # what each task returned is what selection saw: its models' scores, as written, with the
+        # trainer's validation/loss beside them (the mean of its per-sample file; none for the average)
+        selection = json.loads((root / "beside" / phase / "selection.json").read_text())
+        scored = {c["name"]: c["metrics"] for c in selection["candidates"]}
+        if phase == "phase00":
+            scored["base"] = selection["start"]["metrics"]
+        assert sorted(scored) == models
+        for name, metrics in scored.items():
+            written = json.loads((root / "beside" / phase / "eval" / name / "lm_eval.json").read_text())["metrics"]
+            validation = root / "beside" / phase / "validation" / f"{'start' if name == 'base' else name}.items.parquet"
+            if validation.exists():
+                written["validation/loss"] = pd.read_parquet(validation)["value"].mean()
+            assert metrics == pytest.approx(written)
+            assert ("validation/loss" in metrics) == (not name.startswith("avg_last"))
+    runs_twice = [t.name for t in task_runs if t.name.startswith("evaluate-") and t.run_count == 2]
+    assert len(runs_twice) == 1, [(t.name, t.run_count) for t in task_runs]
+    assert all(t.run_count == 1 for t in task_runs if t.name.startswith("evaluate-") and t.name not in runs_twice)
+    assert "injected first-attempt failure" in done["beside"].stdout
 
-    finetune(
-        recipe="demo",
-        storage_root=str(tmp_path / "beside"),
-        overrides=OVERRIDES | {"evaluation.devices": "cpu:1"},
-        run_id="r",
-    )
-    finetune(
-        recipe="demo",
-        storage_root=str(tmp_path / "after"),
-        overrides=OVERRIDES | {"evaluation.devices": None},  # the demo's own setting is cpu:1
-        run_id="r",
-    )
-    beside, after = tmp_path / "beside" / "r", tmp_path / "after" / "r"
 
-    timeline = [json.loads(line) for line in (beside / "phase00" / "evaluations.jsonl").read_text().splitlines()]
-    checkpoints = sorted((beside / "phase00" / "checkpoints").iterdir(), key=lambda p: int(p.name.split("_")[1]))
-    assert sorted(t["model"] for t in timeline) == sorted(["base", *(c.name for c in checkpoints)])
-    training_ended = datetime.fromtimestamp((checkpoints[-1] / "meta.json").stat().st_mtime, UTC)
-    (first_checkpoint,) = [t for t in timeline if t["model"] == checkpoints[0].name]
-    assert datetime.fromisoformat(first_checkpoint["started"]) < training_ended
-    assert not (after / "phase00" / "evaluations.jsonl").exists()  # the sequential run evaluated in the flow
-
-    # base, every checkpoint and the average of the last 3, scored alike by both runs
-    assert scores(beside) == scores(after) and len(scores(after)) == len(checkpoints) + 2
-    assert scores(after)["avg_last3"]["samples"] == int(checkpoints[-1].name.removeprefix("samples_"))
-    selection = {
-        r: json.loads((run / "phase00" / "selection.json").read_text()) for r, run in [("b", beside), ("a", after)]
+@pytest.mark.slow
+def test_every_model_is_evaluated_in_a_worker_not_the_flow_and_placement_leaves_scores_alike(runs):
+    root, done, _ = runs
+    assert done["after"].returncode == 0, done["after"].stdout[-3000:]
+    for run_id, phases in (("beside", ("phase00", "phase05")), ("after", ("phase00",))):
+        for phase in phases:
+            timeline = [json.loads(line) for line in (root / run_id / phase / "evaluations.jsonl").open()]
+            models = sorted(p.name for p in (root / run_id / phase / "eval").iterdir())
+            assert sorted(r["model"] for r in timeline) == models
+            assert all(r["pid"] != flow_pid(done[run_id]) for r in timeline), (run_id, phase)
+    # the worker on evaluation.devices served the run's next phase too
+    reserved = {
+        phase: [
+            r["pid"]
+            for r in map(json.loads, (root / "beside" / phase / "evaluations.jsonl").open())
+            if r["slot"] == "reserved-0"
+        ]
+        for phase in ("phase00", "phase05")
     }
-    assert selection["b"]["winner"]["name"] == selection["a"]["winner"]["name"]
-    averaged = [c for c in selection["a"]["candidates"] if c["name"] == "avg_last3"]
-    assert averaged and averaged[0]["checkpoint"] == str(after / "phase00" / "averaged" / "avg_last3")
+    assert reserved["phase00"][-1] == reserved["phase05"][0]
+    # beside training or after it, phase00's models score alike (same seed, same training)
+    for model in (root / "after" / "phase00" / "eval").iterdir():
+        after = json.loads((model / "lm_eval.json").read_text())
+        beside = json.loads((root / "beside" / "phase00" / "eval" / model.name / "lm_eval.json").read_text())
+        assert after["metrics"] == beside["metrics"], model.name
 
 
 @pytest.mark.slow
-def test_a_failed_evaluation_fails_the_phase_with_its_own_error_and_stops_training(tmp_path, prefect_server, assets):
-    from flows.finetune import finetune
+def test_a_persistent_evaluation_failure_fails_the_phase_with_its_error_and_leaves_no_process(runs):
     from tests.stack import processes_mentioning
 
-    state = finetune(
-        recipe="demo",
-        storage_root=str(tmp_path),
-        overrides=OVERRIDES | {"evaluation.devices": "cpu:1", "evaluation.tasks": ["lab_instruction", "no_such_task"]},
-        run_id="broken",
-        return_state=True,
-    )
-    assert state.is_failed()
-    message = str(state.message)
-    assert "evaluation of base failed" in message and "no_such_task" in message, message
-    assert not (tmp_path / "broken" / "phase00" / "trained.json").exists()
-    assert not processes_mentioning(str(tmp_path / "broken"))  # neither the training nor a worker survived
+    root, done, api = runs
+    assert done["broken"].returncode != 0
+    flow_run, task_runs = api["broken"]
+    assert flow_run.state.type.value == "FAILED"
+    assert "persistent injected failure" in flow_run.state.message, flow_run.state.message
+    failed = [t for t in task_runs if t.name.startswith("evaluate-") and t.state.type.value == "FAILED"]
+    assert failed and all(t.run_count == 2 for t in failed)  # retried once, as the decorator says
+    assert not (root / "broken" / "phase00" / "selection.json").exists()
+    assert not processes_mentioning(str(root / "broken"))  # neither the training nor a worker survived
 
 
-def test_the_evaluation_worker_serves_the_next_evaluator_with_the_same_environment(tmp_path, assets):
-    """The worker on evaluation.devices outlives its phase's evaluator: the next phase's evaluator
-    (same environment) gets the same process, whose output then goes to that phase's log; another
-    environment gets a worker of its own. Scores do not depend on which worker ran them, and a
-    done evaluator's kill (a later error in its phase) spares the worker it handed on."""
+@pytest.mark.slow
+def test_one_owner_reuses_its_worker_across_phases_replaces_a_failed_one_and_kills_all(tmp_path, assets):
+    """The run's owner of evaluation processes: the worker on evaluation.devices serves phase after
+    phase (one model load each, logged in that phase's directory), a failed evaluation raises its own
+    error and the next one gets a fresh worker, training's slots come and go, and nothing outlives it."""
     from core.recipe import resolve
-    from evaluation.worker import BackgroundEvaluator, EvalRequest
+    from evaluation.worker import EvalRequest, EvaluationFailed, EvaluationWorkers
+    from tests.stack import processes_mentioning
 
     recipe = resolve("demo", overrides={"evaluation.tasks": ["lab_instruction"], "evaluation.limit": 4})
+    broken = resolve("demo", overrides={"evaluation.tasks": ["no_such_task"]})
 
-    def evaluate_base(phase: str, env: dict[str, str]) -> tuple[BackgroundEvaluator, dict]:
-        evaluator = BackgroundEvaluator(tmp_path / phase, log=lambda _line: None)
-        evaluator.add_worker(env, reusable=True)
+    def request(cfg, phase: str) -> EvalRequest:
         eval_dir = tmp_path / phase / "eval" / "base"
-        evaluator.submit(
-            EvalRequest(recipe=recipe, name="base", uri=str(assets.base_model_dir), samples=0, eval_dir=str(eval_dir))
-        )
-        evaluator.wait()
-        (record,) = [json.loads(line) for line in (tmp_path / phase / "evaluations.jsonl").read_text().splitlines()]
-        return evaluator, record | {"metrics": json.loads((eval_dir / "lm_eval.json").read_text())["metrics"]}
+        return EvalRequest(recipe=cfg, name="base", uri=str(assets.base_model_dir), samples=0, eval_dir=str(eval_dir))
 
-    env = {**os.environ, **device_env("cpu:1", [])[1]}
-    done, first = evaluate_base("phase00", env)
-    done.kill()
-    _, second = evaluate_base("phase05", env)
-    _, other = evaluate_base("phase10", {**env, "RECIPE_LAB_OTHER_SLOT": "1"})
-    assert first["pid"] == second["pid"] != other["pid"]
-    assert first["metrics"] == second["metrics"] == other["metrics"]
-    for phase in ("phase00", "phase05", "phase10"):  # one model load each, logged where that phase's output goes
-        assert (tmp_path / phase / "eval-worker-0.log").read_text().count("Loading weights: 100%") == 1, phase
+    with EvaluationWorkers(log=lambda _line: None) as workers:
+        workers.open_slots("reserved", [device_env("cpu:1", [])[1]])
+        first = workers.evaluate(request(recipe, "phase00"), tmp_path / "phase00")
+        second = workers.evaluate(request(recipe, "phase05"), tmp_path / "phase05")
+        with pytest.raises(EvaluationFailed, match="no_such_task"):
+            workers.evaluate(request(broken, "phase10"), tmp_path / "phase10")
+        third = workers.evaluate(request(recipe, "phase15"), tmp_path / "phase15")
+        workers.open_slots("training", [{"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}])
+        workers.close_slots("training")
+        assert processes_mentioning(str(tmp_path))  # the reserved worker waits for the next model
+    assert first.pid == second.pid != third.pid
+    metrics = [
+        json.loads((tmp_path / p / "eval/base/lm_eval.json").read_text())["metrics"] for p in ("phase00", "phase05")
+    ]
+    assert metrics[0] == metrics[1]
+    for phase in ("phase00", "phase05", "phase15"):
+        assert (tmp_path / phase / "eval-worker-reserved-0.log").read_text().count("Loading weights: 100%") == 1
+        assert [json.loads(line)["pid"] for line in (tmp_path / phase / "evaluations.jsonl").open()]
+    assert not processes_mentioning(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_failed_evaluation_stops_the_training_beside_it(tmp_path, assets, prepared_slice):
+    """run_training's `stop` (set by a phase's evaluation that failed for good): the launch is
+    killed at once, mid-phase, with nothing left running and no incomplete checkpoint."""
+    import threading
+
+    import psutil
+
+    from core.recipe import load_recipe
+    from core.records import FINISHED
+    from tests.stack import processes_mentioning
+    from training.job import TrainJob
+    from training.launch.files import TrainingStopped
+    from training.launch.local import run_training
+
+    # 40 epochs (250 steps): room to stop in, under load too (at 4 the ranks once finished before the poll saw the stop)
+    epochs = 40
+    recipe = load_recipe("demo", {"training.epochs": epochs, "checkpointing.save_every_samples": 64})
+    model = str(assets.base_model_dir)
+    out = tmp_path / "phase00"
+    job = TrainJob(
+        run_id="t",
+        phase="phase00",
+        recipe=recipe,
+        model_path=model,
+        parent_checkpoint=model,
+        data_dir=prepared_slice("phase00", 200),
+        output_dir=str(out),
+    )
+    stop, seen = threading.Event(), []
+
+    def on_checkpoint(path: Path) -> None:  # the first checkpoint's evaluation "failed"
+        seen.append(path.name)
+        stop.set()
+
+    with pytest.raises(TrainingStopped, match="phase00"):
+        run_training(job, on_line=lambda _: None, on_checkpoint=on_checkpoint, stop=stop)
+    assert seen and not (out / FINISHED).exists()
+    steps = len((out / "metrics.jsonl").read_text().splitlines())
+    assert steps < epochs * 200 // recipe.training.effective_batch_size  # stopped mid-phase
+    assert all((c / "meta.json").exists() for c in (out / "checkpoints").iterdir())
+    _, living = psutil.wait_procs(processes_mentioning(str(out)), timeout=15)  # the ranks had SIGINT
+    assert not living
 
 
 def test_device_split_gives_evaluation_its_own_share():

@@ -8,8 +8,10 @@ from core import records
 from core.records import (
     CheckpointMeta,
     Finished,
+    Manifest,
     MetricsLine,
     ModelRef,
+    PhaseDone,
     PrepStats,
     Probe,
     ProgressEvent,
@@ -115,3 +117,14 @@ def test_a_malformed_record_file_is_named_with_its_field(tmp_path):
     path.write_text('[{"name": "samples_64", "uri": "/x/samples_64"}]')
     with pytest.raises(RecordError, match=re.escape(f"{path}: 0.samples: Field required")):
         records.read(list[ModelRef], path)
+
+
+def test_a_run_manifest_is_read_back_and_a_bad_one_names_its_field(tmp_path):
+    assert records.read_manifest(str(tmp_path)) is None  # no run here
+    manifest = Manifest(run_id="r", created="2025-01-01T00:00:00+00:00", code_version="abc", recipe={"name": "demo"})
+    manifest.phases["p0"] = PhaseDone(selected="/r/p0/checkpoints/samples_64", objective=0.5)
+    (tmp_path / records.MANIFEST).write_text(records.dumps(manifest))
+    assert records.read_manifest(str(tmp_path)) == manifest
+    (tmp_path / records.MANIFEST).write_text(records.dumps(manifest).replace('"objective": 0.5', '"objective": "high"'))
+    with pytest.raises(RecordError, match=re.escape(f"{tmp_path / records.MANIFEST}: phases.p0.objective: ")):
+        records.read_manifest(str(tmp_path))

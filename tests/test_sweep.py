@@ -106,7 +106,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_halving_stops_the_diverging_run_at_the_first_rung_and_resumes_the_others_exactly(
     tmp_path, prefect_server, assets
 ):
-    from flows.sweep import sweep
+    from flows.sweep import SweepResult, sweep
     from training.job import TrainJob
     from training.launch.local import run_training
 
@@ -133,18 +133,18 @@ def test_halving_stops_the_diverging_run_at_the_first_rung_and_resumes_the_other
         smoke=True,
         sweep_id="sh",
     )
-    runs = {r["overrides"]["training.learning_rate"]: r for r in summary["runs"]}
+    runs = {r.overrides["training.learning_rate"]: r for r in summary.runs}
     bad = runs[0.5]
-    assert (bad["status"], bad["stopped_at_rung"], bad["samples_trained"]) == ("stopped", 128, 128)
-    assert bad["final_objective"] is None and bad["rung_ranks"] == [3]
-    assert summary["samples_planned"] == 3 * trained
-    assert summary["samples_trained"] == 2 * trained + 128
-    assert summary["samples_saved"] == trained - 128
+    assert (bad.status, bad.stopped_at_rung, bad.samples_trained) == ("stopped", 128, 128)
+    assert bad.final_objective is None and bad.rung_ranks == [3]
+    assert summary.samples_planned == 3 * trained
+    assert summary.samples_trained == 2 * trained + 128
+    assert summary.samples_saved == trained - 128
 
     for lr in (1e-3, 2e-3):
         run = runs[lr]
-        assert run["status"] == "finished" and run["samples_trained"] == trained and run["final_objective"] is not None
-        phase = tmp_path / run["run_id"] / "p"
+        assert run.status == "finished" and run.samples_trained == trained and run.final_objective is not None
+        phase = tmp_path / run.run_id / "p"
         metrics = read_jsonl(phase / "metrics.jsonl")
         # smoke kept the grid's learning rate: after the 2 warmup steps every step runs at it
         assert [m["lr"] for m in metrics[2:]] == [lr] * (trained // 32 - 2)
@@ -164,7 +164,7 @@ def test_halving_stops_the_diverging_run_at_the_first_rung_and_resumes_the_other
             recipe=cfg,
             model_path=str(assets.base_model_dir),
             parent_checkpoint=str(assets.base_model_dir),
-            data_dir=str(tmp_path / run["run_id"] / "data" / "p"),
+            data_dir=str(tmp_path / run.run_id / "data" / "p"),
             output_dir=str(tmp_path / f"straight-{lr}"),
         )
         run_training(straight, on_line=lambda _: None)
@@ -172,7 +172,7 @@ def test_halving_stops_the_diverging_run_at_the_first_rung_and_resumes_the_other
         assert [m["loss"] for m in metrics] == [m["loss"] for m in reference]
         assert [m["grad_norm"] for m in metrics] == [m["grad_norm"] for m in reference]
     # Re-running the sweep with the same id picks it up: nothing is trained again, the same summary.
-    before = {r["run_id"]: (tmp_path / r["run_id"] / "p" / "metrics.jsonl").read_text() for r in summary["runs"]}
+    before = {r.run_id: (tmp_path / r.run_id / "p" / "metrics.jsonl").read_text() for r in summary.runs}
     again = sweep(
         recipe="demo",
         grid=grid,
@@ -183,8 +183,8 @@ def test_halving_stops_the_diverging_run_at_the_first_rung_and_resumes_the_other
         smoke=True,
         sweep_id="sh",
     )
-    assert again["runs"] == summary["runs"]
+    assert again.runs == summary.runs
     assert before == {r: (tmp_path / r / "p" / "metrics.jsonl").read_text() for r in before}
     written = json.loads((tmp_path / "sh" / "sweep.json").read_text())
-    assert written["samples_saved"] == summary["samples_saved"]
+    assert SweepResult.model_validate(written) == summary
     assert (tmp_path / "sh" / "sweep.png").read_bytes()[:4] == b"\x89PNG"

@@ -12,8 +12,10 @@ outlives the thread that started it.)
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
+import signal
 import threading
 
 OWNER_ENV = "RECIPE_LAB_OWNER_PID"
@@ -39,3 +41,15 @@ def end_with_owner() -> None:
         os._exit(1)  # the run that wanted this work is gone: nothing to clean up for it
 
     threading.Thread(target=watch, name="end-with-owner", daemon=True).start()
+
+
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: nothing but the call runs in the forked child
+PR_SET_PDEATHSIG = 1
+
+
+def stop_with(parent: int) -> None:
+    """preexec_fn of a child that cannot watch its owner itself (a server): SIGTERM it when the
+    thread that started it ends (Linux); at once if `parent` died before the signal was set."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)

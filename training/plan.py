@@ -2,7 +2,8 @@
 
 From the recipe and the model's `config.json` (no weights, no data needed) this computes the
 batch arithmetic, a per-GPU memory estimate broken down by what holds it, a wall-time estimate
-from a stated throughput, and the launch command with its generated config files.
+from a stated throughput, and the launch command with its generated config files (training.lab_plan
+puts these together with the evaluation's placement, training.placement, which uses the shapes here).
 
 The memory model, per GPU, for P parameters on N ranks (bytes; "masters" are float32 under
 mixed precision, else the model dtype; see training.precision):
@@ -47,9 +48,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from core.recipe import Recipe
-from training.job import DEFAULT_GRACE_S, TrainJob
+from training.job import DEFAULT_GRACE_S
 from training.kernels import training_kernel
 from training.precision import is_mixed, weights_dtype
 
@@ -59,6 +61,7 @@ OVERLAP_COMM_BUFFERS = 4.5  # DeepSpeed: overlap_comm holds ~4.5x the bucket siz
 H100_BF16_FLOPS = 989e12
 GRACE_MARGIN_S = 60  # process exit, collective teardown, a slow file system's tail
 ASSUMED_MFU = 0.4
+DEFAULT_MEAN_TOKENS = 1024  # tokens per sample when the data is not at hand (`--mean-tokens`)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -364,6 +367,7 @@ class Plan:
     fix: dict[str, Any] | None = None
     launch_command: list[str] = field(default_factory=list)
     launch_files: dict[str, str] = field(default_factory=dict)  # file name -> text, as launch writes them
+    evaluation: BaseModel | None = None  # where checkpoints are evaluated (training.placement.EvaluationPlan)
 
     @property
     def fits(self) -> bool:
@@ -392,6 +396,7 @@ class Plan:
             "deepspeed": json.loads(self.launch_files["deepspeed.json"])
             if "deepspeed.json" in self.launch_files
             else None,
+            "evaluation": None if self.evaluation is None else self.evaluation.model_dump(mode="json"),
         }
 
     def refusal(self) -> str:
@@ -505,10 +510,17 @@ def render(plan: Plan, launch_command: list[str], files: dict[str, str]) -> str:
 def count_samples(recipe: Recipe) -> int | None:
     """Samples in the recipe's data (all phases) when every file is reachable here as a local or
     embedded JSONL / Parquet file; None otherwise (the presets point at the user's own files)."""
+    per_phase = phase_samples(recipe)
+    return None if per_phase is None else sum(per_phase.values())
+
+
+def phase_samples(recipe: Recipe) -> dict[str, int] | None:
+    """Samples of each phase's own data (replay not counted), when every file is readable here."""
     from core.storage import resolve_embedded
 
-    total = 0
+    counts = {}
     for phase in recipe.phases:
+        counts[phase.name] = 0
         for uri in phase.data:
             path = Path(resolve_embedded(uri)) if "://" not in uri or uri.startswith("embedded://") else None
             if path is None or not path.is_file():
@@ -516,10 +528,10 @@ def count_samples(recipe: Recipe) -> int | None:
             if path.suffix == ".parquet":
                 import pyarrow.parquet as pq
 
-                total += pq.ParquetFile(path).metadata.num_rows
+                counts[phase.name] += pq.ParquetFile(path).metadata.num_rows
             else:
-                total += sum(1 for line in path.open() if line.strip())
-    return total
+                counts[phase.name] += sum(1 for line in path.open() if line.strip())
+    return counts
 
 
 def device_memory_bytes(gpu_memory_gib: float | None) -> int | None:
@@ -533,48 +545,3 @@ def device_memory_bytes(gpu_memory_gib: float | None) -> int | None:
     import torch
 
     return torch.cuda.get_device_properties(0).total_memory
-
-
-def plan_recipe(
-    recipe: Recipe,
-    gpu_memory_gib: float | None = None,
-    samples: int | None = None,
-    mean_tokens: float = 1024,
-    tokens_per_s_per_gpu: float | None = None,
-) -> tuple[Plan, str]:
-    """The plan of a resolved recipe and its rendering (what `lab plan` prints)."""
-    from core.storage import resolve_embedded
-    from training.launch.config import launch_files
-
-    model_config = read_model_config(resolve_embedded(recipe.model.name_or_path))
-    plan = make_plan(
-        recipe,
-        model_config,
-        device_memory_bytes(gpu_memory_gib),
-        samples if samples is not None else count_samples(recipe),
-        mean_tokens,
-        tokens_per_s_per_gpu,
-    )
-    phase = recipe.phases[0].name
-    k8s = recipe.launch.kubernetes if recipe.launch.scheduler == "kubernetes" else None
-    root = f"{k8s.mount_path.rstrip('/')}/STORAGE_ROOT" if k8s else "STORAGE_ROOT"  # on the nodes' shared volume
-    job = TrainJob(
-        run_id="RUN_ID",
-        phase=phase,
-        recipe=recipe,
-        model_path=recipe.model.name_or_path,
-        parent_checkpoint=recipe.model.name_or_path,
-        data_dir=f"{root}/RUN_ID/data/{phase}",
-        output_dir=f"{root}/RUN_ID/{phase}",
-        grace_s=plan.rolling_state.grace_seconds,
-    )
-    command, files = launch_files(job)
-    plan.launch_command, plan.launch_files = command, {path.name: text for path, text in files.items()}
-    shown = {str(path): text for path, text in files.items() if path.suffix != ".json" or "deepspeed" in path.name}
-    text = render(plan, command, shown)
-    if recipe.launch.num_machines > 1 or recipe.launch.scheduler != "local":
-        from training.scheduler import node_launches
-
-        text += f"\n\n-- the phase on {recipe.launch.num_machines} node(s), scheduler {recipe.launch.scheduler}\n"
-        text += node_launches(job)
-    return plan, text

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ from core.records import ProgressEvent
 from training.job import TrainJob
 from training.launch.checkpoints import complete_checkpoints, remove_incomplete_checkpoints
 from training.launch.config import launch_command, node_env, write_launch_files
-from training.launch.files import RunFiles, TrainingFailed, ended_how, forget_early_end
+from training.launch.files import RunFiles, TrainingFailed, TrainingStopped, ended_how, forget_early_end
 
 REPO = Path(__file__).resolve().parents[1]  # every node runs from a checkout at the same path
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
@@ -42,9 +43,11 @@ def run_scheduled(
     on_line: Callable[[str], None],
     on_progress: Callable[[ProgressEvent], None] | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> list[Path]:
     """The phase as a cluster job (launch.scheduler: kubernetes | slurm), node 0's output streamed
-    to `on_line`; returns its complete checkpoints. Raises TrainingFailed. The nodes write the
+    to `on_line`; returns its complete checkpoints. Raises TrainingFailed, or TrainingStopped when
+    `stop` is set (checked at every poll; the job is deleted / scancelled). The nodes write the
     run's files to the shared phase directory: `on_progress` gets each new progress event as the
     job is polled, `on_checkpoint` each complete checkpoint once the job ended."""
     scheduler = job.recipe.launch.scheduler
@@ -52,8 +55,14 @@ def run_scheduled(
     forget_early_end(output_dir)
     files = RunFiles(output_dir)
     run = run_on_kubernetes if scheduler == "kubernetes" else run_on_slurm
+
+    def on_poll() -> None:
+        if stop is not None and stop.is_set():
+            raise TrainingStopped(f"training of phase {job.phase} stopped by its run")
+        files.report(on_progress, None)
+
     try:
-        succeeded = run(job, on_line, on_poll=lambda: files.report(on_progress, None))
+        succeeded = run(job, on_line, on_poll=on_poll)
     finally:
         remove_incomplete_checkpoints(output_dir)
     files.report(on_progress, on_checkpoint)

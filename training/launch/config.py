@@ -16,7 +16,7 @@ import yaml
 
 from core.recipe import LaunchConfig, Recipe
 from training.job import TrainJob
-from training.launch.devices import cuda_device_count
+from training.launch.devices import cuda_device_count, training_recipe
 from training.precision import autocast_mode
 
 
@@ -179,12 +179,13 @@ def launch_files(
     output_dir = Path(job.output_dir)
     job_file, config_file = output_dir / "job.json", output_dir / "accelerate.yaml"
     files = {job_file: job.model_dump_json(indent=2)}
+    recipe = training_recipe(job.recipe)  # the node's GPUs less those evaluation reserves
     ds_file = None
-    if job.recipe.launch.backend == "deepspeed":
+    if recipe.launch.backend == "deepspeed":
         ds_file = output_dir / "deepspeed.json"
-        files[ds_file] = json.dumps(deepspeed_config(job.recipe), indent=2) + "\n"
-    files[config_file] = yaml.safe_dump(accelerate_config(job.recipe.launch, ds_file, autocast_mode(job.recipe)))
-    return launch_command(config_file, job_file, job.recipe.launch, python, node), files
+        files[ds_file] = json.dumps(deepspeed_config(recipe), indent=2) + "\n"
+    files[config_file] = yaml.safe_dump(accelerate_config(recipe.launch, ds_file, autocast_mode(recipe)))
+    return launch_command(config_file, job_file, recipe.launch, python, node), files
 
 
 def write_launch_files(

@@ -11,7 +11,7 @@ import shutil
 from functools import cache
 from pathlib import Path
 
-from core.recipe import LaunchConfig
+from core.recipe import LaunchConfig, Recipe
 
 
 def device_env(devices: str, visible: list[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -33,15 +33,50 @@ def device_env(devices: str, visible: list[str]) -> tuple[dict[str, str], dict[s
     return {"CUDA_VISIBLE_DEVICES": ",".join(training)}, {"CUDA_VISIBLE_DEVICES": ",".join(evaluation)}
 
 
-def training_slots(launch: LaunchConfig, evaluation_devices: str) -> list[dict[str, str]]:
+def training_launch(recipe: Recipe) -> LaunchConfig:
+    """The launch training runs. launch.num_processes counts the node's GPUs; those that
+    evaluation.devices reserves ('cuda:7' of eight) train no rank, so training runs the others
+    (7): accelerate's num_processes and DeepSpeed's batch follow, and the effective batch, split
+    across the ranks by the sampler, stays exact."""
+    devices, launch = recipe.evaluation.devices, recipe.launch
+    if not devices or not devices.startswith("cuda:"):
+        return launch
+    reserved = [int(i) for i in devices.removeprefix("cuda:").split(",")]
+    if max(reserved) >= launch.num_processes:
+        raise ValueError(
+            f"evaluation.devices {devices!r}: the node has launch.num_processes {launch.num_processes} GPUs "
+            f"(cuda:0 to cuda:{launch.num_processes - 1})"
+        )
+    if len(set(reserved)) >= launch.num_processes:
+        raise ValueError(f"evaluation.devices {devices!r} takes every GPU of the node; none is left to train")
+    return launch.model_copy(update={"num_processes": launch.num_processes - len(set(reserved))})
+
+
+def training_recipe(recipe: Recipe) -> Recipe:
+    """The recipe with the launch training runs (`training_launch`)."""
+    return recipe.model_copy(update={"launch": training_launch(recipe)})
+
+
+def training_devices(recipe: Recipe, visible: list[str]) -> dict[str, str]:
+    """The training launch's environment update: with GPUs reserved for evaluation, the others of
+    the node's `visible` GPUs, as many as it has ranks."""
+    devices = recipe.evaluation.devices
+    if not devices or not devices.startswith("cuda:"):
+        return {}
+    ranks = training_launch(recipe).num_processes
+    training = device_env(devices, visible[: recipe.launch.num_processes])[0]["CUDA_VISIBLE_DEVICES"].split(",")
+    return {"CUDA_VISIBLE_DEVICES": ",".join(training[:ranks])}
+
+
+def training_slots(recipe: Recipe, visible: list[str]) -> list[dict[str, str]]:
     """What training leaves free when it ends, as environment updates for one evaluation worker
     per local rank: its GPU when it trained on GPUs, else one CPU thread each."""
-    gpus = visible_gpus()
-    if gpus:
-        training = device_env(evaluation_devices, gpus)[0].get("CUDA_VISIBLE_DEVICES", ",".join(gpus))
-        return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in training.split(",")[: launch.num_processes]]
+    ranks = training_launch(recipe).num_processes
+    if visible:
+        gpus = training_devices(recipe, visible).get("CUDA_VISIBLE_DEVICES", ",".join(visible[:ranks]))
+        return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in gpus.split(",")]
     threads = os.environ.get("OMP_NUM_THREADS", "1")
-    return [{"OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": ""}] * launch.num_processes
+    return [{"OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": ""}] * ranks
 
 
 def visible_gpus() -> list[str]:

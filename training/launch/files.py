@@ -19,6 +19,10 @@ class TrainingFailed(RuntimeError):
     """The training subprocess exited non-zero; the message holds its last output lines."""
 
 
+class TrainingStopped(RuntimeError):
+    """The caller asked the training to stop (its `stop` event); the training was killed."""
+
+
 class RunFiles:
     """What a training run has written so far, read from its files (never from its output):
     new lines of progress.jsonl and newly complete checkpoints (meta.json landed)."""

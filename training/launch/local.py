@@ -22,8 +22,8 @@ from core.records import ProgressEvent
 from training.job import TrainJob
 from training.launch.checkpoints import complete_checkpoints, remove_incomplete_checkpoints
 from training.launch.config import node_env, write_launch_files
-from training.launch.devices import cuda_device_count, device_env, visible_gpus
-from training.launch.files import RunFiles, TrainingFailed, ended_how, forget_early_end
+from training.launch.devices import cuda_device_count, training_devices, visible_gpus
+from training.launch.files import RunFiles, TrainingFailed, TrainingStopped, ended_how, forget_early_end
 
 
 def launch_env(launch: LaunchConfig, grace_s: int) -> dict[str, str]:
@@ -40,9 +40,7 @@ def start_training(job: TrainJob) -> subprocess.Popen:
     """Start the launch in its own process group (session), so that all ranks can be killed
     at once. GPUs that `evaluation.devices` gives to evaluation are hidden from it."""
     env = launch_env(job.recipe.launch, job.grace_s)
-    devices = job.recipe.evaluation.devices
-    if devices and devices.startswith("cuda:"):
-        env.update(device_env(devices, visible_gpus())[0])
+    env.update(training_devices(job.recipe, visible_gpus()))
     return subprocess.Popen(
         write_launch_files(job),
         stdout=subprocess.PIPE,
@@ -60,9 +58,11 @@ def run_training(
     on_progress: Callable[[ProgressEvent], None] | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
     poll_s: float = 0.5,
+    stop: threading.Event | None = None,
 ) -> list[Path]:
     """Launch one phase's training (resuming from its rolling state if there is one), stream
-    its output to `on_line`, and return its complete checkpoints. Raises TrainingFailed.
+    its output to `on_line`, and return its complete checkpoints. Raises TrainingFailed, or
+    TrainingStopped when `stop` is set (checked every `poll_s`).
 
     Progress and checkpoints are read from the run's files every `poll_s`: `on_progress` gets
     each new progress.jsonl event, `on_checkpoint` each checkpoint whose meta.json landed
@@ -103,6 +103,8 @@ def run_training(
             except subprocess.TimeoutExpired:
                 if deadline is not None and time.monotonic() > deadline:
                     raise
+                if stop is not None and stop.is_set():
+                    raise TrainingStopped(f"training of phase {job.phase} stopped by its run") from None
                 files.report(on_progress, on_checkpoint)
         reader.join()
         files.report(on_progress, on_checkpoint)  # what the last poll missed
