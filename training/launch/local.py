@@ -8,6 +8,7 @@ progress and complete checkpoints are read from the run's files (training.launch
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+
+import psutil
 
 from core.recipe import LaunchConfig
 from core.records import ProgressEvent
@@ -122,15 +125,36 @@ def run_training(
     return complete_checkpoints(Path(job.output_dir))
 
 
-def kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen, timeout_s: float = 10) -> None:
     """Stop the training group without a save: SIGINT (a SIGTERM would make the ranks save the
-    rolling state first, as for a preemption), SIGKILL after 10 s. The run resumes from its last
+    rolling state first, as for a preemption), SIGKILL after `timeout_s`. Returns once the ranks
+    are gone too, not only the launcher: it can exit before them, and a caller that goes on (a
+    failed phase, a rerun) must not find them still writing. The run resumes from its last
     rolling state."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+    if not group_ended(proc, timeout_s):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        group_ended(proc, timeout_s)
+
+
+def group_ended(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait up to `timeout_s` until no process of the launcher's group is running; whether none is."""
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout_s)
+    while any(p.info["status"] != psutil.STATUS_ZOMBIE for p in group_members(proc.pid)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)  # the ranks are not our children: there is no wait() to block on
+    return proc.poll() is not None
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for p in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error, OSError):  # gone meanwhile
+            if os.getpgid(p.pid) == pgid:
+                members.append(p)
+    return members
