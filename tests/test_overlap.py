@@ -256,7 +256,8 @@ def test_a_failed_evaluation_stops_the_training_beside_it(tmp_path, assets, prep
     from training.launch.files import TrainingStopped
     from training.launch.local import run_training
 
-    # 40 epochs (250 steps): room to stop in, under load too (at 4 the ranks once finished before the poll saw the stop)
+    # 40 epochs (250 steps of ~0.1 s): room to stop in. Stopping takes a poll and the kill (alone here: 8 steps
+    # past the first checkpoint); under load the 25 steps of 4 epochs once all ran before the ranks were gone.
     epochs = 40
     recipe = load_recipe("demo", {"training.epochs": epochs, "checkpointing.save_every_samples": 64})
     model = str(assets.base_model_dir)
