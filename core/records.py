@@ -150,6 +150,11 @@ class CheckpointMeta(Record):
     parent_checkpoint: str = Field(description="URI of the phase's starting model.")
     code_version: str
     metrics: StepMetrics = Field(description="The step's metrics at save time.")
+    validation_loss: float | None = Field(
+        None,
+        description="validation/loss: the mean token loss of the phase's held-out validation slice "
+        "(training.validation_samples; per sample in <phase>/validation/samples_<N>.items.parquet); None without one.",
+    )
     probe: Probe
     recipe: dict[str, Any] = Field(description="The resolved recipe, as JSON.")
 
@@ -185,6 +190,7 @@ class ModelRef(Record):
     name: str = Field(description="samples_<N>, avg_last<k> or base.")
     uri: str
     samples: int
+    averaged: bool = Field(False, description="The weight average of the phase's last checkpoints.")
 
     @classmethod
     def checkpoint(cls, uri: str) -> ModelRef:
@@ -225,6 +231,10 @@ class PrepStats(Record):
     content_hash: str = Field(
         "", description="Of the conversations, tokenizer, template and settings: equal = reusable."
     )
+    validation_ids: list[str] = Field(
+        default_factory=list,
+        description="The phase's held-out validation slice (validation.parquet): never trained on in the phase.",
+    )
 
 
 class PhaseDone(Record):
@@ -232,6 +242,11 @@ class PhaseDone(Record):
 
     selected: str = Field(description="URI of the selected model.")
     objective: float
+    policy: str = Field("", description="The selection policy that chose it (selection.policy); empty in older runs.")
+    validation_ids: list[str] = Field(
+        default_factory=list,
+        description="The phase's held-out validation slice (PrepStats.validation_ids): never trained on in the phase.",
+    )
 
 
 class Manifest(Record):

@@ -54,16 +54,26 @@ def read_json(uri: str) -> Any:
 
 
 def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file: locally through a temporary file and a rename, so readers never see half of it."""
     if is_local(uri):
         path = Path(uri.removeprefix("file://"))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     else:
-        with fsspec.open(uri, "w") as f:
-            f.write(text)
+        with fsspec.open(uri, "wb") as f:
+            f.write(data)
+
+
+def open_binary(uri: str) -> Any:
+    """A binary read handle on a local path or fsspec URL (a context manager)."""
+    return fsspec.open(uri, "rb")
 
 
 def write_json(uri: str, obj: Any) -> None:

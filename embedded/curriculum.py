@@ -5,8 +5,12 @@
              with question phrasings that never appear in train, about facts that train covers
     phase10  compositional skills: add, compare and match facts given in the question
 
+Every phase has two disjoint evaluation splits of distinct items, neither in train: the selection
+split (eval.jsonl, what checkpoint selection reads) and the test split (test.jsonl, at least twice
+as large, never read by any selection policy: bench/selection.py scores picks on it).
+
 Train rows are chats: {"id", "messages": [{"role": "user", ...}, {"role": "assistant", ...}]}.
-Eval rows:
+Eval and test rows:
     phase00  {"id", "prompt", "rule": {"kind": ..., ...}}
     phase05  {"id", "question", "choices": [4 strings], "answer": index of the right choice}
     phase10  {"id", "question", "answer": str}   (exact match on the stripped answer)
@@ -281,12 +285,16 @@ def chat(row_id: str, prompt: str, answer: str) -> Row:
     return {"id": row_id, "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
 
+Splits = tuple[int, int]  # (selection, test) items of a phase's evaluation
+
+
 def _held_out_items(
     rng: random.Random, make: Callable[[random.Random, str], Item], kinds: tuple[str, ...], n_train: int, n_eval: int
 ) -> tuple[list[Item], list[Item]]:
-    """Distinct items, kinds in turn: the first n_eval are eval, the rest (shuffled) train.
+    """Distinct items, kinds in turn: the first n_eval are eval (both splits), the rest (shuffled) train.
 
-    Deduplicating by prompt before the split is what keeps every eval prompt out of train.
+    Deduplicating by prompt before the split is what keeps every eval prompt out of train and
+    the two evaluation splits apart.
     """
     items: list[Item] = []
     seen: set[str] = set()
@@ -304,19 +312,27 @@ def _held_out_items(
     return train, items[:n_eval]
 
 
+def split_rows(phase: str, rows: list[Row], splits: Splits) -> tuple[list[Row], list[Row]]:
+    """(selection, test) rows with ids <phase>-eval-NNNN and <phase>-test-NNNN."""
+    selection, test = rows[: splits[0]], rows[splits[0] : sum(splits)]
+    return (
+        [{"id": f"{phase}-eval-{i:04d}", **row} for i, row in enumerate(selection)],
+        [{"id": f"{phase}-test-{i:04d}", **row} for i, row in enumerate(test)],
+    )
+
+
 def instruction_phase(
-    world: list[Kingdom], rng: random.Random, n_train: int, n_eval: int
-) -> tuple[list[Row], list[Row]]:
+    world: list[Kingdom], rng: random.Random, n_train: int, splits: Splits
+) -> tuple[list[Row], list[Row], list[Row]]:
     train, evals = _held_out_items(
-        rng, lambda r, kind: instruction_item(r, kind, world), INSTRUCTION_KINDS, n_train, n_eval
+        rng, lambda r, kind: instruction_item(r, kind, world), INSTRUCTION_KINDS, n_train, sum(splits)
     )
     train_rows = [chat(f"phase00-train-{i:05d}", it.prompt, it.answer) for i, it in enumerate(train)]
-    eval_rows = [{"id": f"phase00-eval-{i:04d}", "prompt": it.prompt, "rule": it.rule} for i, it in enumerate(evals)]
-    return train_rows, eval_rows
+    return train_rows, *split_rows("phase00", [{"prompt": it.prompt, "rule": it.rule} for it in evals], splits)
 
 
-def knowledge_phase(world: list[Kingdom], rng: random.Random, n_eval: int) -> tuple[list[Row], list[Row]]:
-    """Train: every fact in every train phrasing. Eval: distinct facts, eval-only phrasings."""
+def knowledge_phase(world: list[Kingdom], rng: random.Random, splits: Splits) -> tuple[list[Row], list[Row], list[Row]]:
+    """Train: every fact in every train phrasing. Eval: distinct facts (none in both splits), eval-only phrasings."""
     facts = [(k, relation) for k in world for relation in QUESTIONS]
     train = []
     for kingdom, relation in facts:
@@ -324,31 +340,33 @@ def knowledge_phase(world: list[Kingdom], rng: random.Random, n_eval: int) -> tu
         train += [(template.format(e=subject), answer) for template in QUESTIONS[relation][0]]
     rng.shuffle(train)
     train_rows = [chat(f"phase05-train-{i:05d}", prompt, answer) for i, (prompt, answer) in enumerate(train)]
+    if sum(splits) > len(facts):
+        raise ValueError(f"the world has {len(facts)} facts, too few for evaluation splits {splits}")
     eval_rows = []
-    for i, (kingdom, relation) in enumerate(rng.sample(facts, n_eval)):
+    for kingdom, relation in rng.sample(facts, sum(splits)):
         question = rng.choice(QUESTIONS[relation][1]).format(e=fact(kingdom, relation)[0])
         choices, answer = knowledge_choices(rng, world, kingdom, relation)
-        eval_rows.append({"id": f"phase05-eval-{i:04d}", "question": question, "choices": choices, "answer": answer})
-    return train_rows, eval_rows
+        eval_rows.append({"question": question, "choices": choices, "answer": answer})
+    return train_rows, *split_rows("phase05", eval_rows, splits)
 
 
-def skills_phase(world: list[Kingdom], rng: random.Random, n_train: int, n_eval: int) -> tuple[list[Row], list[Row]]:
-    train, evals = _held_out_items(rng, lambda r, kind: skill_item(r, kind, world), SKILL_KINDS, n_train, n_eval)
+def skills_phase(
+    world: list[Kingdom], rng: random.Random, n_train: int, splits: Splits
+) -> tuple[list[Row], list[Row], list[Row]]:
+    train, evals = _held_out_items(rng, lambda r, kind: skill_item(r, kind, world), SKILL_KINDS, n_train, sum(splits))
     train_rows = [chat(f"phase10-train-{i:05d}", it.prompt, it.answer) for i, it in enumerate(train)]
-    eval_rows = [
-        {"id": f"phase10-eval-{i:04d}", "question": it.prompt, "answer": it.answer} for i, it in enumerate(evals)
-    ]
-    return train_rows, eval_rows
+    return train_rows, *split_rows("phase10", [{"question": it.prompt, "answer": it.answer} for it in evals], splits)
 
 
 def build_curriculum(
-    world: list[Kingdom], seed: int, n_train: int, n_eval: int
-) -> dict[str, tuple[list[Row], list[Row]]]:
-    """phase -> (train rows, eval rows). phase05's train size is set by the world's facts."""
+    world: list[Kingdom], seed: int, n_train: int, splits: dict[str, Splits]
+) -> dict[str, tuple[list[Row], list[Row], list[Row]]]:
+    """phase -> (train rows, selection-split rows, test-split rows). phase05's train size is set by
+    the world's facts."""
     return {
-        "phase00": instruction_phase(world, random.Random(f"{seed}-phase00"), n_train, n_eval),
-        "phase05": knowledge_phase(world, random.Random(f"{seed}-phase05"), n_eval),
-        "phase10": skills_phase(world, random.Random(f"{seed}-phase10"), n_train, n_eval),
+        "phase00": instruction_phase(world, random.Random(f"{seed}-phase00"), n_train, splits["phase00"]),
+        "phase05": knowledge_phase(world, random.Random(f"{seed}-phase05"), splits["phase05"]),
+        "phase10": skills_phase(world, random.Random(f"{seed}-phase10"), n_train, splits["phase10"]),
     }
 
 

@@ -212,8 +212,9 @@ def model_card(
         "",
         f"## Scores of phase {selection.phase}",
         "",
-        f"Objective: {objective} (weighted mean). Intervals: {selection.confidence:.0%}, from the evaluations' "
-        "standard errors; metrics are shown ± their standard error.",
+        f"Objective: {objective} (weighted mean). Intervals: {selection.confidence:.0%} t intervals from each "
+        f"model's per-item records; selection policy `{selection.policy}`, every comparison paired on items; "
+        "metrics are shown ± their standard error.",
         "",
         "| model | samples | objective | interval | " + " | ".join(keys) + " |",
         "|---|---|---|---|" + "---|" * len(keys),

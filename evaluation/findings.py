@@ -8,7 +8,13 @@ judged on the paired differences between arms (same seed, so shared noise cancel
     d_k = score(A, seed k) - score(B, seed k),   CI95(d) = mean(d) +- t(0.975, K-1) * sd(d) / sqrt(K)
 
 With one seed there is no spread to measure; the interval falls back to the evaluation's own
-sampling error, mean(d) +- 1.96 * sqrt(se_A^2 + se_B^2) (lm-eval's stderr), and says so.
+sampling error, mean(d) +- 1.96 * se_items, se_items being the stderr of A - B paired on the items
+both were scored on (evaluation/paired.py), and says so. Pairing on items ignores seed-to-seed
+variance, which is why it replaces only this fallback: with K >= 2 the seeds' spread decides.
+
+Power: each estimate states its minimum detectable effect at 80% power (two-sided 5% test),
+MDE = (t(0.975, K-1) + t(0.80, K-1)) * se (normal quantiles for one seed), and how many seeds
+would bring the MDE down to 0.03 at the measured per-seed spread (none known with one seed).
 
 Rules (the verdicts' wording is fixed, so that tables from different runs compare):
 - "A beats B":         agree if CI95(d) > 0; disagree if CI95(d) < 0; else inconclusive.
@@ -34,32 +40,59 @@ RULES = {
 }
 
 
+POWER = 0.80
+TARGET_EFFECT = 0.03  # the effect size whose seed count each finding states
+
+
 class Estimate(BaseModel):
     mean: float
     low: float
     high: float
     n: int  # seeds
     source: Literal["seeds", "stderr"]  # what the interval measures
+    se: float = 0.0  # standard error of the mean: sd / sqrt(K), or the one seed's evaluation stderr
 
     def __str__(self) -> str:
         return f"{self.mean:.3f} ± {(self.high - self.low) / 2:.3f}"
+
+    def mde(self) -> float:
+        """Minimum detectable effect at 80% power, two-sided 5%."""
+        return _power_quantiles(self.n) * self.se
+
+    def seeds_for(self, effect: float = TARGET_EFFECT) -> int | None:
+        """Seeds for an MDE of `effect` at the measured per-seed spread (None: no spread measured)."""
+        if self.source != "seeds":
+            return None
+        sd = self.se * math.sqrt(self.n)
+        k = 2
+        while _power_quantiles(k) * sd / math.sqrt(k) > effect and k < 100_000:
+            k += 1
+        return k
+
+
+def _power_quantiles(n: int) -> float:
+    if n >= 2:
+        return float(stats.t.ppf(0.975, n - 1) + stats.t.ppf(POWER, n - 1))
+    return float(stats.norm.ppf(0.975) + stats.norm.ppf(POWER))
 
 
 def estimate(values: list[float], stderr: float | None = None) -> Estimate:
     """Mean and 95% CI over seeds (t interval); with one seed, +- 1.96 x `stderr` (0 if None)."""
     n, mean = len(values), statistics.fmean(values)
     if n >= 2:
-        half = float(stats.t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
-        return Estimate(mean=mean, low=mean - half, high=mean + half, n=n, source="seeds")
+        se = statistics.stdev(values) / math.sqrt(n)
+        half = float(stats.t.ppf(0.975, n - 1)) * se
+        return Estimate(mean=mean, low=mean - half, high=mean + half, n=n, source="seeds", se=se)
     half = 1.96 * (stderr or 0.0)
-    return Estimate(mean=mean, low=mean - half, high=mean + half, n=1, source="stderr")
+    return Estimate(mean=mean, low=mean - half, high=mean + half, n=1, source="stderr", se=stderr or 0.0)
 
 
-def paired_difference(a: list[float], b: list[float], se_a: float = 0.0, se_b: float = 0.0) -> Estimate:
-    """CI of A - B over seeds paired by index; one seed: from the two evaluations' stderr."""
+def paired_difference(a: list[float], b: list[float], item_stderr: float = 0.0) -> Estimate:
+    """CI of A - B over seeds paired by index; one seed: from `item_stderr`, the stderr of A - B
+    paired on the items both were scored on."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired difference needs the same seeds on both arms, got {len(a)} and {len(b)}")
-    return estimate([x - y for x, y in zip(a, b, strict=True)], math.hypot(se_a, se_b))
+    return estimate([x - y for x, y in zip(a, b, strict=True)], item_stderr)
 
 
 def beats(difference: Estimate) -> Verdict:

@@ -9,7 +9,11 @@ resolves `data_files` against the working directory unless they are absolute (NO
     lab_skills        generate_until, exact_match (stripped answer)
 
 Results are flattened to {"task/metric": value}; a metric with a filter other than "none"
-keeps it ("gsm8k/exact_match,strict-match").
+keeps it ("gsm8k/exact_match,strict-match"). Beside each result file, `items.write_items` keeps
+the per-item outcomes (lm-eval's `log_samples`): one row per task, metric, item and value, the
+item id being the document's own `id` when it has one (the lab's items), else its index in the
+task; both are the same for every checkpoint of a run. Paired comparisons
+(evaluation/paired.py) read them.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ from typing import Any
 
 import yaml
 
-from core import storage
+from core import items, storage
 from core.chat import apply_template, configure_generation
 from core.recipe import EvaluationConfig
 from evaluation.device import load_causal_lm
 from evaluation.server import ServerEndpoint
 
 LAB_TASKS = ("lab_instruction", "lab_knowledge", "lab_skills")
+# The same tasks on each phase's test split (test.jsonl): never in a recipe's selection, only for
+# measuring picks against held-out truth (bench/selection.py).
+LAB_TEST_TASKS = tuple(f"{task}_test" for task in LAB_TASKS)
 
 # Loaded by lm-eval from next to the YAMLs (`!function lab_results.instruction`).
 LAB_RESULTS_MODULE = """\
@@ -42,14 +49,17 @@ class FunctionTag(str):
 yaml.SafeDumper.add_representer(FunctionTag, lambda d, v: d.represent_scalar("!function", str(v)))
 
 
-def lab_task_configs(curriculum_dir: Path, max_gen_tokens: int) -> dict[str, dict[str, Any]]:
+def lab_task_configs(
+    curriculum_dir: Path, max_gen_tokens: int, split_file: str = "eval.jsonl", suffix: str = ""
+) -> dict[str, dict[str, Any]]:
+    """The lab tasks on one split of each phase: eval.jsonl (selection) or test.jsonl (suffix _test)."""
     generation = {"until": [], "do_sample": False, "max_gen_toks": max_gen_tokens}
 
     def data(phase: str) -> dict[str, Any]:
-        path = (curriculum_dir / phase / "eval.jsonl").resolve()
+        path = (curriculum_dir / phase / split_file).resolve()
         return {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(path)}}, "test_split": "test"}
 
-    return {
+    tasks = {
         "lab_instruction": {
             **data("phase00"),
             "output_type": "generate_until",
@@ -82,12 +92,16 @@ def lab_task_configs(curriculum_dir: Path, max_gen_tokens: int) -> dict[str, dic
             "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
         },
     }
+    return {f"{name}{suffix}": config for name, config in tasks.items()}
 
 
 def write_lab_tasks(task_dir: Path, curriculum_dir: Path, max_gen_tokens: int) -> Path:
     task_dir.mkdir(parents=True, exist_ok=True)
     (task_dir / "lab_results.py").write_text(LAB_RESULTS_MODULE)
-    for name, config in lab_task_configs(curriculum_dir, max_gen_tokens).items():
+    splits = lab_task_configs(curriculum_dir, max_gen_tokens) | lab_task_configs(
+        curriculum_dir, max_gen_tokens, "test.jsonl", "_test"
+    )
+    for name, config in splits.items():
         (task_dir / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **config}, sort_keys=False))
     return task_dir
 
@@ -163,7 +177,7 @@ def evaluate_model(
                 limit=config.limit,
                 apply_chat_template=config.apply_chat_template,
                 task_manager=manager,
-                log_samples=False,
+                log_samples=True,  # per-item outcomes: selection compares checkpoints item by item
                 bootstrap_iters=1000,
                 random_seed=0,
                 numpy_random_seed=0,
@@ -179,7 +193,24 @@ def evaluate_model(
         "stderr": stderr,
         "results": results,
         "n_samples": {task: n for output in outputs for task, n in output.get("n-samples", {}).items()},
+        "items": [row for output in outputs for row in per_item_outcomes(output["samples"])],
     }
+
+
+def per_item_outcomes(samples: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """lm-eval's logged samples -> rows (task, metric, item, value) of every numeric per-item metric,
+    keyed like `flatten_results` ("task/metric" or "task/metric,filter")."""
+    rows = []
+    for task, logged in samples.items():
+        for sample in logged:
+            doc = sample["doc"]
+            item = str(doc["id"]) if isinstance(doc, dict) and "id" in doc else str(sample["doc_id"])
+            suffix = "" if sample["filter"] == "none" else f",{sample['filter']}"
+            for metric in sample["metrics"]:
+                value = sample[metric]
+                if isinstance(value, (bool, int, float)):  # not the tuples that corpus-level metrics log
+                    rows.append({"task": task, "metric": f"{task}/{metric}{suffix}", "item": item, "value": value})
+    return rows
 
 
 def by_model(config: EvaluationConfig, manager: Any, server: ServerEndpoint) -> dict[str, list[Any]]:
@@ -246,11 +277,10 @@ def evaluate_checkpoint(
     chat_template: str | None = None,
     server: ServerEndpoint | None = None,
 ) -> dict[str, Any]:
-    """Evaluate and write `<out_uri>` (lm_eval.json); return what was written."""
-    result = {
-        "checkpoint": label,
-        "samples": samples,
-        **evaluate_model(model_dir, config, task_dir, chat_template, server),
-    }
+    """Evaluate and write `<out_uri>` (lm_eval.json) and, first, its per-item records beside it
+    (`items.items_uri(out_uri)`); return what was written (without the per-item rows)."""
+    evaluated = evaluate_model(model_dir, config, task_dir, chat_template, server)
+    items.write_items(items.items_uri(out_uri), evaluated.pop("items"))
+    result = {"checkpoint": label, "samples": samples, **evaluated}
     storage.write_text(out_uri, json.dumps(result, indent=2, default=str) + "\n")
     return result

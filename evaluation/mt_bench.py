@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, Field, ValidationError
 
-from core import chat, storage
+from core import chat, items, storage
 from core.recipe import MTBenchCategory as Category
 from core.recipe import MTBenchConfig
 
@@ -777,13 +777,31 @@ def _judgment(request: JudgeRequest, text: str, score: float, error: str | None,
     )
 
 
+def per_question(scores: CheckpointMTBench) -> list[dict[str, Any]]:
+    """Per-item records of one model's judgments, on the judge's /10 scale, item = question id:
+    mt_bench/overall and mt_bench/<category> take the mean of its judged turns, mt_bench/turn_<t>
+    each turn's score; failed judgments (-1) are left out, as in the means."""
+    turns: dict[tuple[int, str], dict[int, float]] = defaultdict(dict)
+    for j in scores.judgments:
+        if j.error is None and j.score >= 0:
+            turns[(j.question_id, j.category)][j.turn] = j.score
+    rows = []
+    for (question, category), judged in sorted(turns.items()):
+        mean = sum(judged.values()) / len(judged)
+        rows += [{"metric": f"mt_bench/{name}", "item": question, "value": mean} for name in ("overall", category)]
+        rows += [{"metric": f"mt_bench/turn_{t}", "item": question, "value": v} for t, v in judged.items()]
+    return [{"task": "mt_bench", **row} for row in rows]
+
+
 def write_results(result: MTBenchResult, eval_dirs: Mapping[str, str]) -> dict[str, str]:
-    """Write <eval_dir>/mt_bench.json for each checkpoint (local path or fsspec URL); return the URIs."""
+    """Write <eval_dir>/mt_bench.json for each checkpoint (local path or fsspec URL), its per-question
+    records first (mt_bench.items.parquet); return the result URIs."""
     written = {}
     for checkpoint, directory in eval_dirs.items():
         uri = storage.join(directory, RESULT_FILE)
         header = result.model_dump(exclude={"checkpoints"})
         scores = result.checkpoints[checkpoint]
+        items.write_items(items.items_uri(uri), per_question(scores))
         storage.write_json(uri, {"suite": "mt_bench", "metrics": scores.metrics(), **header, **scores.model_dump()})
         written[checkpoint] = uri
     return written

@@ -77,7 +77,7 @@ def run_lm_eval(
     """lm-eval on the model at `uri` (one load for all tasks, or through `endpoint`) into `out`."""
     with tempfile.TemporaryDirectory() as tmp:
         task_dir = None
-        if any(t in lm_eval_runner.LAB_TASKS for t in recipe.evaluation.tasks):
+        if any(t in lm_eval_runner.LAB_TASKS + lm_eval_runner.LAB_TEST_TASKS for t in recipe.evaluation.tasks):
             curriculum = Path(storage.resolve_embedded("embedded://curriculum/"))
             task_dir = lm_eval_runner.write_lab_tasks(Path(tmp), curriculum, recipe.evaluation.max_gen_tokens)
         return lm_eval_runner.evaluate_checkpoint(

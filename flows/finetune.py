@@ -18,7 +18,7 @@ from core import storage
 from core.recipe import PhaseConfig, Recipe, resolve
 from evaluation.export import check_replaceable
 from evaluation.report import PhaseSummary
-from evaluation.selection import CheckpointScore, Selection, best_reached
+from evaluation.selection import CheckpointScore, Selection, best_reached, with_validation
 from tasks.export import export_model
 from tasks.finetune import (
     ModelRef,
@@ -135,19 +135,22 @@ def finetune(
                     storage.read_json(storage.join(run_uri, phase.name, "selection.json"))
                 )
             else:
-                prepare_data(cfg, phase, run_uri)
+                stats = prepare_data(cfg, phase, run_uri)
                 checkpoints, scores = train_and_evaluate(
                     run_cfg, phase, run_uri, run_id, start, evaluation, evaluate_start=start_score is None
                 )
                 if start_score is None:
                     start_score, *scores = scores
+                # validation/loss: the trainer's, on this phase's held-out slice (start and checkpoints)
+                start_score = with_validation(start_score, run_uri, phase.name, "start")
+                scores = [with_validation(s, run_uri, phase.name, s.name) for s in scores]
                 reference = best_reached([key for earlier in cfg.phases[:i] for key in earlier.objective], carried)
                 selection = select_checkpoint(cfg, phase, start_score, scores, reference, run_uri, run_id)
                 track_phase_results(cfg, run_uri, run_id, selection)  # training.report_to: the phase's tracker runs
                 if not selection.gate.passed:
                     write_report(run_uri, run_id, cfg, [p.name for p in cfg.phases[: i + 1]])  # what it reached
                     raise GateFailed(f"phase {phase.name}: gate failed\n" + "\n".join(selection.gate.reasons))
-                manifest = mark_phase_done(run_uri, manifest, selection)
+                manifest = mark_phase_done(run_uri, manifest, selection, stats.validation_ids)
                 # None: the start model or the average won; no checkpoint of this phase is needed
                 kept = (
                     selection.winner.checkpoint if selection.winner.checkpoint in {c.uri for c in checkpoints} else None

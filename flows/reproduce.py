@@ -2,8 +2,8 @@
 
 Each experiment is a `finetune` (or `sweep`) with a fixed run id under <root>/reproduce/, so
 a re-run resumes: finished runs are read back, not trained again. The hyperparameter
-experiments train one phase (the lab's knowledge phase, 1,624 samples, 2 epochs, scored by
-multiple-choice accuracy on 200 held-out questions) so that they fit a laptop CPU; stacked vs
+experiments train one phase (the lab's knowledge phase, 2,076 samples, 2 epochs, scored by
+multiple-choice accuracy on its 200-question selection split) so that they fit a laptop CPU; stacked vs
 phased uses the full `demo` recipe.
 
 Every arm runs with `seeds` seeds (training.seed = 0 .. K-1: data order and fine-tune
@@ -24,8 +24,9 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from pydantic import BaseModel, Field
 
 from core import storage
+from core.items import read_items
 from evaluation import findings as rules
-from evaluation import report
+from evaluation import paired, report
 from evaluation.pruning import PRUNERS
 from evaluation.selection import Selection
 from flows.finetune import finetune
@@ -50,7 +51,7 @@ LR_GRID = [5e-4, 1e-3, 2e-3, 4e-3]
 
 @task(name="read-winner")
 def read_winner(run_uri: str, phases: list[str]) -> dict[str, Any]:
-    """The final phase's winner: objective, its metrics and stderr, and cumulative samples to reach it."""
+    """The final phase's winner: objective, metrics, stderr, per-item records and cumulative samples to reach it."""
     offset = 0
     for phase in phases:
         selection = Selection.model_validate(storage.read_json(storage.join(run_uri, phase, "selection.json")))
@@ -60,6 +61,7 @@ def read_winner(run_uri: str, phases: list[str]) -> dict[str, Any]:
         "objective": w.objective,
         "metrics": w.metrics,
         "stderr": w.stderr,
+        "items": w.items,
         "samples_to_peak": samples_before + w.samples,
     }
 
@@ -85,31 +87,49 @@ def stderr(runs: list[dict[str, Any]], metric: str = METRIC) -> float:
     return runs[0]["stderr"].get(metric, 0.0)
 
 
+def item_stderr(a: list[dict[str, Any]], b: list[dict[str, Any]], weights: dict[str, float]) -> float:
+    """With one seed, the stderr of A - B paired on the items both winners were scored on (the
+    interval's fallback); with more, 0: the seeds' spread decides."""
+    if len(a) > 1:
+        return 0.0
+    return paired.difference(weights, read_items(a[0]["items"]), read_items(b[0]["items"])).stderr
+
+
+def power(e: rules.Estimate) -> dict[str, str]:
+    """A finding's minimum detectable effect at 80% power, and the seeds an MDE of 0.03 needs."""
+    if e.source == "stderr" and not e.se:
+        return {"mde_80": "n/a", "seeds_for_0.03": "n/a (1 seed)"}
+    seeds = e.seeds_for()
+    return {"mde_80": f"{e.mde():.3f}", "seeds_for_0.03": str(seeds) if seeds else "n/a (1 seed)"}
+
+
 def arm(runs: list[dict[str, Any]], metric: str = METRIC) -> rules.Estimate:
     return rules.estimate(scores(runs, metric), stderr(runs, metric))
 
 
-def compare(
-    claim: str, rule: str, names: tuple[str, str], a: list[float], b: list[float], se: tuple[float, float]
-) -> dict[str, Any]:
-    """A finding row for "A beats B" or "A is not worse than B" over paired seeds."""
-    difference = rules.paired_difference(a, b, *se)
+def compare(claim: str, rule: str, names: tuple[str, str], a: list[float], b: list[float], se: float) -> dict[str, Any]:
+    """A finding row for "A beats B" or "A is not worse than B" over paired seeds (`se`: the
+    item-paired stderr of A - B, for one seed)."""
+    difference = rules.paired_difference(a, b, se)
     verdict = rules.beats(difference) if rule == "beats" else rules.not_worse(difference)
     return {
         "claim": claim,
-        "measured": f"{names[0]} {rules.estimate(a, se[0])} vs {names[1]} {rules.estimate(b, se[1])}; "
+        "measured": f"{names[0]} {rules.estimate(a)} vs {names[1]} {rules.estimate(b)}; "
         f"difference {difference} (95% CI [{difference.low:.3f}, {difference.high:.3f}], {describe(difference)})",
         "rule": rules.RULES[rule],
         "verdict": verdict,
+        **power(difference),
     }
 
 
 def describe(e: rules.Estimate) -> str:
-    return f"{e.n} seeds" if e.source == "seeds" else "1 seed: evaluation stderr only"
+    return f"{e.n} seeds" if e.source == "seeds" else "1 seed: the evaluation's item-paired stderr only"
 
 
 class ReproduceResult(BaseModel):
-    findings: list[dict[str, Any]] = Field(description="Rows of claim, measured, rule, verdict.")
+    findings: list[dict[str, Any]] = Field(
+        description="Rows of claim, measured, rule, verdict, mde_80, seeds_for_0.03."
+    )
     pruners: list[dict[str, Any]] = Field(description="Each pruner validated on the LR sweep across seeds.")
 
 
@@ -134,14 +154,13 @@ def reproduce(storage_root: str = "./runs", seeds: int = 1) -> ReproduceResult:
             )
             runs[strategy].append(read_winner(storage.join(root, run_id), [p.phase for p in result.phases]))
     mean = {s: [sum(r["metrics"][m] for m in LAB_METRICS) / 3 for r in rs] for s, rs in runs.items()}
-    se = {s: max(rs[0]["stderr"].get(m, 0) for m in LAB_METRICS) for s, rs in runs.items()}
     row = compare(
         "stacked scores like phased (or better) and needs fewer samples to peak",
         "not_worse",
         ("stacked", "phased"),
         mean["stacked"],
         mean["phased"],
-        (se["stacked"], se["phased"]),
+        item_stderr(runs["stacked"], runs["phased"], {m: 1 / 3 for m in LAB_METRICS}),
     )
     fewer = [s["samples_to_peak"] < p["samples_to_peak"] for s, p in zip(runs["stacked"], runs["phased"], strict=True)]
     row["measured"] = (
@@ -162,7 +181,7 @@ def reproduce(storage_root: str = "./runs", seeds: int = 1) -> ReproduceResult:
             ("EBS 128", "EBS 16"),
             scores(large),
             scores(small),
-            (stderr(large), stderr(small)),
+            item_stderr(large, small, {METRIC: 1.0}),
         )
     )
     update_progress_artifact(progress, progress=50.0)
@@ -208,11 +227,16 @@ def reproduce(storage_root: str = "./runs", seeds: int = 1) -> ReproduceResult:
                 rules.beats(rules.estimate(paper_rhos)) if paper_rhos else "inconclusive",
                 rules.consistent([bool(c.winner_survived) for c in paper_checks]),
             ),
+            **(power(rules.estimate(paper_rhos)) if paper_rhos else {"mde_80": "n/a", "seeds_for_0.03": "n/a"}),
         }
     )
     finals = [{r.overrides["training.learning_rate"]: r.final_objective for r in s.runs} for s in sweeps]
     best = [max(f, key=f.get) for f in finals]
     lower_half = sorted(LR_GRID)[: len(LR_GRID) // 2]
+    # the effect behind it: per seed, the best lower-half LR's final score minus the best upper-half one's
+    lower_minus_upper = [
+        max(f[lr] for lr in lower_half) - max(v for lr, v in f.items() if lr not in lower_half) for f in finals
+    ]
     findings.append(
         {
             "claim": "lower learning rates end better (among stable ones)",
@@ -220,6 +244,7 @@ def reproduce(storage_root: str = "./runs", seeds: int = 1) -> ReproduceResult:
             "rule": "agree if the best LR is in the lower half of the grid in every seed, disagree if in none, "
             "else inconclusive",
             "verdict": rules.consistent([lr in lower_half for lr in best]),
+            **power(rules.estimate(lower_minus_upper)),
         }
     )
     update_progress_artifact(progress, progress=75.0)
@@ -234,7 +259,7 @@ def reproduce(storage_root: str = "./runs", seeds: int = 1) -> ReproduceResult:
             ("constant", "cosine"),
             scores(constant),
             scores(cosine),
-            (stderr(constant), stderr(cosine)),
+            item_stderr(constant, cosine, {METRIC: 1.0}),
         )
     )
     update_progress_artifact(progress, progress=85.0)
@@ -244,15 +269,17 @@ def reproduce(storage_root: str = "./runs", seeds: int = 1) -> ReproduceResult:
         steps: knowledge_runs(f"warmup{steps}", root, {"training.warmup_steps": steps}, seed_list)
         for steps in (0, 5, 20)
     }
-    best_warm = [max(a, b) for a, b in zip(scores(warm[5]), scores(warm[20]), strict=True)]
+    better_warm = [
+        a if a["metrics"][METRIC] >= b["metrics"][METRIC] else b for a, b in zip(warm[5], warm[20], strict=True)
+    ]
     findings.append(
         compare(
             "no warmup is as good as a warmup (paper: 0 vs 25 vs 100 steps)",
             "not_worse",
             ("warmup 0", "the better of warmup 5 / 20"),
             scores(warm[0]),
-            best_warm,
-            (stderr(warm[0]), max(stderr(warm[5]), stderr(warm[20]))),
+            scores(better_warm),
+            item_stderr(warm[0], better_warm, {METRIC: 1.0}),
         )
     )
     update_progress_artifact(progress, progress=95.0)
@@ -277,7 +304,7 @@ def reproduce(storage_root: str = "./runs", seeds: int = 1) -> ReproduceResult:
             ("average of the last 3", "best single checkpoint"),
             [c.objective for c in averaged],
             [c.objective for c in single],
-            (averaged[0].objective_stderr, single[0].objective_stderr),
+            item_stderr([c.model_dump() for c in averaged], [c.model_dump() for c in single], {METRIC: 1.0}),
         )
     )
     update_progress_artifact(progress, progress=100.0)

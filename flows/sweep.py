@@ -49,7 +49,7 @@ from tasks.finetune import (
     prepare_data,
     train_phase,
 )
-from training.data import phase_conversations
+from training.data import phase_conversations, validation_slice
 
 PROBE_DEPLOYMENT = "sweep-probe/sweep-probe"
 FINISH_DEPLOYMENT = "finetune/sweep-run"
@@ -107,11 +107,13 @@ def rung_uri(run_uri: str, rung: int) -> str:
 
 @task(name="planned-samples")
 def planned_samples(cfg: Recipe) -> int:
-    """Samples a full run of the recipe trains: every phase's rows (and replay) x epochs."""
+    """Samples a full run of the recipe trains: every phase's rows but its held-out validation slice
+    (and replay) x epochs."""
     total = 0
     for i, phase in enumerate(cfg.phases):
         conversations, replay_pool, _ = phase_conversations(cfg.phases, i)
-        total += round((len(conversations) + round(phase.replay * len(replay_pool))) * cfg.training.epochs)
+        trained, _ = validation_slice(conversations, cfg.training.validation_samples)
+        total += round((len(trained) + round(phase.replay * len(replay_pool))) * cfg.training.epochs)
     return total
 
 

@@ -29,7 +29,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 
-from core import records, storage
+from core import items, records, storage
 from core.chat import apply_template
 from core.recipe import MTBenchConfig, PhaseConfig, Recipe
 from core.records import FINISHED, MANIFEST, TRAINED, Manifest, ModelRef, PhaseDone, PrepStats, ProgressEvent
@@ -88,8 +88,14 @@ def init_run(run_uri: str, run_id: str, recipe: Recipe) -> Manifest:
 
 
 @task(name="mark-phase-done")
-def mark_phase_done(run_uri: str, manifest: Manifest, selection: Selection) -> Manifest:
-    done = PhaseDone(selected=selection.winner.checkpoint, objective=selection.winner.objective)
+def mark_phase_done(run_uri: str, manifest: Manifest, selection: Selection, validation_ids: list[str]) -> Manifest:
+    """The phase's winner in the run journal, with the ids of its held-out validation slice."""
+    done = PhaseDone(
+        selected=selection.winner.checkpoint,
+        objective=selection.winner.objective,
+        policy=selection.policy,
+        validation_ids=validation_ids,
+    )
     manifest = manifest.model_copy(update={"phases": {**manifest.phases, selection.phase: done}})
     storage.write_text(storage.join(run_uri, MANIFEST), records.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -113,10 +119,12 @@ def prepare_data(recipe: Recipe, phase: PhaseConfig, run_uri: str) -> PrepStats:
         seed=recipe.training.seed,
         files=files,
         system_message=recipe.model.system_message,
+        validation_samples=recipe.training.validation_samples,
     )
     get_run_logger().info(
         f"{phase.name}: {stats.samples} samples ({stats.replayed} replayed from earlier phases), {stats.tokens} tokens "
-        f"({stats.loss_tokens} with loss), dropped {stats.dropped_too_long} longer than {recipe.training.max_seq_len}"
+        f"({stats.loss_tokens} with loss), dropped {stats.dropped_too_long} longer than {recipe.training.max_seq_len}; "
+        f"{len(stats.validation_ids)} held out for validation/loss"
     )
     return stats
 
@@ -245,7 +253,7 @@ def average_last_checkpoints(recipe: Recipe, run_uri: str, phase: str, checkpoin
         get_run_logger().info(f"{phase}: {name} = uniform average of {[c.name for c in last]}")
     if not storage.is_local(uri):
         storage.upload_tree(local, uri)
-    return ModelRef(name=name, uri=uri, samples=last[-1].samples)
+    return ModelRef(name=name, uri=uri, samples=last[-1].samples, averaged=True)
 
 
 def checkpoint_refs(local: Path, phase_uri: str) -> list[ModelRef]:
@@ -338,11 +346,19 @@ def evaluate_checkpoint(
         logger.info(f"{model.name}: evaluated in {record.seconds:.1f}s by worker {record.pid} ({record.slot})")
     result = storage.read_json(lm_eval_out)
     metrics = result["metrics"]
+    item_files = [items.items_uri(lm_eval_out)]  # per-item records, written before the result files
     if config.mt_bench is not None:
         metrics = {**metrics, **judge_mt_bench(recipe, model.name, answers_out, eval_dir, evaluation.judging)}
+        item_files.append(items.items_uri(storage.join(eval_dir, mt_bench.RESULT_FILE)))
     logger.info(f"{model.name}: {metrics}")
     return CheckpointScore(
-        checkpoint=model.uri, name=model.name, samples=model.samples, metrics=metrics, stderr=result["stderr"]
+        checkpoint=model.uri,
+        name=model.name,
+        samples=model.samples,
+        metrics=metrics,
+        stderr=result["stderr"],
+        items=item_files,
+        averaged=model.averaged,
     )
 
 
@@ -464,12 +480,12 @@ def select_checkpoint(
     phase: PhaseConfig,
     start: CheckpointScore,
     candidates: list[CheckpointScore],
-    best_reached: dict[str, float],
+    best_reached: dict[str, CheckpointScore],
     run_uri: str,
     run_id: str,
 ) -> Selection:
     """Pick the phase's checkpoint (or keep its start), judge the gate, write selection.json and artifacts."""
-    selection = select(phase, start, candidates, best_reached, recipe.selection.confidence)
+    selection = select(phase, start, candidates, best_reached, recipe.selection)
     storage.write_json(storage.join(run_uri, phase.name, "selection.json"), selection.model_dump(mode="json"))
     create_table_artifact(
         key=artifact_key(run_id, phase.name, "scores"),
@@ -479,12 +495,15 @@ def select_checkpoint(
                 "samples": c.samples,
                 "objective": round(c.objective, 4),
                 "interval": f"[{c.interval[0]:.4f}, {c.interval[1]:.4f}]",
+                "minus_winner": "-" if c.vs_winner is None else str(c.vs_winner),
                 "winner": c.checkpoint == selection.winner.checkpoint,
+                "why_it_lost": c.lost or "-",
                 **{k: round(v, 4) for k, v in c.metrics.items()},
             }
             for c in [selection.start, *selection.candidates]
         ],
-        description=f"{phase.name}: score of every candidate, with its {selection.confidence:.0%} interval",
+        description=f"{phase.name}: every candidate's score with its {selection.confidence:.0%} interval, its paired "
+        f"difference to the winner and why it lost (policy {selection.policy})",
     )
     create_markdown_artifact(
         key=artifact_key(run_id, phase.name, "gate"),

@@ -37,10 +37,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def curriculum_bytes(seed: int) -> dict[str, tuple[str, str]]:
+def curriculum_bytes(seed: int) -> dict[str, tuple[str, str, str]]:
     world = make_world(seed, embedded.N_KINGDOMS)
-    phases = build_curriculum(world, seed, embedded.N_TRAIN, embedded.N_EVAL)
-    return {phase: (jsonl(train), jsonl(evals)) for phase, (train, evals) in phases.items()}
+    phases = build_curriculum(world, seed, embedded.N_TRAIN, embedded.EVAL_SPLITS)
+    return {phase: tuple(jsonl(rows) for rows in splits) for phase, splits in phases.items()}
 
 
 def test_generation_is_deterministic_per_seed():
@@ -85,7 +85,8 @@ def test_pretraining_runs_on_its_own_thread_count_whatever_the_caller_set(caller
 def test_built_files_are_the_generator_output(assets):
     expected = curriculum_bytes(0)
     for phase in PHASES:
-        assert (assets.train_file(phase).read_text(), assets.eval_file(phase).read_text()) == expected[phase]
+        files = (assets.train_file(phase), assets.eval_file(phase), assets.test_file(phase))
+        assert tuple(f.read_text() for f in files) == expected[phase]
     with pytest.raises(ValueError, match="unknown embedded phase"):
         assets.train_file("phase99")
 
@@ -93,8 +94,11 @@ def test_built_files_are_the_generator_output(assets):
 def test_sizes_and_row_shapes(assets):
     for phase in PHASES:
         train, evals = read_jsonl(assets.train_file(phase)), read_jsonl(assets.eval_file(phase))
-        assert 1500 <= len(train) <= 3000 and 150 <= len(evals) <= 250
-        assert len({r["id"] for r in train + evals}) == len(train) + len(evals)
+        tests = read_jsonl(assets.test_file(phase))
+        assert 1500 <= len(train) <= 3000 and (len(evals), len(tests)) == embedded.EVAL_SPLITS[phase]
+        assert len(tests) >= 2 * len(evals)  # the test split: at least twice the selection split
+        assert len({r["id"] for r in train + evals + tests}) == len(train) + len(evals) + len(tests)
+        assert [set(r) for r in tests] == [set(r) for r in evals[:1]] * len(tests)
         for row in train:
             assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
             assert row["messages"][1]["content"].strip()
@@ -121,9 +125,12 @@ def test_no_eval_prompt_or_pair_appears_in_any_train_file(assets):
     train_prompts = {m[0]["content"] for m in train}
     train_pairs = {(m[0]["content"], m[1]["content"]) for m in train}
     for phase in PHASES:
-        for prompt, answer in eval_pairs(phase, read_jsonl(assets.eval_file(phase))):
+        selection = eval_pairs(phase, read_jsonl(assets.eval_file(phase)))
+        test = eval_pairs(phase, read_jsonl(assets.test_file(phase)))
+        for prompt, answer in selection + test:
             assert prompt not in train_prompts, (phase, prompt)
             assert (prompt, answer) not in train_pairs
+        assert not {p for p, _ in selection} & {p for p, _ in test}  # the two splits share no item
 
 
 def test_knowledge_eval_asks_about_facts_that_train_teaches(assets):
@@ -136,9 +143,14 @@ def test_knowledge_eval_asks_about_facts_that_train_teaches(assets):
         for n in names
         if n in m[0]["content"]
     }
-    for row in read_jsonl(assets.eval_file("phase05")):
-        subject = max((n for n in names if n in row["question"]), key=len)  # "Queen Ana" over "Ana..."
-        assert (row["choices"][row["answer"]], subject) in taught, row
+    asked = {}
+    for split in ("eval", "test"):
+        asked[split] = set()
+        for row in read_jsonl(assets.curriculum_dir / "phase05" / f"{split}.jsonl"):
+            subject = max((n for n in names if n in row["question"]), key=len)  # "Queen Ana" over "Ana..."
+            assert (row["choices"][row["answer"]], subject) in taught, row
+            asked[split].add((row["choices"][row["answer"]], subject))
+    assert not asked["eval"] & asked["test"]  # no fact is asked in both splits
 
 
 def test_check_rule_accepts_reference_answers():
@@ -251,7 +263,10 @@ def test_cache_hit_builds_nothing_and_returns_the_same_paths(assets, fast_build,
     messages: list[str] = []
     again = build_assets(assets.root.parent.parent, seed=0, progress=messages.append)
     assert again == assets and messages == []
-    assert json.loads((assets.root / embedded.MARKER).read_text())["rows"]["phase05"]["eval"] == embedded.N_EVAL
+    assert (
+        json.loads((assets.root / embedded.MARKER).read_text())["rows"]["phase05"]["test"]
+        == embedded.EVAL_SPLITS["phase05"][1]
+    )
 
 
 def test_failed_build_leaves_no_cache_and_next_build_succeeds(tmp_path, fast_build, monkeypatch):

@@ -1,10 +1,14 @@
 """lm-eval on the lab's local tasks: real evaluation of the tiny model, one load per checkpoint."""
 
+import json
+import math
+
+import pandas as pd
 import pytest
 import transformers
 
 from core.recipe import EvaluationConfig
-from evaluation.lm_eval_runner import LAB_TASKS, evaluate_model, flatten_results, write_lab_tasks
+from evaluation.lm_eval_runner import LAB_TASKS, evaluate_checkpoint, flatten_results, write_lab_tasks
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +33,21 @@ def test_all_lab_tasks_of_a_checkpoint_cost_one_model_load(tmp_path, assets, cou
     for name in LAB_TASKS:
         text = (task_dir / f"{name}.yaml").read_text()
         assert str(assets.curriculum_dir.resolve()) in text
-    result = evaluate_model(
-        str(assets.base_model_dir), EvaluationConfig(tasks=list(LAB_TASKS), limit=8, batch_size=8), task_dir
-    )
+    tasks = [*LAB_TASKS, "lab_skills_test"]
+    out = tmp_path / "eval" / "lm_eval.json"
+    config = EvaluationConfig(tasks=tasks, limit=8, batch_size=8)
+    result = evaluate_checkpoint(str(assets.base_model_dir), config, task_dir, str(out), "base", 0)
     assert count_model_loads == [str(assets.base_model_dir)]
+    # Per-item records beside the scores: every item of every task, ids from the data files, means = scores.
+    records = pd.read_parquet(tmp_path / "eval" / "lm_eval.items.parquet")
+    assert list(records.columns) == ["task", "metric", "item", "value"]
+    for key, split in [("lab_knowledge/acc", "phase05/eval"), ("lab_skills_test/exact_match", "phase10/test")]:
+        rows = records[records.metric == key]
+        ids = [json.loads(line)["id"] for line in (assets.curriculum_dir / f"{split}.jsonl").read_text().splitlines()]
+        assert sorted(rows["item"]) == sorted(ids[:8])
+        assert rows["value"].mean() == pytest.approx(result["metrics"][key])
+        if key in result["stderr"]:
+            assert result["stderr"][key] == pytest.approx(rows["value"].std(ddof=1) / math.sqrt(8))
     assert set(result["metrics"]) >= {
         "lab_instruction/rule_acc",
         "lab_knowledge/acc",

@@ -37,9 +37,23 @@ def test_paired_differences_cancel_what_the_seeds_share():
     assert estimate(a).low < estimate(b).high
     with pytest.raises(ValueError, match="same seeds"):
         paired_difference([0.1, 0.2], [0.1])
-    one = paired_difference([0.55], [0.50], 0.03, 0.04)  # 1 seed: 1.96 * hypot(0.03, 0.04) = 0.098
+    one = paired_difference([0.55], [0.50], 0.05)  # 1 seed: 1.96 x the item-paired stderr of A - B = 0.098
     assert (one.low, one.high) == pytest.approx((0.05 - 0.098, 0.05 + 0.098))
     assert beats(one) == "inconclusive"
+
+
+T_80_DF2 = 1.060660  # Student's t, 80th percentile, 2 degrees of freedom (printed tables)
+
+
+def test_minimum_detectable_effect_at_80_percent_power_and_seeds_for_0_03():
+    three = estimate([0.50, 0.56, 0.62])  # sd 0.06, se 0.06 / sqrt 3
+    assert three.mde() == pytest.approx((T_975_DF2 + T_80_DF2) * 0.06 / math.sqrt(3), rel=1e-5)
+    # seeds for an MDE of 0.03 at sd 0.06: the smallest K with (t(.975, K-1) + t(.8, K-1)) * 0.06 / sqrt K <= 0.03;
+    # K = 34: (2.034515 + 0.852649) * 0.06 / sqrt 34 = 0.02971; K = 33: (2.036933 + 0.852998) * 0.06 / sqrt 33 = 0.03018
+    assert three.seeds_for(0.03) == 34
+    one = paired_difference([0.55], [0.50], 0.01)  # one seed: normal quantiles on the item-paired stderr
+    assert one.mde() == pytest.approx((1.959964 + 0.841621) * 0.01, rel=1e-5)
+    assert one.seeds_for() is None  # no seed spread measured
 
 
 @pytest.mark.parametrize(

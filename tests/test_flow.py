@@ -1,7 +1,6 @@
 """The finetune flow end to end on the tiny model, under a temporary Prefect API."""
 
 import json
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -9,6 +8,7 @@ import pytest
 import yaml
 
 from core import records
+from core.recipe import SelectionConfig
 
 pytestmark = pytest.mark.slow
 
@@ -67,16 +67,26 @@ def test_phased_smoke_run_writes_every_file_of_the_data_contract(smoke_run):
         selection = json.loads((run / phase / "selection.json").read_text())
         assert selection["gate"]["passed"] is True
         assert selection["winner"]["checkpoint"] in {str(c) for c in checkpoints} | {selection["start"]["checkpoint"]}
-        # The winner: fewest samples among the candidates (start included) within noise of the best.
-        candidates = [selection["start"], *selection["candidates"]]
-        best = max(candidates, key=lambda c: c["objective"])
-        z = 1.959964
-        tied = [
-            c
-            for c in candidates
-            if best["objective"] - c["objective"] <= z * math.hypot(best["objective_stderr"], c["objective_stderr"])
-        ]
-        assert selection["winner"]["name"] == min(tied, key=lambda c: (c["samples"], -c["objective"]))["name"]
+        # Paired fields: every other candidate's paired difference to the winner (an interval around
+        # its objective gap) and why it lost; validation/loss of the start and every checkpoint.
+        assert selection["policy"] == SelectionConfig().policy == manifest.phases[phase].policy
+        for c in [selection["start"], *selection["candidates"]]:
+            if c["checkpoint"] == selection["winner"]["checkpoint"]:
+                assert c["vs_winner"] is None and c["lost"] is None
+                continue
+            versus = c["vs_winner"]
+            assert versus["low"] <= versus["value"] <= versus["high"] and c["lost"]
+            assert versus["value"] == pytest.approx(c["objective"] - selection["winner"]["objective"], abs=1e-9)
+            assert versus["metrics"][0]["n"] == 40 and versus["metrics"][0]["dropped"] == 0  # smoke: limit 40
+            assert c["metrics"]["validation/loss"] > 0
+        # The held-out slice is in the manifest and was never trained on.
+        held_out = set(manifest.phases[phase].validation_ids)
+        trained = {
+            i
+            for line in (run / phase / "samples" / "rank0.jsonl").read_text().splitlines()
+            for i in json.loads(line)["ids"]
+        }
+        assert held_out and not held_out & trained
         previous_winner = selection["winner"]["checkpoint"]
 
     summary = pd.read_csv(run / "report" / "summary.csv")

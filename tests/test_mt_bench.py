@@ -15,6 +15,7 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from evaluation import mt_bench
@@ -189,6 +190,15 @@ def test_generated_answers_judged_scored_and_cached(tmp_path, assets, judge_key)
     assert written["base"] == str(tmp_path / "eval" / "base" / "mt_bench.json")
     assert on_disk["overall"] == pytest.approx(scores.overall) and on_disk["judge_model"] == "judge-test"
     assert scores.metrics()["mt_bench/overall"] == pytest.approx(scores.overall)
+    # Per-question records beside it, on the judge's /10: a question's overall is the mean of its judged turns.
+    records = pd.read_parquet(tmp_path / "eval" / "base" / "mt_bench.items.parquet")
+    judged: dict[str, list[float]] = {}
+    for j in scores.judgments:
+        if j.error is None and j.score >= 0:
+            judged.setdefault(str(j.question_id), []).append(j.score)
+    overall = records[records.metric == "mt_bench/overall"].set_index("item")["value"]
+    assert overall.to_dict() == pytest.approx({q: sum(v) / len(v) for q, v in judged.items()})
+    assert overall.between(0, 10).all()
 
     # Only successful parses are cached: a re-run asks again exactly for the two parse errors.
     with JudgeServer(api_key=KEY, default=("rating", 2)) as judge:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -141,16 +142,20 @@ def test_every_evaluation_is_a_task_run_beside_its_phases_training_retried_once(
         # the order of events: a checkpoint's evaluation started while its phase's training ran
         checkpoints = [t for t in evaluations if "samples_" in t.name]
         assert any(training.start_time < t.start_time < training.end_time for t in checkpoints), phase
-        # what each task returned is what selection saw: its models' scores, as written
+        # what each task returned is what selection saw: its models' scores, as written, with the
+        # trainer's validation/loss beside them (the mean of its per-sample file; none for the average)
         selection = json.loads((root / "beside" / phase / "selection.json").read_text())
         scored = {c["name"]: c["metrics"] for c in selection["candidates"]}
         if phase == "phase00":
             scored["base"] = selection["start"]["metrics"]
         assert sorted(scored) == models
         for name, metrics in scored.items():
-            assert (
-                metrics == json.loads((root / "beside" / phase / "eval" / name / "lm_eval.json").read_text())["metrics"]
-            )
+            written = json.loads((root / "beside" / phase / "eval" / name / "lm_eval.json").read_text())["metrics"]
+            validation = root / "beside" / phase / "validation" / f"{'start' if name == 'base' else name}.items.parquet"
+            if validation.exists():
+                written["validation/loss"] = pd.read_parquet(validation)["value"].mean()
+            assert metrics == pytest.approx(written)
+            assert ("validation/loss" in metrics) == (not name.startswith("avg_last"))
     runs_twice = [t.name for t in task_runs if t.name.startswith("evaluate-") and t.run_count == 2]
     assert len(runs_twice) == 1, [(t.name, t.run_count) for t in task_runs]
     assert all(t.run_count == 1 for t in task_runs if t.name.startswith("evaluate-") and t.name not in runs_twice)
@@ -251,7 +256,10 @@ def test_a_failed_evaluation_stops_the_training_beside_it(tmp_path, assets, prep
     from training.launch.files import TrainingStopped
     from training.launch.local import run_training
 
-    recipe = load_recipe("demo", {"training.epochs": 4, "checkpointing.save_every_samples": 64})
+    # 40 epochs (250 steps of ~0.1 s): room to stop in. Stopping takes a poll and the kill (alone here: 8 steps
+    # past the first checkpoint); under load the 25 steps of 4 epochs once all ran before the ranks were gone.
+    epochs = 40
+    recipe = load_recipe("demo", {"training.epochs": epochs, "checkpointing.save_every_samples": 64})
     model = str(assets.base_model_dir)
     out = tmp_path / "phase00"
     job = TrainJob(
@@ -273,7 +281,7 @@ def test_a_failed_evaluation_stops_the_training_beside_it(tmp_path, assets, prep
         run_training(job, on_line=lambda _: None, on_checkpoint=on_checkpoint, stop=stop)
     assert seen and not (out / FINISHED).exists()
     steps = len((out / "metrics.jsonl").read_text().splitlines())
-    assert steps < 4 * 200 // recipe.training.effective_batch_size  # stopped mid-phase
+    assert steps < epochs * 200 // recipe.training.effective_batch_size  # stopped mid-phase
     assert all((c / "meta.json").exists() for c in (out / "checkpoints").iterdir())
     _, living = psutil.wait_procs(processes_mentioning(str(out)), timeout=15)  # the ranks had SIGINT
     assert not living

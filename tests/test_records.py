@@ -49,7 +49,12 @@ def test_records_are_written_as_the_json_the_files_always_held():
     assert records.dumps(STEP).startswith('{"step": 3, "epoch": 0.48, "samples_seen": 96, "tokens_seen": 2545, ')
     assert '"mfu": null' in records.dumps(STEP) and records.dumps(STEP).endswith('"time": 1700000000.125}')
     refs = [ModelRef.checkpoint("/runs/r/p/checkpoints/samples_64")]
-    assert records.dumps(refs) == '[{"name": "samples_64", "uri": "/runs/r/p/checkpoints/samples_64", "samples": 64}]'
+    assert records.dumps(refs) == (
+        '[{"name": "samples_64", "uri": "/runs/r/p/checkpoints/samples_64", "samples": 64, "averaged": false}]'
+    )
+    # a trained.json written before ModelRef had `averaged` reads as not averaged
+    old = '[{"name": "samples_64", "uri": "/runs/r/p/checkpoints/samples_64", "samples": 64}]'
+    assert records.parse(list[ModelRef], old, "trained.json") == refs
 
 
 @pytest.mark.parametrize(

@@ -119,7 +119,10 @@ def test_halving_stops_the_diverging_run_at_the_first_rung_and_resumes_the_other
         "evaluation.limit": [20],
         "training.learning_rate": [1e-3, 2e-3, 0.5],  # 0.5 diverges
     }
-    # Under smoke: EBS 32, 1 epoch -> 10 steps of 32 samples; the rung pauses after step 4.
+    # Under smoke: EBS 32, 1 epoch. The validation slice (training.validation_samples 128, at most a
+    # tenth of the phase) holds out 32 of the 320 rows -> 288 trained, 9 steps of 32 samples; the
+    # rung pauses after step 4.
+    trained = 320 - 320 // 10
     summary = sweep(
         recipe="demo",
         grid=grid,
@@ -134,17 +137,17 @@ def test_halving_stops_the_diverging_run_at_the_first_rung_and_resumes_the_other
     bad = runs[0.5]
     assert (bad.status, bad.stopped_at_rung, bad.samples_trained) == ("stopped", 128, 128)
     assert bad.final_objective is None and bad.rung_ranks == [3]
-    assert summary.samples_planned == 3 * 320
-    assert summary.samples_trained == 2 * 320 + 128
-    assert summary.samples_saved == 320 - 128
+    assert summary.samples_planned == 3 * trained
+    assert summary.samples_trained == 2 * trained + 128
+    assert summary.samples_saved == trained - 128
 
     for lr in (1e-3, 2e-3):
         run = runs[lr]
-        assert run.status == "finished" and run.samples_trained == 320 and run.final_objective is not None
+        assert run.status == "finished" and run.samples_trained == trained and run.final_objective is not None
         phase = tmp_path / run.run_id / "p"
         metrics = read_jsonl(phase / "metrics.jsonl")
         # smoke kept the grid's learning rate: after the 2 warmup steps every step runs at it
-        assert [m["lr"] for m in metrics[2:]] == [lr] * 8
+        assert [m["lr"] for m in metrics[2:]] == [lr] * (trained // 32 - 2)
         # paused at the rung (a checkpoint there too), then resumed: the same steps as one uninterrupted run
         assert (phase / "checkpoints" / "samples_128" / "meta.json").exists()
         if lr != 2e-3:

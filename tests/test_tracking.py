@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 
 from flows import serve
@@ -82,7 +83,8 @@ def test_report_to_tensorboard_mlflow_and_wandb(tmp_path, prefect_server, assets
     assert {"loss", "grad_norm", "lr", "samples_seen", "tokens_per_s"} <= set(logged)
     step_of = {0: 0} | {m["samples_seen"]: m["step"] for m in metrics}
     scored = {c["name"]: c for c in [selection["start"], *selection["candidates"]]}
-    assert {"samples_64", "samples_128", "samples_160"} <= set(scored)
+    # 160 rows less the validation slice (a tenth of the phase) = 144 trained: saves at 64, 128, the end
+    assert {"samples_64", "samples_128", f"samples_{160 - 160 // 10}"} <= set(scored)
 
     # TensorBoard: the scalars read back are metrics.jsonl's numbers (TensorBoard stores float32).
     events = EventAccumulator(str(phase / "tensorboard"))
@@ -90,6 +92,14 @@ def test_report_to_tensorboard_mlflow_and_wandb(tmp_path, prefect_server, assets
     for key in logged:
         points = [(s.step, s.value) for s in events.Scalars(f"train/{key}")]
         assert points == [(m["step"], np.float32(m[key])) for m in metrics], key
+    # validation/loss at each checkpoint's step: the mean of its per-sample file
+    validation = {
+        step_of[int(f.name.removeprefix("samples_").removesuffix(".items.parquet"))]: pd.read_parquet(f)["value"].mean()
+        for f in (phase / "validation").glob("samples_*.items.parquet")
+    }
+    assert len(validation) == 3
+    points = [(s.step, s.value) for s in events.Scalars("validation/loss")]
+    assert points == [(step, pytest.approx(np.float32(loss))) for step, loss in sorted(validation.items())]
     objective = [(s.step, s.value) for s in events.Scalars("eval/objective")]
     assert sorted(objective) == sorted((step_of[c["samples"]], np.float32(c["objective"])) for c in scored.values())
 

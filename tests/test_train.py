@@ -1,5 +1,6 @@
 """The real training script under `accelerate launch` on the tiny embedded model."""
 
+import hashlib
 import json
 import math
 import shutil
@@ -286,3 +287,44 @@ def test_stacked_length_split_recipe_trains_each_sample_once_per_epoch(tmp_path,
     for epoch in (0, 1):  # 6 steps of 16 samples = one epoch: every row of the file, once
         ids = [i for step in range(6 * epoch + 1, 6 * epoch + 7) for i in trained[step]]
         assert sorted(ids) == sorted(file_ids)
+
+
+def test_validation_loss_of_the_held_out_slice_at_the_start_and_every_checkpoint(tmp_path, assets, tokenizer):
+    """prepare holds out a slice; the trainer scores each held-out sample's mean token loss on the
+    start model and at each checkpoint. Checked against the saved checkpoint run through the
+    transformers model's own loss (labels shifted inside it, mean over the labelled tokens)."""
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training.data import load_phase, load_tokenized, prepare
+
+    source = tmp_path / "train.jsonl"
+    source.write_text("".join(assets.train_file("phase00").read_text().splitlines(keepends=True)[:200]))
+    stats = prepare(load_phase([str(source)])[0], tokenizer, str(tmp_path / "data"), 256, validation_samples=20)
+    assert len(stats.validation_ids) == 20 and stats.samples == 180
+    held_out = load_tokenized(str(tmp_path / "data"), "validation.parquet")
+    ids = [json.loads(line)["id"] for line in source.read_text().splitlines()]
+    first_by_hash = sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())[:20]
+    assert sorted(held_out.ids) == sorted(first_by_hash) == sorted(stats.validation_ids)  # a fixed slice
+    assert not set(held_out.ids) & set(load_tokenized(str(tmp_path / "data")).ids)
+
+    job = job_for(tmp_path, assets, str(tmp_path / "data"))
+    checkpoints = run_training(job, on_line=lambda _: None)
+    out = Path(job.output_dir) / "validation"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{name}.items.parquet" for name in ["start", *(c.name for c in checkpoints)]
+    )
+    for checkpoint in checkpoints:  # the mean, in the checkpoint's meta.json
+        per_item = pd.read_parquet(out / f"{checkpoint.name}.items.parquet")
+        meta = records.read(records.CheckpointMeta, checkpoint / records.META)
+        assert meta.validation_loss == pytest.approx(per_item["value"].mean())
+    last = pd.read_parquet(out / f"{checkpoints[-1].name}.items.parquet").set_index("item")["value"]
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[-1]).eval()
+    with torch.no_grad():
+        for i, sample in enumerate(held_out.ids):
+            ids = torch.as_tensor(held_out.input_ids[i], dtype=torch.long)[None]
+            labels = torch.as_tensor(held_out.labels[i], dtype=torch.long)[None]
+            assert last[sample] == pytest.approx(model(input_ids=ids, labels=labels).loss.item(), rel=1e-4)
+    start = pd.read_parquet(out / "start.items.parquet")["value"].mean()
+    assert last.mean() < start  # training lowered the held-out loss

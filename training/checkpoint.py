@@ -49,6 +49,7 @@ def save_checkpoint(
     step: Step,
     metrics: StepMetrics,
     probe: torch.Tensor,
+    validation_loss: float | None = None,
 ) -> None:
     """save_pretrained + tokenizer, then meta.json last: a directory without meta.json is
     incomplete by contract and is never evaluated or selected.
@@ -102,6 +103,7 @@ def save_checkpoint(
             parent_checkpoint=job.parent_checkpoint,
             code_version=job.code_version,
             metrics=metrics,
+            validation_loss=validation_loss,
             probe=Probe(input_ids=probe[0].tolist(), token_logprobs=probe_logprobs),
             recipe=job.recipe.model_dump(mode="json"),
         )

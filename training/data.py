@@ -38,6 +38,9 @@ UNSUPPORTED_ROLES = ("tool", "function", "ipython")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
+VALIDATION_FILE = "validation.parquet"
+
+
 class DataError(ValueError):
     """A malformed input row; the message starts with 'file:line:'."""
 
@@ -314,8 +317,12 @@ def prepare(
     system_message: SystemMessage = "as_is",
     workers: int | None = None,
     chunk_size: int = 512,
+    validation_samples: int = 0,
 ) -> PrepStats:
     """Tokenize conversations into `out_dir/tokens.parquet` and write `out_dir/stats.json`.
+
+    `validation_samples` of the phase's own conversations (`validation_slice`) are held out, before
+    replay, into `out_dir/validation.parquet` (same columns): the trainer's validation loss.
 
     `replay_fraction` of `replay_pool` (the earlier phases' data, a seeded sample) is mixed
     in. Samples longer than max_seq_len are dropped and counted, never truncated (a truncated
@@ -328,15 +335,17 @@ def prepare(
     sampler draws a fresh permutation every epoch.
     """
     stats = PrepStats(files=dict(files or {}))
-    conversations = list(conversations)
+    conversations, held_out = validation_slice(list(conversations), validation_samples)
+    stats.validation_ids = [c.id for c in held_out]
     if replay_fraction > 0:
         replayed = random.Random(seed).sample(list(replay_pool), round(replay_fraction * len(replay_pool)))
         stats.replayed = len(replayed)
         conversations += replayed
     settings = {"max_seq_len": max_seq_len, "train_on_prompt": train_on_prompt, "system_message": system_message}
-    stats.content_hash = content_hash(conversations, tokenizer, settings)
+    stats.content_hash = content_hash([*conversations, *held_out], tokenizer, {**settings, "held_out": len(held_out)})
     stats_uri, tokens_uri = storage.join(out_dir, records.STATS), storage.join(out_dir, "tokens.parquet")
-    if storage.exists(stats_uri) and storage.exists(tokens_uri):
+    validation_uri = storage.join(out_dir, VALIDATION_FILE)
+    if storage.exists(stats_uri) and storage.exists(tokens_uri) and (not held_out or storage.exists(validation_uri)):
         previous = records.parse(PrepStats, storage.read_text(stats_uri), stats_uri)
         if previous.content_hash == stats.content_hash:
             return previous
@@ -356,19 +365,10 @@ def prepare(
                 stats.straddling_header += chunk.straddling_header
                 if not chunk.ids:
                     continue
-                offsets = pa.array(np.concatenate([[0], np.cumsum(chunk.lengths)]).astype(np.int32))
-                writer.write_table(
-                    pa.table(
-                        {
-                            "id": chunk.ids,
-                            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(chunk.input_ids)),
-                            "labels": pa.ListArray.from_arrays(offsets, pa.array(chunk.labels)),
-                        },
-                        schema=TOKENS_SCHEMA,
-                    )
-                )
+                table = _chunk_table(chunk)
+                writer.write_table(table)
                 lengths.append(chunk.lengths)
-                starts = offsets.to_numpy()[:-1]
+                starts = np.cumsum([0, *chunk.lengths[:-1]])
                 trained = chunk.labels != IGNORE_INDEX
                 trained[starts] = False  # labels are shifted in the loss: a sample's first position predicts nothing
                 stats.loss_tokens += int(trained.sum())
@@ -377,6 +377,11 @@ def prepare(
                 f"no usable samples in {sorted(stats.files)} (dropped {stats.dropped_too_long} too long, "
                 f"{stats.dropped_no_loss_tokens} without loss tokens)"
             )
+        if held_out:  # the held-out slice, written before tokens.parquet is in place (a reuse needs both)
+            tables = [_chunk_table(c) for c in _tokenized_chunks(held_out, tokenizer, settings, workers, chunk_size)]
+            stats.validation_ids = [i for t in tables for i in t.column("id").to_pylist()]  # too long: dropped
+            with fs.open(storage.filesystem(validation_uri)[1], "wb") as f:
+                pq.write_table(pa.concat_tables(tables) if tables else TOKENS_SCHEMA.empty_table(), f)
         fs.mv(partial, path)
     except BaseException:
         if fs.exists(partial):
@@ -389,6 +394,29 @@ def prepare(
     stats.mean_len = round(stats.tokens / stats.samples, 2)
     storage.write_json(stats_uri, stats.model_dump())
     return stats
+
+
+def validation_slice(conversations: list[Conversation], n: int) -> tuple[list[Conversation], list[Conversation]]:
+    """(kept, held out): the n conversations (at most a tenth of them) that come first in sha256-of-id
+    order: the same slice whatever the file order, the seed or the other phases."""
+    n = min(n, len(conversations) // 10)
+    order = sorted(range(len(conversations)), key=lambda i: hashlib.sha256(conversations[i].id.encode()).hexdigest())
+    held = set(order[:n])
+    return [c for i, c in enumerate(conversations) if i not in held], [
+        c for i, c in enumerate(conversations) if i in held
+    ]
+
+
+def _chunk_table(chunk: _Chunk) -> pa.Table:
+    offsets = pa.array(np.concatenate([[0], np.cumsum(chunk.lengths)]).astype(np.int32))
+    return pa.table(
+        {
+            "id": chunk.ids,
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(chunk.input_ids)),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(chunk.labels)),
+        },
+        schema=TOKENS_SCHEMA,
+    )
 
 
 class Ragged(Sequence):
@@ -454,9 +482,9 @@ def _ragged(column: pa.ChunkedArray) -> Ragged:
     return Ragged(values, offsets)
 
 
-def load_tokenized(data_dir: str) -> TokenizedData:
-    """tokens.parquet as numpy buffers (memory-mapped read for a local directory)."""
-    uri = storage.join(data_dir, "tokens.parquet")
+def load_tokenized(data_dir: str, file: str = "tokens.parquet") -> TokenizedData:
+    """tokens.parquet (or validation.parquet) as numpy buffers (memory-mapped read for a local directory)."""
+    uri = storage.join(data_dir, file)
     if storage.is_local(uri):
         table = pq.read_table(storage.local_path(uri), memory_map=True)
     else:

@@ -32,6 +32,7 @@ from training.plan import ModelShape, estimate_memory
 from training.precision import is_mixed, weights_dtype
 from training.sampler import Step, plan_steps, save_points
 from training.step import collate, collate_packed, use_chunked_loss
+from training.validation import load_validation
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Run:
     saves: set[int]  # steps after which a checkpoint is saved
     warmup: int
     to_batch: Callable[[list[int]], dict[str, torch.Tensor | int]]  # sample indices -> a micro-batch
+    validation: TokenizedData | None  # the held-out slice (training.validation_samples); None without one
+    to_validation_batch: Callable[[list[int]], dict[str, torch.Tensor | int]]  # built like a training micro-batch
     sharded: bool  # ZeRO / FSDP: collectives in every forward and backward
     packed: bool  # one row per micro-batch
     row_multiple: int | None  # packed rows padded to a multiple of this (flex_attention)
@@ -120,10 +123,15 @@ def setup(job: TrainJob) -> Run:
     probe = torch.as_tensor(data.input_ids[0][:PROBE_TOKENS], dtype=torch.long, device=device)[None]
     flash_kwargs = kernel == "flash_attention_2"
 
-    def to_batch(indices: list[int]) -> dict[str, torch.Tensor | int]:
-        if packed:
-            return collate_packed(data, indices, pad_id, row_multiple, flash_kwargs)
-        return collate(data, indices, pad_id)
+    def batches_of(source: TokenizedData) -> Callable[[list[int]], dict[str, torch.Tensor | int]]:
+        def to_batch(indices: list[int]) -> dict[str, torch.Tensor | int]:
+            if packed:
+                return collate_packed(source, indices, pad_id, row_multiple, flash_kwargs)
+            return collate(source, indices, pad_id)
+
+        return to_batch
+
+    validation = load_validation(job.data_dir)
 
     optimizer = make_optimizer(model, cfg, offload=launch.backend == "deepspeed" and launch.offload_optimizer)
     scheduler = make_scheduler(optimizer, cfg, len(steps), warmup)
@@ -147,7 +155,9 @@ def setup(job: TrainJob) -> Run:
         steps=steps,
         saves=saves,
         warmup=warmup,
-        to_batch=to_batch,
+        to_batch=batches_of(data),
+        validation=validation,
+        to_validation_batch=batches_of(validation),
         sharded=sharded,
         packed=packed,
         row_multiple=row_multiple,

@@ -12,6 +12,7 @@ from, the prepared data and the output directory. Each part of a run has its mod
     training/logs.py        the per-step files and the lines people read
     training/checkpoint.py  checkpoints, the rolling state (resume) and preemption
     training/watchdog.py    stops a diverging run
+    training/validation.py  validation/loss of the phase's held-out slice, at the start and every checkpoint
     core/records.py         the record of every file below
 
 Outputs, under `output_dir`:
@@ -23,6 +24,7 @@ Outputs, under `output_dir`:
     samples/rank<r>.jsonl               the sample ids each rank trained on, per step
     saves/rank<r>.jsonl                 each save on each rank: what, why, seconds, host memory it took
     checkpoints/samples_<N>/            save_pretrained + tokenizer + meta.json (written last)
+    validation/<model>.items.parquet    validation/loss per held-out sample, of "start" and each samples_<N>
     state/                              the rolling training state, for exact resume
 
 Under DeepSpeed the loop tells the engine where each step ends (its own counter assumes a fixed
@@ -49,6 +51,7 @@ from training.logs import RunLogs, log, peak_memory_bytes, write_line
 from training.sampler import padded_tokens
 from training.setup import setup
 from training.step import backward_step, clip_gradients, on_device, rank_micro_batches
+from training.validation import score_validation
 from training.watchdog import Watchdog, stop
 
 
@@ -71,6 +74,9 @@ def train(job: TrainJob) -> None:
         log(accelerator, f"resuming after step {done_steps} from {state_dir}")
     logs = RunLogs(out, rank, accelerator.is_main_process, done_steps)
     rolling, watchdog = RollingState(job.recipe.checkpointing, accelerator), Watchdog(job.recipe.watchdog)
+    validation = run.validation
+    if validation is not None and not done_steps:  # the start model: what the phase's checkpoints compete with
+        score_validation(accelerator, model, validation, run.to_validation_batch, out, "start")
     started, cpu_started = time.perf_counter(), time.process_time()
     for step in run.steps[done_steps:]:
         t0 = time.perf_counter()
@@ -137,9 +143,13 @@ def train(job: TrainJob) -> None:
         # Checkpoint (for evaluation). A probe's pause also saves one: a sweep may rank its runs by it.
         probe_done = job.stop_after_samples is not None and step.samples_seen >= job.stop_after_samples
         if step.index in run.saves or probe_done:
+            name, validation_loss = f"samples_{step.samples_seen}", None
+            if validation is not None:  # validation/loss of the held-out slice, with the checkpoint
+                validation_loss = score_validation(accelerator, model, validation, run.to_validation_batch, out, name)
+                accelerator.log({"validation/loss": validation_loss}, step=step.index)
             with recorded_save(logs.saves, step.index, "checkpoint", "probe" if probe_done else "schedule"):
-                save_checkpoint(accelerator, model, run.tokenizer, job, step, metrics, run.probe)
-            log(accelerator, f"checkpoint samples_{step.samples_seen}")
+                save_checkpoint(accelerator, model, run.tokenizer, job, step, metrics, run.probe, validation_loss)
+            log(accelerator, f"checkpoint {name}")
 
         # Rolling state (for resume): by time, by steps, at a probe's pause, or after a SIGTERM (then stop).
         reason = rolling.due(step.index)  # every rank, every step: they agree on the step
