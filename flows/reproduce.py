@@ -82,11 +82,6 @@ def scores(runs: list[dict[str, Any]], metric: str = METRIC) -> list[float]:
     return [r["metrics"][metric] for r in runs]
 
 
-def stderr(runs: list[dict[str, Any]], metric: str = METRIC) -> float:
-    """The evaluation's stderr of one run (the interval of a single seed)."""
-    return runs[0]["stderr"].get(metric, 0.0)
-
-
 def item_stderr(a: list[dict[str, Any]], b: list[dict[str, Any]], weights: dict[str, float]) -> float:
     """With one seed, the stderr of A - B paired on the items both winners were scored on (the
     interval's fallback); with more, 0: the seeds' spread decides."""
@@ -101,10 +96,6 @@ def power(e: rules.Estimate) -> dict[str, str]:
         return {"mde_80": "n/a", "seeds_for_0.03": "n/a (1 seed)"}
     seeds = e.seeds_for()
     return {"mde_80": f"{e.mde():.3f}", "seeds_for_0.03": str(seeds) if seeds else "n/a (1 seed)"}
-
-
-def arm(runs: list[dict[str, Any]], metric: str = METRIC) -> rules.Estimate:
-    return rules.estimate(scores(runs, metric), stderr(runs, metric))
 
 
 def compare(claim: str, rule: str, names: tuple[str, str], a: list[float], b: list[float], se: float) -> dict[str, Any]:
