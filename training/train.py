@@ -37,7 +37,9 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from transformers.utils import logging as transformers_logging
 
@@ -182,5 +184,25 @@ def main(argv: list[str] | None = None) -> None:
     train(TrainJob.model_validate_json(Path(args.config).read_text()))
 
 
+def exit_without_teardown(argv: list[str] | None = None) -> NoReturn:
+    """main(), then exit without Python's interpreter teardown. Why: at teardown Python frees
+    DDP's reducer, whose gloo process group joins its worker threads while holding the GIL; a
+    worker still freeing the last collective's tensor waits for the GIL, and the rank never exits
+    (seen with 2 CPU ranks under load: the main thread in ~ProcessGroupGloo, a pt_gloo_runloop
+    thread in gil_scoped_acquire). Every file the run writes is closed by the time main() returns;
+    the watchdog's and a preemption's exit codes are kept."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:  # argparse's, the watchdog's and a preemption's exit codes
+        code = exc.code or 0
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    exit_without_teardown()
