@@ -52,8 +52,9 @@ if kill_at:
     s3fs.S3FileSystem._put_file = put_file
 from flows.evaluate import evaluate
 from flows.finetune import finetune
+from pydantic_core import to_json  # the flows return pydantic models
 flow = {"finetune": finetune, "evaluate": evaluate}[os.environ["FLOW"]]
-print("RESULT " + json.dumps(flow(**json.loads(sys.argv[1]))))
+print("RESULT " + to_json(flow(**json.loads(sys.argv[1]))).decode())
 """
 
 
