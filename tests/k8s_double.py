@@ -22,7 +22,6 @@ import contextlib
 import json
 import re
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -136,7 +135,6 @@ class KubernetesDouble:
                             data = line.encode() + b"\n"
                             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                             self.wfile.flush()
-                            time.sleep(0.05)  # the simulated job writes its lines over time, as a running one does
                         if api.hold_log:
                             api.stopping.wait()
                         self.wfile.write(b"0\r\n\r\n")
