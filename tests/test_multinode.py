@@ -215,7 +215,10 @@ def test_two_machines_rendezvous_on_localhost_train_with_world_size_2_and_match_
             subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         )
     try:
-        codes = [m.wait(timeout=480) for m in machines]
+        # Under pytest-timeout's limit, so that a hang fails with both machines' logs, not a stack dump.
+        codes = [m.wait(timeout=240) for m in machines]
+    except subprocess.TimeoutExpired:
+        codes = [m.poll() for m in machines]
     finally:
         for m in machines:
             if m.poll() is None:

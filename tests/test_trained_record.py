@@ -34,14 +34,14 @@ def train_one_phase(recipe: Recipe, run_uri: str) -> list[ModelRef]:
 
 def run_killed_before_the_record(recipe_json: str, run_uri: str) -> None:
     """In a subprocess: the flow, SIGKILLed where the task writes trained.json."""
-    write_json = storage.write_json
+    write_text = storage.write_text
 
-    def kill_at_record(uri: str, obj) -> None:
+    def kill_at_record(uri: str, text: str) -> None:
         if uri.endswith(TRAINED):
             os.kill(os.getpid(), signal.SIGKILL)
-        write_json(uri, obj)
+        write_text(uri, text)
 
-    storage.write_json = kill_at_record
+    storage.write_text = kill_at_record
     train_one_phase(Recipe.model_validate_json(recipe_json), run_uri)
 
 

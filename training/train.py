@@ -51,13 +51,14 @@ from training.job import TrainJob
 from training.lifetime import end_with_owner
 from training.logs import RunLogs, log, peak_memory_bytes, write_line
 from training.sampler import padded_tokens
-from training.setup import setup
+from training.setup import Run, setup
 from training.step import backward_step, clip_gradients, on_device, rank_micro_batches
 from training.validation import score_validation
 from training.watchdog import Watchdog, stop
 
 
-def train(job: TrainJob) -> None:
+def train(job: TrainJob) -> Run:
+    """The phase's loop; returns the Run, which the caller keeps until the process ends (exit_without_teardown)."""
     run = setup(job)
     accelerator, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, run.scheduler
     cfg, out, state_dir = job.recipe.training, Path(job.output_dir), Path(job.output_dir) / "state"
@@ -172,33 +173,39 @@ def train(job: TrainJob) -> None:
             (out / records.FINISHED).write_text(records.dumps(finished) + "\n")
     logs.close()
     accelerator.end_training()
+    return run
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> Run:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="Path to the TrainJob JSON.")
     args = parser.parse_args(argv)
     end_with_owner()  # a rank outlives no killed run (training.lifetime)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers_logging.disable_progress_bar()  # load/save bars would reach the run log as lines; steps are logged
-    train(TrainJob.model_validate_json(Path(args.config).read_text()))
+    return train(TrainJob.model_validate_json(Path(args.config).read_text()))
 
 
 def exit_without_teardown(argv: list[str] | None = None) -> NoReturn:
-    """main(), then exit without Python's interpreter teardown. Why: at teardown Python frees
-    DDP's reducer, whose gloo process group joins its worker threads while holding the GIL; a
-    worker still freeing the last collective's tensor waits for the GIL, and the rank never exits
-    (seen with 2 CPU ranks under load: the main thread in ~ProcessGroupGloo, a pt_gloo_runloop
-    thread in gil_scoped_acquire). Every file the run writes is closed by the time main() returns;
+    """main(), then exit without freeing the run's objects. Why: freeing DDP's reducer frees its
+    gloo process group, which joins its worker threads while holding the GIL; a worker still
+    freeing the last collective's tensor waits for the GIL, and the rank never exits (seen with 2
+    CPU ranks under load: the main thread in ~ProcessGroupGloo, a pt_gloo_runloop thread in
+    gil_scoped_acquire). So nothing is freed: on return the Run stays referenced, on an exception
+    its traceback keeps the frames, until os._exit. Every file the run writes is closed by then;
     the watchdog's and a preemption's exit codes are kept."""
     try:
-        main(argv)
-        code = 0
+        run = main(argv)
     except SystemExit as exc:  # argparse's, the watchdog's and a preemption's exit codes
-        code = exc.code or 0
+        exit_now(exc.code or 0)
     except BaseException:
         traceback.print_exc()
-        code = 1
+        exit_now(1)
+    exit_now(0, run)
+
+
+def exit_now(code: int, *alive: object) -> NoReturn:
+    """os._exit after flushing stdout and stderr; `alive` names what must not be freed before it."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
