@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -215,8 +216,9 @@ def test_two_machines_rendezvous_on_localhost_train_with_world_size_2_and_match_
             subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         )
     try:
-        # Under pytest-timeout's limit, so that a hang fails with both machines' logs, not a stack dump.
-        codes = [m.wait(timeout=240) for m in machines]
+        # One deadline for both, under pytest-timeout's limit: a hang fails with both machines' logs.
+        deadline = time.monotonic() + 300
+        codes = [m.wait(timeout=max(0.0, deadline - time.monotonic())) for m in machines]
     except subprocess.TimeoutExpired:
         codes = [m.poll() for m in machines]
     finally:

@@ -195,17 +195,17 @@ def exit_without_teardown(argv: list[str] | None = None) -> NoReturn:
     its traceback keeps the frames, until os._exit. Every file the run writes is closed by then;
     the watchdog's and a preemption's exit codes are kept."""
     try:
-        run = main(argv)
+        _run = main(argv)  # held, not used: referenced until os._exit
     except SystemExit as exc:  # argparse's, the watchdog's and a preemption's exit codes
         exit_now(exc.code or 0)
     except BaseException:
         traceback.print_exc()
         exit_now(1)
-    exit_now(0, run)
+    exit_now(0)
 
 
-def exit_now(code: int, *alive: object) -> NoReturn:
-    """os._exit after flushing stdout and stderr; `alive` names what must not be freed before it."""
+def exit_now(code: int) -> NoReturn:
+    """os._exit after flushing stdout and stderr."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
