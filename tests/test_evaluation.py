@@ -45,9 +45,11 @@ def test_all_lab_tasks_of_a_checkpoint_cost_one_model_load(tmp_path, assets, cou
         rows = records[records.metric == key]
         ids = [json.loads(line)["id"] for line in (assets.curriculum_dir / f"{split}.jsonl").read_text().splitlines()]
         assert sorted(rows["item"]) == sorted(ids[:8])
+    # Every metric's score and standard error are the mean and std/sqrt(n) of its items. Which
+    # metrics vary over 8 items (a nonzero error) depends on the CPU that built the embedded model.
+    for key, rows in records.groupby("metric"):
         assert rows["value"].mean() == pytest.approx(result["metrics"][key])
-        if key in result["stderr"]:
-            assert result["stderr"][key] == pytest.approx(rows["value"].std(ddof=1) / math.sqrt(8))
+        assert result["stderr"][key] == pytest.approx(rows["value"].std(ddof=1) / math.sqrt(len(rows)))
     assert set(result["metrics"]) >= {
         "lab_instruction/rule_acc",
         "lab_knowledge/acc",
@@ -55,7 +57,6 @@ def test_all_lab_tasks_of_a_checkpoint_cost_one_model_load(tmp_path, assets, cou
         "lab_skills/exact_match",
     }
     assert all(0.0 <= v <= 1.0 for v in result["metrics"].values())
-    assert result["stderr"]["lab_knowledge/acc"] > 0
 
 
 def test_flatten_keeps_filters_and_stderr():
