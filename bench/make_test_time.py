@@ -1,6 +1,6 @@
 """`make test` time of commits, each run from a fresh clone, one run after another.
 
-    .venv/bin/python bench/test_time.py --runs 3 HEAD --base bec42e1
+    .venv/bin/python bench/make_test_time.py --runs 3 HEAD --base bec42e1
 
 Each run clones this repository into a temporary directory, checks the commit out and runs
 `CI=true bash .ci/run` (what CI runs: install, lint, `make test`). It records the run's wall
@@ -90,7 +90,7 @@ def main() -> None:
         "--workdir", type=Path, help="where clones, logs and junit files go (default: a temporary directory)"
     )
     args = parser.parse_args()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="test_time_"))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="make_test_time_"))
     workdir.mkdir(parents=True, exist_ok=True)
     commits = {"head": args.commit, **({"base": args.base} if args.base else {})}
     # Interleaved (head, base, head, base, ...): a drift of the machine's speed falls on both.
