@@ -2,13 +2,13 @@
 
     .venv/bin/python bench/make_test_time.py --runs 3 HEAD --base bec42e1
 
-Each run clones this repository into a temporary directory, checks the commit out and runs
-`CI=true bash .ci/run` (what CI runs: install, lint, `make test`). It records the run's wall
-seconds, pytest's summary line and, from a junit XML, every test's seconds (setup, call and
-teardown); the clone is then removed. Printed: each commit's spread over its runs (mean ± sd,
-min-max), then, when a base is given, the sum of per-test seconds on the tests that passed in
-every run of both commits, so that a test added since, renamed or hung (a pytest-timeout counts
-its whole limit) stays out of the ratio. The last line is one JSON object.
+Each run clones this repository into a new directory beside it (the tests read ../shared, as in
+CI's checkout), checks the commit out and runs `CI=true bash .ci/run` (what CI runs: install, lint,
+`make test`). It records the run's wall seconds, pytest's summary line and, from a junit XML, every
+test's seconds (setup, call and teardown); the clone is then removed. Printed: each commit's spread
+over its runs (mean ± sd, min-max), then, when a base is given, the sum of per-test seconds on the
+tests that passed in every run of both commits, so that a test added since, renamed or hung (a
+pytest-timeout counts its whole limit) stays out of the ratio. The last line is one JSON object.
 
 What varies with the machine: the seconds (run the base in the same call, on the same machine).
 What varies from run to run: mostly the two-worker deployment tests (142-216 s for one test on
@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_make_test(commit: str, workdir: Path, label: str, pytest_args: str) -> dict:
     """One fresh-clone CI run of `commit`; its wall seconds, summary line and per-test outcomes."""
-    clone = workdir / label
+    # Beside this repository, as CI's checkout is: the tests read ../shared (MT-Bench data).
+    clone = Path(tempfile.mkdtemp(prefix=f"make_test_time_{label}_", dir=REPO.parent))
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     subprocess.run(["git", "-C", str(clone), "checkout", "-q", commit], check=True)
     junit = workdir / f"{label}.xml"
@@ -86,9 +87,7 @@ def main() -> None:
     parser.add_argument(
         "--pytest-args", default="", help="extra pytest arguments, e.g. '-k test_masks' to time a subset"
     )
-    parser.add_argument(
-        "--workdir", type=Path, help="where clones, logs and junit files go (default: a temporary directory)"
-    )
+    parser.add_argument("--workdir", type=Path, help="where logs and junit files go (default: a temporary directory)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="make_test_time_"))
     workdir.mkdir(parents=True, exist_ok=True)
