@@ -89,7 +89,8 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, help="where logs and junit files go (default: a temporary directory)")
     args = parser.parse_args()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="make_test_time_"))
+    # Absolute: pytest writes the junit file from inside the clone.
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="make_test_time_"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     commits = {"head": args.commit, **({"base": args.base} if args.base else {})}
     # Interleaved (head, base, head, base, ...): a drift of the machine's speed falls on both.
